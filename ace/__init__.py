@@ -1,0 +1,1 @@
+"""ace: train any PyTorch model under equivariance constraints by constrained optimisation."""
