@@ -1,0 +1,41 @@
+"""The contract every built-in task fulfils: data, model, symmetry, loss and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Task:
+    """A runnable experiment: three splits, a plain model and the symmetry the deviation measures.
+
+    Attributes:
+        train, val, test: datasets whose items are ``(inputs, target)`` pairs or torch_geometric
+            ``Data`` objects carrying the target in ``.y``.
+        model: the plain (unrelaxed) model.
+        symmetry: how the group acts on the model's inputs and output.
+        loss: ``(output, target) -> scalar`` training loss.
+        metrics: batch-mean evaluation metrics by name, e.g. ``{"mse": ...}``.
+        relax_where: which submodules ``ace.relax`` gates; ``None`` if the task has no gated layers.
+        relax_branch: factory ``(name, module) -> f_neq``; ``None`` uses relax's default MLP branch.
+        example: a small batch of inputs used to size lazily built branches.
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    model: nn.Module
+    symmetry: Any
+    loss: Metric
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    relax_where: Callable[[str, nn.Module], bool] | None = None
+    relax_branch: Callable[[str, nn.Module], nn.Module] | None = None
+    example: Any = None
