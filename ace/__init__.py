@@ -1,1 +1,34 @@
-"""ace: train any PyTorch model under equivariance constraints by constrained optimisation."""
+"""ace: train any PyTorch model under equivariance constraints by constrained optimisation.
+
+    model = ace.relax(model, where=...)                       # optional gates f_eq + gamma * f_neq
+    trainer = ace.Trainer(model, loss, optimizer, symmetry=ace.Symmetry(...),
+                          constraints=[ace.GateConstraint(equality=True)])
+    trainer.fit(train_loader, val_loader, epochs=10)
+    exact = ace.strip(model)                                  # the exactly equivariant f_eq
+"""
+
+from . import groups, schedules
+from .constraints import DeviationConstraint, GateConstraint
+from .deviation import equivariance_deviation
+from .relax import GatedLayer, equivariant, gates, relax, strip
+from .symmetry import Symmetry, call_model
+from .trainer import DualSettings, Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeviationConstraint",
+    "DualSettings",
+    "GateConstraint",
+    "GatedLayer",
+    "Symmetry",
+    "Trainer",
+    "call_model",
+    "equivariance_deviation",
+    "equivariant",
+    "gates",
+    "groups",
+    "relax",
+    "schedules",
+    "strip",
+]

@@ -1,0 +1,452 @@
+"""The experiment schema: dataclasses, YAML files, dotted overrides and validation.
+
+A config is YAML with the sections of :class:`Config`. The ``data`` and ``model`` sections belong to
+the task named in ``task.name``: each task module defines its own ``DataConfig`` and ``ModelConfig``.
+Every key is documented in its field's ``help`` (``ace config --reference`` prints them all), and a
+key that does not exist, a value of the wrong type or an impossible value stops with an error that
+names the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "METHODS",
+    "TASKS",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "apply_overrides",
+    "task_module",
+    "reference",
+]
+
+SCHEMA_VERSION = 1
+
+METHODS = ("strict", "unconstrained", "penalty", "ace", "ace_resilient", "scheduled", "cr")
+
+TASKS = {
+    "toy": "ace.tasks.toy",
+    "nbody": "ace.tasks.nbody",
+    "shapes": "ace.tasks.shapes",
+    "modelnet40": "ace.tasks.modelnet",
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown key, wrong type or impossible value."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:  # noqa: A002
+    """A documented config field."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TaskConfig:
+    name: str = opt("toy", "which built-in task to run", choices=tuple(TASKS))
+
+
+@dataclass
+class RelaxConfig:
+    gate_init: float = opt(1.0, "initial value of every gate gamma (f_eq + gamma * f_neq)")
+    hidden: int = opt(64, "width of the default MLP branch f_neq, where the task does not supply its own")
+
+
+@dataclass
+class ConstraintConfig:
+    kind: str = opt(
+        "gate",
+        "what is constrained: 'gate' (|gamma_i| per gated layer, needs a relaxed model) or 'deviation' "
+        "(the measured equivariance deviation D of the whole model, any model)",
+        choices=("gate", "deviation"),
+    )
+    tolerance: Any = opt(
+        0.0,
+        "eps(t) for methods 'scheduled' and 'penalty': a number, or a schedule such as "
+        "{type: cosine, start: auto, end: 1.0e-3, steps: null} (types: constant, linear, cosine, geometric, "
+        "piecewise, triangular, join; 'start: auto' = the value measured before the first step; "
+        "'steps: null' = the whole run). 'ace' and 'ace_resilient' hold eps at 0",
+    )
+    samples: int = opt(1, "group elements sampled per step to estimate the deviation D (kind 'deviation')")
+    relative: bool = opt(False, "divide D by E||f(x)||^2 (scale-free tolerance)")
+    rho: float = opt(1.0, "slack cost rho/2 * u^2 of 'ace_resilient' (larger rho = less slack)")
+    penalty: float = opt(1.0, "fixed multiplier w of method 'penalty': loss + w * relu(g - eps)")
+    cr_schedule: Any = opt(
+        {"type": "triangular", "low": 0.0, "peak": 1.0},
+        "gate value over training for method 'cr' (a schedule; gates set to 0 for the final model)",
+    )
+
+
+@dataclass
+class DualConfig:
+    formulation: str = opt(
+        "lagrangian", "'lagrangian' or 'augmented' (adds c/2 relu(g)^2)", choices=("lagrangian", "augmented")
+    )
+    optimizer: str = opt(
+        "sgd", "dual optimiser: 'sgd' (no momentum), 'nupi' or 'adam'", choices=("sgd", "nupi", "adam")
+    )
+    lr: float = opt(1.0e-2, "dual step size eta_lambda (with 'augmented', set it to penalty_coefficient)")
+    update: str = opt(
+        "simultaneous",
+        "'simultaneous' or 'alternating' (dual step first, then the primal step with the new multipliers)",
+        choices=("simultaneous", "alternating"),
+    )
+    penalty_coefficient: float = opt(1.0, "c of the augmented Lagrangian")
+    kp: float = opt(0.0, "nuPI proportional gain")
+    ki: float = opt(1.0, "nuPI integral gain")
+    init: float = opt(0.0, "initial multiplier value")
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adam", "primal optimiser", choices=("adam", "adamw", "sgd"))
+    lr: float = opt(1.0e-3, "primal learning rate")
+    weight_decay: float = opt(0.0, "weight decay (gates excluded)")
+    momentum: float = opt(0.9, "momentum for 'sgd'")
+    grad_clip: float | None = opt(None, "clip the primal gradient norm to this value (null = off)")
+    slack_lr: float = opt(1.0e-2, "learning rate of the slacks u of 'ace_resilient' (SGD)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(10, "passes over the training set")
+    max_steps: int | None = opt(None, "stop after this many steps (null = epochs decide)")
+    batch_size: int = opt(32, "training batch size")
+    eval_batch_size: int = opt(256, "batch size for validation and test")
+    eval_every: int = opt(1, "epochs between validation passes")
+    checkpoint_every: int = opt(1, "epochs between checkpoints (checkpoints/last.pt, previous.pt kept)")
+    eval_samples: int = opt(4, "group elements per batch for the deviation reported at evaluation")
+    device: str = opt("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
+
+
+@dataclass
+class LogConfig:
+    every: int = opt(10, "steps between records in metrics.jsonl")
+    tensorboard: bool = opt(False, "also write TensorBoard scalars to RUN/tensorboard (needs tensorboard)")
+    progress: bool | None = opt(None, "progress bar: true, false, or null (only when stderr is a terminal)")
+
+
+@dataclass
+class Config:
+    seed: int = opt(0, "seeds data generation, initialisation, shuffling and group sampling")
+    method: str = opt(
+        "ace",
+        "how to train: strict (f_eq only), unconstrained (relaxed, no constraint), penalty (fixed multiplier), "
+        "ace (eps = 0, dual ascent), ace_resilient (eps = 0 plus learned slack), scheduled (eps(t) tightening), "
+        "cr (gates on a fixed schedule, set to 0 at the end)",
+        choices=METHODS,
+    )
+    schema: int = opt(SCHEMA_VERSION, "config schema version (files from a newer ace are refused)")
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "the task"})
+    data: Any = field(default=None, metadata={"help": "the task's data settings"})
+    model: Any = field(default=None, metadata={"help": "the task's model settings"})
+    relax: RelaxConfig = field(default_factory=RelaxConfig, metadata={"help": "gated relaxation"})
+    constraint: ConstraintConfig = field(
+        default_factory=ConstraintConfig, metadata={"help": "the constraint"}
+    )
+    dual: DualConfig = field(default_factory=DualConfig, metadata={"help": "multiplier updates"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "primal optimiser"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging"})
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def task_module(name: str) -> types.ModuleType:
+    """The module of a built-in task (imported on demand: extras stay optional)."""
+    if name not in TASKS:
+        raise ConfigError(f"task.name: unknown task {name!r}; choose one of {sorted(TASKS)}")
+    try:
+        return importlib.import_module(TASKS[name])
+    except ImportError as err:
+        extra = {"nbody": "graphs", "shapes": "points", "modelnet40": "points"}.get(name, "all")
+        raise ConfigError(
+            f"task {name!r} needs an optional dependency ({err.name}): pip install 'ace-equivariance[{extra}]'"
+        ) from err
+
+
+def _section_classes(task: str) -> dict[str, type]:
+    module = task_module(task)
+    return {"data": module.DataConfig, "model": module.ModelConfig}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate, and return a :class:`Config`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set dotted keys (``train.epochs=2``) in a raw config dict; values are parsed as YAML."""
+    raw = _deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                node[part] = {"type": node[part]} if part == "tolerance" else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def _deepcopy(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _deepcopy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy(v) for v in obj]
+    return obj
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a :class:`Config` from a plain dict (as read from YAML)."""
+    raw = dict(raw)
+    schema = raw.get("schema", SCHEMA_VERSION)
+    if isinstance(schema, int) and schema > SCHEMA_VERSION:
+        raise ConfigError(
+            f"schema: this config is for schema {schema}, newer than this ace supports ({SCHEMA_VERSION}); "
+            "upgrade ace"
+        )
+    task = raw.get("task") or {}
+    if isinstance(task, str):  # `task: toy` as a shorthand
+        raw["task"] = task = {"name": task}
+    if not isinstance(task, dict):
+        raise ConfigError(f"task: expected a mapping with 'name', got {task!r}")
+    name = task.get("name", TaskConfig.name)
+    sections = _section_classes(name) if name in TASKS else {}
+    cfg = _build(Config, raw, "", sections)
+    _validate(cfg)
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str, sections: dict[str, type] | None = None) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        section = (sections or {}).get(name)
+        if section is not None:
+            kwargs[name] = _build(section, raw.get(name), key + ".")
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], raw.get(name), key + ".")
+        elif name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], key)
+        choices = f.metadata.get("choices")
+        if choices and name in kwargs and kwargs[name] not in choices:
+            raise ConfigError(f"{key}: {kwargs[name]!r} is not one of {list(choices)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        raise ConfigError(
+            message if prefix.rstrip(".") in message else f"{prefix.rstrip('.')}: {message}"
+        ) from err
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a type hint; accept ints for floats and '1e-3' strings for numbers."""
+    if hint is Any:
+        return _numeric_strings(value)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return type(value)(value) if origin is list else tuple(value)
+    else:
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def _numeric_strings(value: Any) -> Any:
+    """PyYAML reads 1e-3 as a string: turn number-looking strings back into floats, recursively."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, dict):
+        return {k: _numeric_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numeric_strings(v) for v in value]
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    """Checks that need several keys, or numbers that must be positive."""
+    positive = {
+        "optim.lr": cfg.optim.lr,
+        "optim.slack_lr": cfg.optim.slack_lr,
+        "dual.lr": cfg.dual.lr,
+        "dual.penalty_coefficient": cfg.dual.penalty_coefficient,
+        "constraint.rho": cfg.constraint.rho,
+        "constraint.samples": cfg.constraint.samples,
+        "train.batch_size": cfg.train.batch_size,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "train.eval_every": cfg.train.eval_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.eval_samples": cfg.train.eval_samples,
+        "log.every": cfg.log.every,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    nonnegative = {
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "constraint.penalty": cfg.constraint.penalty,
+        "train.epochs": cfg.train.epochs,
+    }
+    for key, value in nonnegative.items():
+        if not value >= 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+    if cfg.optim.grad_clip is not None and not cfg.optim.grad_clip > 0:
+        raise ConfigError(f"optim.grad_clip: must be > 0 or null, got {cfg.optim.grad_clip!r}")
+    if cfg.train.max_steps is not None and not cfg.train.max_steps > 0:
+        raise ConfigError(f"train.max_steps: must be > 0 or null, got {cfg.train.max_steps!r}")
+    if cfg.train.epochs == 0 and cfg.train.max_steps is None:
+        raise ConfigError("train.epochs: 0 epochs and no train.max_steps would train nothing")
+    from .schedules import is_nonincreasing, schedule_from_config
+
+    for key in ("tolerance", "cr_schedule"):
+        try:
+            schedule = schedule_from_config(getattr(cfg.constraint, key), 1000)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"constraint.{key}: {err}") from err
+        if key == "tolerance" and cfg.method == "scheduled" and not getattr(schedule, "needs_start", False):
+            if not is_nonincreasing(schedule, 1000):
+                raise ConfigError(
+                    "constraint.tolerance: method 'scheduled' tightens the tolerance, but this schedule grows; "
+                    "make end <= start"
+                )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """A plain dict (YAML-ready) of a config dataclass."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, list):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def reference() -> str:
+    """Markdown reference of every config key, generated from the schema and the task modules."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def add(cls: type, prefix: str, note: str = "") -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if cls is Config and f.name in ("data", "model"):
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                add(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            text = f.metadata.get("help", "")
+            if "choices" in f.metadata:
+                text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"| `{prefix}{f.name}` | `{shown}` | {note}{text} |")
+
+    add(Config, "")
+    for name in TASKS:
+        try:
+            sections = _section_classes(name)
+        except ConfigError:
+            continue
+        for section, cls in sections.items():
+            add(cls, f"{section}.", note=f"*{name}:* ")
+    return "\n".join(lines)

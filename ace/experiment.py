@@ -1,0 +1,261 @@
+"""From a config to a finished run directory: task -> relax -> constraints -> trainer -> logs.
+
+``method`` picks the way of training, so every baseline is one switch on the same trainer:
+
+==============  =========  ======================================================================
+method          gates      constraint
+==============  =========  ======================================================================
+strict          none       none: the equivariant model f_eq alone
+unconstrained   learned    none
+penalty         learned    fixed multiplier: loss + w * relu(g - eps(t))
+ace             learned    gamma_i = 0 (gate) or D <= 0 (deviation), dual ascent (ACE Alg. 1)
+ace_resilient   learned    |gamma_i| <= u_i or D <= u, slack cost rho/2 u^2 (ACE Alg. 2)
+scheduled       learned    |gamma_i| <= eps(t) or D <= eps(t), eps(t) tightening
+cr              scheduled  none: gates follow ``constraint.cr_schedule``, f_eq is the final model
+==============  =========  ======================================================================
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset
+
+from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, task_module
+from .constraints import Constraint, DeviationConstraint, GateConstraint
+from .loggers import read_metrics
+from .relax import gates, relax
+from .schedules import schedule_from_config
+from .tasks.base import Task
+from .trainer import CheckpointError, DualSettings, Trainer
+
+__all__ = ["build_task", "make_loader", "method_setup", "make_optimizer", "prepare_run", "run", "RunDirError"]
+
+#: keys that may differ between a run and its resumption (extending a run, quieter output)
+RESUMABLE_CHANGES = {("train", "epochs"), ("train", "max_steps"), ("log", "progress")}
+
+
+class RunDirError(RuntimeError):
+    """A run directory that would be overwritten, or cannot be resumed."""
+
+
+def build_task(cfg: Config) -> Task:
+    torch.manual_seed(cfg.seed)
+    return task_module(cfg.task.name).build(cfg.data, cfg.model, cfg.seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    """A DataLoader, or torch_geometric's when the items are graphs."""
+    if len(dataset) == 0:
+        raise ValueError("cannot make a loader over an empty dataset")
+    if hasattr(dataset[0], "num_nodes"):
+        from torch_geometric.loader import DataLoader as GraphLoader
+
+        return GraphLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[Constraint], Any]:
+    """``(relax the model?, constraints, gate schedule)`` for ``cfg.method``."""
+    method, c = cfg.method, cfg.constraint
+    gated = task.relax_where is not None
+    kind = c.kind
+    if method in ("strict", "cr") or (kind == "gate" and method not in ("unconstrained",)):
+        if not gated:
+            raise ConfigError(
+                f"method '{method}' with constraint.kind '{kind}' needs a model with an equivariant part and "
+                f"gates, but task '{cfg.task.name}' with this model has none; use constraint.kind: deviation "
+                "(or a relaxable model)"
+            )
+    relaxed = gated and method != "strict"
+    gate_schedule = schedule_from_config(c.cr_schedule, total_steps) if method == "cr" else None
+    if method in ("strict", "unconstrained", "cr"):
+        return relaxed, [], gate_schedule
+    tolerance = schedule_from_config(c.tolerance, total_steps) if method in ("scheduled", "penalty") else 0.0
+    options = dict(
+        tolerance=tolerance,
+        equality=method == "ace" and kind == "gate",
+        resilient=method == "ace_resilient",
+        rho=c.rho,
+        penalty=c.penalty if method == "penalty" else None,
+    )
+    if kind == "gate":
+        return relaxed, [GateConstraint(**options)], None
+    return relaxed, [DeviationConstraint(samples=c.samples, relative=c.relative, **options)], None
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The primal optimiser; gates get no weight decay (it would bias them toward 0 outside the constraint)."""
+    gate_ids = {id(g) for g in gates(model).values()}
+    params = [p for p in model.parameters() if id(p) not in gate_ids]
+    groups = [{"params": params, "weight_decay": cfg.optim.weight_decay}]
+    if gate_ids:
+        groups.append({"params": list(gates(model).values()), "weight_decay": 0.0})
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    return (torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam)(groups, lr=o.lr)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def prepare_run(cfg: Config, out: str | Path | None) -> tuple[Trainer, dict[str, DataLoader]]:
+    """Build the task, the (relaxed) model, the constraints and the trainer for ``cfg``."""
+    task = build_task(cfg)
+    loaders = {
+        "train": make_loader(task.train, cfg.train.batch_size, shuffle=True),
+        "val": make_loader(task.val, cfg.train.eval_batch_size, shuffle=False),
+        "test": make_loader(task.test, cfg.train.eval_batch_size, shuffle=False),
+    }
+    per_epoch = len(loaders["train"])
+    total = cfg.train.epochs * per_epoch
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps) if cfg.train.epochs else cfg.train.max_steps
+    relaxed, constraints, gate_schedule = method_setup(cfg, task, total)
+    model = task.model
+    if relaxed:
+        relax(
+            model,
+            where=task.relax_where,
+            branch=task.relax_branch,
+            gate_init=cfg.relax.gate_init,
+            hidden=cfg.relax.hidden,
+            example=task.example,
+        )
+    d = cfg.dual
+    trainer = Trainer(
+        model,
+        task.loss,
+        make_optimizer(cfg, model),
+        symmetry=task.symmetry,
+        constraints=constraints,
+        dual=DualSettings(
+            d.formulation, d.optimizer, d.lr, d.update, d.penalty_coefficient, d.kp, d.ki, d.init
+        ),
+        metrics=task.metrics,
+        gate_schedule=gate_schedule,
+        grad_clip=cfg.optim.grad_clip,
+        slack_lr=cfg.optim.slack_lr,
+        eval_samples=cfg.train.eval_samples,
+        log_dir=out,
+        log_every=cfg.log.every,
+        progress=cfg.log.progress,
+        tensorboard=cfg.log.tensorboard,
+        seed=cfg.seed,
+        device=_device(cfg.train.device),
+        config=config_to_dict(cfg),
+    )
+    trainer.total_steps = total
+    return trainer, loaders
+
+
+def _holds_run(out: Path) -> bool:
+    return any(
+        (out / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json")
+    )
+
+
+def _check_same_run(saved: dict, cfg: Config) -> None:
+    new = config_to_dict(cfg)
+    diffs = [
+        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        for section, values in new.items()
+        if isinstance(values, dict) and isinstance(saved.get(section), dict)
+        for key, value in values.items()
+        if saved[section].get(key) != value and (section, key) not in RESUMABLE_CHANGES
+    ]
+    diffs += [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in new.items()
+        if not isinstance(v, dict) and saved.get(k) != v
+    ]
+    if diffs:
+        raise RunDirError("--resume with a different config; changed keys: " + "; ".join(diffs))
+
+
+def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` into the run directory ``out`` and return the summary.
+
+    A directory that already holds a run is refused unless ``resume`` (continue from its last good
+    checkpoint, same config apart from the run length) or ``overwrite`` (start again).
+    """
+    out = Path(out)
+    checkpoint = None
+    if _holds_run(out):
+        if resume:
+            if (out / "config.yaml").exists():
+                _check_same_run(yaml.safe_load((out / "config.yaml").read_text()), cfg)
+            checkpoint = _last_good_checkpoint(out)
+        elif overwrite:
+            for name in ("metrics.jsonl", "summary.json", "config.yaml", "report.md"):
+                (out / name).unlink(missing_ok=True)
+            for path in (out / "checkpoints").glob("*"):
+                path.unlink()
+        else:
+            raise RunDirError(
+                f"{out} already holds a run; pass --resume to continue it or --overwrite to start again"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    trainer, loaders = prepare_run(cfg, out)
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+    _truncate_metrics(out / "metrics.jsonl", trainer.step)
+    try:
+        return trainer.fit(
+            loaders["train"],
+            loaders["val"],
+            epochs=cfg.train.epochs,
+            max_steps=cfg.train.max_steps,
+            eval_every=cfg.train.eval_every,
+            checkpoint_every=cfg.train.checkpoint_every,
+            test_loader=loaders["test"],
+        )
+    finally:
+        trainer.close()
+
+
+def _last_good_checkpoint(out: Path) -> Path | None:
+    """``last.pt``, or ``previous.pt`` when the last one is unreadable; None when there is neither."""
+    candidates = [
+        p for p in (out / "checkpoints" / "last.pt", out / "checkpoints" / "previous.pt") if p.exists()
+    ]
+    for path in candidates:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file falls back to the previous one
+            warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
+            continue
+        return path
+    if candidates:
+        raise CheckpointError(f"no readable checkpoint in {out / 'checkpoints'}")
+    return None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def load_run_config(out: str | Path) -> Config:
+    """The resolved config saved in a run directory."""
+    path = Path(out) / "config.yaml"
+    if not path.exists():
+        raise RunDirError(f"{out} is not a run directory (no config.yaml)")
+    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))

@@ -1,0 +1,117 @@
+"""Where training records go: ``metrics.jsonl`` (canonical), TensorBoard (optional), the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLog", "read_metrics", "write_json", "format_table"]
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    Each line is written whole and flushed, so a killed run leaves at most one torn last line,
+    which :func:`read_metrics` drops.
+
+    Args:
+        path: the ``metrics.jsonl`` file, or ``None`` to keep records in memory only.
+        tensorboard_dir: a folder for TensorBoard event files, or ``None``.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, tensorboard_dir: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else None
+        self._file = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_torn_tail(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn(
+                    "log.tensorboard is on but tensorboard is not installed; skipping it", stacklevel=2
+                )
+            else:
+                self._tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            self._file.flush()
+        if self._tb is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so appending starts clean."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All complete records of a ``metrics.jsonl``; a torn last line is dropped."""
+    records = []
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # a kill mid-write: the only line allowed to be broken
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON") from None
+    return records
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def format_table(header: list[str], rows: Iterable[list[Any]]) -> str:
+    """A markdown table with aligned columns."""
+    cells = [header] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def is_terminal() -> bool:
+    return sys.stderr.isatty()

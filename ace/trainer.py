@@ -1,0 +1,777 @@
+"""The Lagrangian trainer: any model, any loss, equivariance constraints solved with cooper.
+
+One training step, for constraints ``g_i(theta) <= eps_i(t)`` with multipliers ``lambda_i``:
+
+.. math::
+    L(\\theta, u, \\lambda) = \\ell(\\theta) + \\sum_i \\tfrac{\\rho_i}{2} u_i^2
+        + \\sum_i \\lambda_i \\, (g_i(\\theta) - \\epsilon_i(t) - u_i)
+
+    \\theta, u \\leftarrow \\text{primal optimiser step on } \\nabla_{\\theta, u} L, \\quad u \\leftarrow \\max(u, 0)
+
+    \\lambda_i \\leftarrow [\\lambda_i + \\eta_\\lambda (g_i - \\epsilon_i(t) - u_i)]_+ \\quad (\\text{no } [\\cdot]_+
+    \\text{ for equalities})
+
+The slack terms appear only for resilient constraints; fixed-penalty constraints add
+``w * relu(g - eps)`` to the loss and have no multiplier. The tolerance eps(t) is a pure function of the
+step, so resuming needs only the step count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cooper
+import numpy as np
+import torch
+from cooper.formulations import AugmentedLagrangian, Lagrangian
+from cooper.multipliers import DenseMultiplier
+from cooper.optim import nuPI, nuPIInitType
+from cooper.penalty_coefficients import DensePenaltyCoefficient
+from torch import nn
+from tqdm.auto import tqdm
+
+from .constraints import Constraint, DeviationConstraint, GateConstraint
+from .deviation import equivariance_deviation
+from .loggers import MetricsLog, format_table, write_json
+from .relax import equivariant, gates
+from .symmetry import call_model
+
+__all__ = ["Trainer", "DualSettings", "split_batch", "to_device", "CheckpointError"]
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit this trainer."""
+
+
+@dataclass(frozen=True)
+class DualSettings:
+    """How the multipliers are updated.
+
+    Attributes:
+        formulation: ``"lagrangian"`` or ``"augmented"`` (adds ``c/2 * relu(g)^2``, and ``c/2 g^2`` for
+            equalities, to the primal Lagrangian).
+        optimizer: ``"sgd"`` (plain ascent, no momentum), ``"nupi"`` (PI control, Kp/Ki) or ``"adam"``.
+        lr: dual step size eta_lambda. With the augmented Lagrangian, set it equal to
+            ``penalty_coefficient`` for the method of multipliers (cooper does not couple them).
+        update: ``"simultaneous"`` (primal and dual steps from one evaluation) or ``"alternating"``
+            (dual step first, then the primal step with the updated multipliers; no extra forward).
+        penalty_coefficient: c of the augmented Lagrangian.
+        kp, ki: nuPI gains.
+        init: initial multiplier value.
+    """
+
+    formulation: str = "lagrangian"
+    optimizer: str = "sgd"
+    lr: float = 1e-2
+    update: str = "simultaneous"
+    penalty_coefficient: float = 1.0
+    kp: float = 0.0
+    ki: float = 1.0
+    init: float = 0.0
+
+    def __post_init__(self) -> None:
+        choices = {
+            "formulation": ("lagrangian", "augmented"),
+            "optimizer": ("sgd", "nupi", "adam"),
+            "update": ("simultaneous", "alternating"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"dual.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"dual.lr must be > 0, got {self.lr!r}")
+        if not self.penalty_coefficient > 0:
+            raise ValueError(f"dual.penalty_coefficient must be > 0, got {self.penalty_coefficient!r}")
+
+
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """``(inputs, target)`` from a loader item: a pair, or a torch_geometric batch with ``.y``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if hasattr(batch, "y") and hasattr(batch, "num_nodes"):
+        return batch, batch.y
+    raise TypeError(
+        "a training batch must be an (inputs, target) pair or a torch_geometric Data/Batch with .y, "
+        f"got {type(batch).__name__}"
+    )
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move tensors inside tuples, lists, dicts and torch_geometric objects to ``device``."""
+    if isinstance(obj, torch.Tensor) or hasattr(obj, "num_nodes"):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def batch_size(inputs: Any, target: torch.Tensor) -> int:
+    """Number of samples in a batch: graphs for torch_geometric batches, else the target's first dim."""
+    return int(getattr(inputs, "num_graphs", None) or target.shape[0])
+
+
+class _Problem(cooper.ConstrainedMinimizationProblem):
+    """The cooper problem; the trainer computes its state, this class only holds the constraints."""
+
+    def compute_cmp_state(self, *args: Any, **kwargs: Any) -> cooper.CMPState:  # pragma: no cover
+        raise NotImplementedError("the Trainer evaluates the problem itself")
+
+
+class Trainer:
+    """Train ``model`` on ``loss`` subject to equivariance ``constraints``.
+
+    Args:
+        model: any ``nn.Module``; for gate constraints, a model relaxed with :func:`ace.relax`.
+        loss: ``(output, target) -> scalar``.
+        optimizer: the primal optimiser over the model's parameters (gates included).
+        symmetry: the :class:`ace.Symmetry` the deviation is measured under (needed by deviation
+            constraints and for the deviation reported at evaluation).
+        constraints: :class:`ace.GateConstraint` / :class:`ace.DeviationConstraint` objects.
+        dual: :class:`DualSettings`.
+        metrics: extra evaluation metrics ``{name: (output, target) -> batch mean}``.
+        gate_schedule: if given, the gates are not learned but set to ``gate_schedule(step)`` before each
+            step (the constraint-relaxation baseline ``cr``); f_eq is what gets evaluated as final.
+        grad_clip: clip the primal gradient norm to this value.
+        slack_lr: learning rate of the slack variables (SGD).
+        eval_samples: group samples per batch for the deviation reported at evaluation.
+        log_dir: run directory for ``metrics.jsonl``, ``summary.json`` and ``checkpoints/``; ``None``
+            keeps records in ``trainer.history`` only.
+        log_every: steps between training records.
+        progress: show a tqdm bar (``None``: only when stderr is a terminal).
+        tensorboard: mirror records to TensorBoard in ``log_dir/tensorboard``.
+        seed: seeds the group-element generator.
+        device: where the model and batches live (default: the model's device).
+        config: a plain dict saved in checkpoints, for the record.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Callable[[Any, torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        *,
+        symmetry: Any = None,
+        constraints: Sequence[Constraint] = (),
+        dual: DualSettings = DualSettings(),
+        metrics: dict[str, Callable] | None = None,
+        gate_schedule: Callable[[int], float] | None = None,
+        grad_clip: float | None = None,
+        slack_lr: float = 1e-2,
+        eval_samples: int = 4,
+        log_dir: str | os.PathLike | None = None,
+        log_every: int = 10,
+        progress: bool | None = None,
+        tensorboard: bool = False,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        config: dict | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss
+        self.optimizer = optimizer
+        self.symmetry = symmetry
+        self.constraints = list(constraints)
+        self.dual = dual
+        self.metrics = dict(metrics or {})
+        self.gate_schedule = gate_schedule
+        self.grad_clip = grad_clip
+        self.eval_samples = eval_samples
+        self.log_every = log_every
+        self.progress = progress
+        self.config = config
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else _module_device(model)
+        self.model.to(self.device)
+        self.gates = gates(model)
+
+        self._check_setup()
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.slacks = self._make_slacks()
+        self.slack_optimizer = (
+            torch.optim.SGD(list(self.slacks.values()), lr=slack_lr) if self.slacks else None
+        )
+        self.cmp, self.cooper_constraints = self._make_problem()
+        self.cooper_optimizer = self._make_cooper_optimizer()
+        self._gate_names = list(self.gates)
+        self._gate_params = list(self.gates.values())
+        if gate_schedule is not None:
+            for g in self._gate_params:
+                g.requires_grad_(False)
+
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.log = MetricsLog(
+            self.log_dir / "metrics.jsonl" if self.log_dir else None,
+            self.log_dir / "tensorboard" if (self.log_dir and tensorboard) else None,
+        )
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.tolerance_starts: dict[str, float] = {}
+        self.best: dict[str, dict[str, float]] = {}
+        self.last_eval: dict[str, float] = {}
+        self.wall_time = 0.0
+        self._epoch_rng: dict | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_setup(self) -> None:
+        names = [c.name for c in self.constraints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"constraint names must be unique, got {names}")
+        if any(isinstance(c, GateConstraint) for c in self.constraints) and not self.gates:
+            raise ValueError(
+                "GateConstraint needs a relaxed model with gates: call ace.relax(model, where=...) first, "
+                "or use a DeviationConstraint"
+            )
+        if any(isinstance(c, DeviationConstraint) for c in self.constraints) and self.symmetry is None:
+            raise ValueError("DeviationConstraint needs symmetry=ace.Symmetry(...) to measure the deviation")
+        if self.gate_schedule is not None and not self.gates:
+            raise ValueError("gate_schedule needs a relaxed model with gates (ace.relax)")
+        if self.gate_schedule is not None and any(isinstance(c, GateConstraint) for c in self.constraints):
+            raise ValueError("gate_schedule fixes the gates; it cannot be combined with a GateConstraint")
+        in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [n for n, g in self.gates.items() if id(g) not in in_optimizer]
+        if missing and self.gate_schedule is None:
+            raise ValueError(
+                f"the optimizer does not hold the gates {missing}: build it from model.parameters() "
+                "after ace.relax(model, ...)"
+            )
+        if not (isinstance(self.eval_samples, int) and self.eval_samples >= 1):
+            raise ValueError(f"eval_samples must be an integer >= 1, got {self.eval_samples!r}")
+        if not (isinstance(self.log_every, int) and self.log_every >= 1):
+            raise ValueError(f"log_every must be an integer >= 1, got {self.log_every!r}")
+
+    def _size(self, c: Constraint) -> int:
+        return len(self.gates) if isinstance(c, GateConstraint) else 1
+
+    def _make_slacks(self) -> dict[str, nn.Parameter]:
+        return {
+            c.name: nn.Parameter(torch.zeros(self._size(c), device=self.device))
+            for c in self.constraints
+            if c.resilient
+        }
+
+    def _make_problem(self) -> tuple[_Problem, dict[str, cooper.Constraint]]:
+        cmp = _Problem()
+        made = {}
+        augmented = self.dual.formulation == "augmented"
+        for c in self.constraints:
+            if not c.dual:
+                continue
+            n = self._size(c)
+            kind = cooper.ConstraintType.EQUALITY if c.equality else cooper.ConstraintType.INEQUALITY
+            made[c.name] = cooper.Constraint(
+                constraint_type=kind,
+                formulation_type=AugmentedLagrangian if augmented else Lagrangian,
+                multiplier=DenseMultiplier(init=torch.full((n,), float(self.dual.init), device=self.device)),
+                penalty_coefficient=(
+                    DensePenaltyCoefficient(
+                        torch.full((n,), self.dual.penalty_coefficient, device=self.device)
+                    )
+                    if augmented
+                    else None
+                ),
+            )
+            setattr(cmp, c.name, made[c.name])
+        return cmp, made
+
+    def _make_cooper_optimizer(self) -> cooper.optim.CooperOptimizer:
+        primal = [self.optimizer] + ([self.slack_optimizer] if self.slack_optimizer else [])
+        if not self.cooper_constraints:
+            return cooper.optim.UnconstrainedOptimizer(self.cmp, primal)
+        params = list(self.cmp.dual_parameters())
+        d = self.dual
+        if d.optimizer == "sgd":
+            dual_opt = torch.optim.SGD(params, lr=d.lr, maximize=True)
+        elif d.optimizer == "adam":
+            dual_opt = torch.optim.Adam(params, lr=d.lr, maximize=True)
+        else:  # ZEROS init: cooper 1.0.1's default init takes a wrong second step when Kp != 0
+            dual_opt = nuPI(params, lr=d.lr, Kp=d.kp, Ki=d.ki, init_type=nuPIInitType.ZEROS, maximize=True)
+        return cooper.optim.SimultaneousOptimizer(self.cmp, primal, dual_opt)
+
+    # ------------------------------------------------------------------ one step
+
+    def _tolerances(self) -> dict[str, float]:
+        return {c.name: c.tolerance_at(self.step) for c in self.constraints}
+
+    def _evaluate_problem(self, inputs: Any, target: torch.Tensor, tolerances: dict[str, float]):
+        """Forward pass, loss, and every constraint's value and violation."""
+        output = call_model(self.model, inputs)
+        task_loss = self.loss_fn(output, target)
+        objective = task_loss
+        observed, values, violations = {}, {}, {}
+        for c in self.constraints:
+            if isinstance(c, GateConstraint):
+                value = c.value(torch.stack(self._gate_params))
+            else:
+                value = equivariance_deviation(
+                    self.model,
+                    inputs,
+                    self.symmetry,
+                    samples=c.samples,
+                    relative=c.relative,
+                    generator=self.generator,
+                    output=output,
+                ).reshape(1)
+            slack = self.slacks.get(c.name)
+            violation = c.violation(value, tolerances[c.name], slack)
+            if slack is not None:
+                objective = objective + 0.5 * c.rho * slack.pow(2).sum()
+            if c.dual:
+                observed[self.cooper_constraints[c.name]] = cooper.ConstraintState(violation=violation)
+            else:
+                objective = objective + c.penalty_term(violation)
+            values[c.name], violations[c.name] = value.detach(), violation.detach()
+        state = cooper.CMPState(loss=objective, observed_constraints=observed)
+        return state, task_loss.detach(), values, violations
+
+    def train_step(self, batch: Any) -> dict[str, Any] | None:
+        """One primal-dual update on ``batch``; returns the log record on logging steps."""
+        self.model.train()
+        inputs, target = split_batch(to_device(batch, self.device))
+        if self.gate_schedule is not None:
+            with torch.no_grad():
+                for g in self._gate_params:
+                    g.fill_(self.gate_schedule(self.step))
+        tolerances = self._tolerances()
+        opt = self.cooper_optimizer
+        opt.zero_grad()
+        state, task_loss, values, violations = self._evaluate_problem(inputs, target, tolerances)
+        alternating = self.cooper_constraints and self.dual.update == "alternating"
+        if alternating:  # dual step first; the primal Lagrangian then uses the updated multipliers
+            state.compute_dual_lagrangian().backward()
+            opt.dual_step()
+        primal = state.compute_primal_lagrangian()
+        self._primal_update(primal)
+        if self.cooper_constraints and not alternating:
+            state.compute_dual_lagrangian().backward()  # violations at the pre-step point
+            opt.dual_step()
+        self.step += 1
+        self.batch_in_epoch += 1
+        if self.step % self.log_every == 0:
+            return self._train_record(task_loss, primal.lagrangian.detach(), tolerances, values, violations)
+        return None
+
+    def _primal_update(self, primal: cooper.LagrangianStore) -> None:
+        primal.lagrangian.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.cooper_optimizer.primal_step()
+        with torch.no_grad():
+            for u in self.slacks.values():
+                u.clamp_(min=0.0)
+
+    # ------------------------------------------------------------------ records
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        """Current multiplier values by constraint name (the fixed weight for penalty constraints)."""
+        out = {}
+        for c in self.constraints:
+            if c.dual:
+                out[c.name] = self.cooper_constraints[c.name].multiplier.weight.detach()
+            else:
+                out[c.name] = torch.full((self._size(c),), float(c.penalty))
+        return out
+
+    def _entries(self, c: Constraint) -> list[str]:
+        """Log names of a constraint's entries: one per gate for gate constraints."""
+        if isinstance(c, GateConstraint):
+            return [f"{c.name}.{g}" for g in self._gate_names]
+        return [c.name]
+
+    def constraint_table(self, tolerances, values, violations) -> dict[str, dict[str, float]]:
+        """Per constraint entry: tolerance, deviation or gate, violation, multiplier, slack."""
+        multipliers = self.multipliers()
+        gate_values = torch.stack(self._gate_params).detach().tolist() if self._gate_params else []
+        table = {}
+        for c in self.constraints:
+            vals = values[c.name].tolist()
+            viols = violations[c.name].tolist()
+            mults = multipliers[c.name].tolist()
+            slack = self.slacks[c.name].detach().tolist() if c.name in self.slacks else None
+            for i, entry in enumerate(self._entries(c)):
+                row = {"tolerance": float(tolerances[c.name])}
+                if isinstance(c, GateConstraint):
+                    row["gate"] = gate_values[i]
+                else:
+                    row["deviation"] = vals[i]
+                row["violation"] = viols[i]
+                row["multiplier"] = mults[i]
+                if slack is not None:
+                    row["slack"] = slack[i]
+                table[entry] = row
+        return table
+
+    def _train_record(self, task_loss, lagrangian, tolerances, values, violations) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": task_loss.item(),
+            "lagrangian": lagrangian.item(),
+        }
+        for name, g in zip(self._gate_names, self._gate_params):
+            record[f"gate/{name}"] = g.item()
+        for entry, row in self.constraint_table(tolerances, values, violations).items():
+            for key, value in row.items():
+                record[f"constraint/{entry}/{key}"] = value
+        return record
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self.log.write(record)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Loss and metrics of the relaxed model and, for gated models, of f_eq (keys ``eq/...``).
+
+        With a symmetry, also the measured deviation ``deviation`` (absolute, ``eval_samples`` group
+        elements per batch from a fixed seed, so evaluations are comparable), ``relative_deviation``
+        and, for gated models, ``eq/deviation`` (0 up to rounding when f_eq is exactly equivariant).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+        totals: dict[str, float] = {}
+        count = 0
+        for batch in loader:
+            inputs, target = split_batch(to_device(batch, self.device))
+            n = batch_size(inputs, target)
+            count += n
+            for prefix, context in self._eval_variants():
+                with context:
+                    output = call_model(self.model, inputs)
+                    scores = {"loss": self.loss_fn(output, target)}
+                    scores.update({k: m(output, target) for k, m in self.metrics.items()})
+                    if self.symmetry is not None:
+                        state = generator.get_state()
+                        scores["deviation"] = equivariance_deviation(
+                            self.model, inputs, self.symmetry, self.eval_samples, False, generator, output
+                        )
+                        if not prefix:
+                            generator.set_state(state)  # same elements for the relative measure
+                            scores["relative_deviation"] = equivariance_deviation(
+                                self.model, inputs, self.symmetry, self.eval_samples, True, generator, output
+                            )
+                for key, value in scores.items():
+                    totals[prefix + key] = totals.get(prefix + key, 0.0) + float(value) * n
+        self.model.train(was_training)
+        if count == 0:
+            raise ValueError("evaluate() got an empty loader")
+        return {k: v / count for k, v in totals.items()}
+
+    def _eval_variants(self):
+        yield "", _nullcontext()
+        if self.gates:
+            yield "eq/", equivariant(self.model)
+
+    def _track_best(self, record: dict[str, float]) -> None:
+        for key, value in record.items():
+            if key in ("step", "epoch") or not isinstance(value, float) or math.isnan(value):
+                continue
+            higher = "accuracy" in key
+            best = self.best.get(key)
+            if best is None or (value > best["value"] if higher else value < best["value"]):
+                self.best[key] = {"value": value, "step": self.step}
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        train_loader: Iterable,
+        val_loader: Iterable | None = None,
+        *,
+        epochs: int | None = None,
+        max_steps: int | None = None,
+        eval_every: int = 1,
+        checkpoint_every: int = 1,
+        test_loader: Iterable | None = None,
+        print_summary: bool = True,
+    ) -> dict[str, Any]:
+        """Train for ``epochs`` (or ``max_steps``, whichever ends first); resumes from ``self.step``.
+
+        Evaluates on ``val_loader`` every ``eval_every`` epochs, checkpoints every ``checkpoint_every``
+        epochs (when there is a ``log_dir``) and at the end, evaluates ``test_loader`` at the end, writes
+        ``summary.json`` and returns the summary.
+        """
+        if epochs is None and max_steps is None:
+            raise ValueError("fit() needs epochs or max_steps")
+        per_epoch = len(train_loader)
+        if per_epoch == 0:
+            raise ValueError("the training loader is empty")
+        total = min(epochs * per_epoch if epochs is not None else math.inf, max_steps or math.inf)
+        total = int(total)
+        if self.step == 0:
+            self._resolve_auto_tolerances(train_loader)
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        bar = tqdm(total=total, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
+        started = time.perf_counter() - self.wall_time
+        try:
+            while self.step < total:
+                epoch_done = self._run_epoch(train_loader, total, bar)
+                self.wall_time = time.perf_counter() - started
+                if not epoch_done:
+                    break
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                last = self.step >= total
+                if val_loader is not None and (self.epoch % eval_every == 0 or last):
+                    self._log_eval("val", val_loader)
+                if self.log_dir and (self.epoch % checkpoint_every == 0 or last):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        self.wall_time = time.perf_counter() - started
+        if val_loader is not None and self.last_eval.get("step") != self.step:
+            self._log_eval("val", val_loader)
+        if test_loader is not None:
+            self._log_eval("test", test_loader)
+        if self.log_dir:
+            self.save_checkpoint()
+        summary = self.summary()
+        if self.log_dir:
+            write_json(self.log_dir / "summary.json", summary)
+        if print_summary:
+            print(self.format_balance(summary))
+        return summary
+
+    def _run_epoch(self, loader: Iterable, total: int, bar) -> bool:
+        """Run the rest of the current epoch; False if ``total`` steps were reached before its end."""
+        resumed = None
+        if self.batch_in_epoch > 0 and self._epoch_rng is not None:
+            resumed = _rng_state(self.generator)  # mid-epoch resume: replay the epoch's shuffle
+            _set_rng_state(self._epoch_rng, self.generator)
+        else:
+            self._epoch_rng = _rng_state(self.generator)
+        batches = iter(loader)
+        for _ in range(self.batch_in_epoch):
+            next(batches)
+        if resumed is not None:
+            _set_rng_state(resumed, self.generator)
+        for batch in batches:
+            record = self.train_step(batch)
+            bar.update(1)
+            if record is not None:
+                self._write(record)
+                bar.set_postfix(self._progress_postfix(record), refresh=False)
+            if self.step >= total:
+                return self.batch_in_epoch >= len(loader)
+        return True
+
+    def _progress_postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        post = {"loss": f"{record['loss']:.3g}"}
+        mults = [v for k, v in record.items() if k.endswith("/multiplier")]
+        tols = [v for k, v in record.items() if k.endswith("/tolerance")]
+        if mults:
+            post["max_lambda"] = f"{max(mults, key=abs):.3g}"
+        if tols:
+            post["eps"] = f"{tols[0]:.3g}"
+        return post
+
+    def _log_eval(self, split: str, loader: Iterable) -> dict[str, float]:
+        scores = self.evaluate(loader)
+        record = {"step": self.step, "epoch": self.epoch, **{f"{split}/{k}": v for k, v in scores.items()}}
+        if split == "val":
+            self._track_best(record)
+            self.last_eval = record
+        else:
+            self.test_scores = record
+        self._write(record)
+        return record
+
+    def _resolve_auto_tolerances(self, train_loader: Iterable) -> None:
+        """Fill ``start="auto"`` schedules with the value measured before the first step."""
+        pending = [c for c in self.constraints if getattr(c.tolerance, "needs_start", False)]
+        if not pending:
+            return
+        inputs, _ = split_batch(to_device(next(iter(train_loader)), self.device))
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + 2)
+        with torch.no_grad():
+            for c in pending:
+                if c.name not in self.tolerance_starts:
+                    if isinstance(c, GateConstraint):
+                        start = c.value(torch.stack(self._gate_params)).abs().max().item()
+                    else:
+                        start = equivariance_deviation(
+                            self.model,
+                            inputs,
+                            self.symmetry,
+                            max(c.samples, self.eval_samples),
+                            c.relative,
+                            generator,
+                        ).item()
+                    self.tolerance_starts[c.name] = start
+                c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
+
+    # ------------------------------------------------------------------ summary
+
+    def summary(self) -> dict[str, Any]:
+        """Final values per constraint and gate, best and final metrics."""
+        last_train = next((r for r in reversed(self.history) if "loss" in r), {})
+        table = {}
+        for key, value in last_train.items():
+            if key.startswith("constraint/"):
+                _, entry, field = key.split("/")
+                table.setdefault(entry, {})[field] = value
+        return {
+            "steps": self.step,
+            "epochs": self.epoch,
+            "wall_time": round(self.wall_time, 3),
+            "final": last_train,
+            "constraints": table,
+            "gates": {n: g.item() for n, g in zip(self._gate_names, self._gate_params)},
+            "tolerance_starts": self.tolerance_starts,
+            "best": self.best,
+            "val": self.last_eval,
+            "test": getattr(self, "test_scores", {}),
+        }
+
+    @staticmethod
+    def format_balance(summary: dict[str, Any]) -> str:
+        """The final gates, multipliers and slacks as a table."""
+        rows = []
+        for entry, row in summary["constraints"].items():
+            value = row.get("gate", row.get("deviation"))
+            rows.append([entry, row.get("tolerance"), value, row.get("multiplier"), row.get("slack")])
+        shown = {r[0].split(".", 1)[-1] for r in rows}
+        for name, value in summary["gates"].items():
+            if name not in shown:
+                rows.append([f"gate {name}", None, value, None, None])
+        if not rows:
+            return f"trained {summary['steps']} steps (no constraints, no gates)"
+        header = ["constraint", "tolerance", "gate / deviation", "multiplier", "slack"]
+        return f"final balance after {summary['steps']} steps\n" + format_table(header, rows)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit: model, optimisers, multipliers, slacks, RNG."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "cooper_optimizer": self.cooper_optimizer.state_dict(),
+            "cmp": self.cmp.state_dict(),
+            "slacks": {k: v.detach().clone() for k, v in self.slacks.items()},
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "tolerance_starts": dict(self.tolerance_starts),
+            "rng": _rng_state(self.generator),
+            "epoch_rng": self._epoch_rng,
+            "best": self.best,
+            "last_eval": self.last_eval,
+            "wall_time": self.wall_time,
+            "config": self.config,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"not an ace trainer checkpoint of format {CHECKPOINT_FORMAT} "
+                f"(got format {state.get('format') if isinstance(state, dict) else type(state).__name__})"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.cmp.load_state_dict(state["cmp"])
+            self.cooper_optimizer.load_state_dict(state["cooper_optimizer"])
+            if set(state["slacks"]) != set(self.slacks):
+                raise CheckpointError(f"checkpoint slacks {sorted(state['slacks'])} != {sorted(self.slacks)}")
+            with torch.no_grad():
+                for k, v in state["slacks"].items():
+                    self.slacks[k].copy_(v)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint does not fit this trainer: {err}") from err
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.tolerance_starts = dict(state["tolerance_starts"])
+        for c in self.constraints:
+            if getattr(c.tolerance, "needs_start", False) and c.name in self.tolerance_starts:
+                c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
+        _set_rng_state(state["rng"], self.generator)
+        self._epoch_rng = state["epoch_rng"]
+        self.best, self.last_eval = state["best"], state["last_eval"]
+        self.wall_time = state["wall_time"]
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Write ``checkpoints/last.pt`` atomically, keeping the one before as ``previous.pt``."""
+        if path is None:
+            if self.log_dir is None:
+                raise ValueError("save_checkpoint() needs a path when the trainer has no log_dir")
+            path = self.log_dir / "checkpoints" / "last.pt"
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(self.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, path.with_name("previous.pt"))
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` (tensors only: no code runs from it)."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:  # truncated, foreign or hostile files all end here
+            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        self.load_state_dict(state)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    random.setstate(_as_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(obj: Any) -> Any:
+    """random.setstate wants tuples; a checkpoint round trip may give lists."""
+    return tuple(_as_tuples(o) for o in obj) if isinstance(obj, (list, tuple)) else obj

@@ -1,0 +1,279 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ace.relax import GatedLayer, MLPBranch, equivariant, gates, relax, strip
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+class RadialScale(nn.Module):
+    """f(x) = a(|x|) x on (..., 2): exactly SO(2)-equivariant, and without in/out_features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x.norm(dim=-1, keepdim=True)) * x
+
+
+class Pair(nn.Module):
+    """A message-passing-like layer: (h, pos, scale=...) -> (h', pos', count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, h: torch.Tensor, pos: torch.Tensor, scale: float = 1.0):
+        return self.lin(h) * scale, pos * 2.0, h.shape[0]
+
+
+class Pool(nn.Module):
+    """(N, F) -> (F,): the default branch cannot match this output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(0)
+
+
+class PairNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = Pair()
+
+    def forward(self, h, pos):
+        return self.layer(h, pos, scale=3.0)
+
+
+def test_gates_are_scalar_parameters_named_by_module():
+    model = relax(mlp(), where=nn.Linear, gate_init=0.5)
+    named = gates(model)
+    assert list(named) == ["0", "2"]
+    for gate in named.values():
+        assert isinstance(gate, nn.Parameter) and gate.shape == () and gate.item() == 0.5
+        assert any(gate is p for p in model.parameters())
+    assert isinstance(model[0], GatedLayer) and isinstance(model[1], nn.Tanh)
+    assert "gate=0.5" in repr(model[0])
+
+
+def test_forward_is_f_eq_plus_gate_times_f_neq():
+    model = relax(mlp(), where=nn.Linear)
+    layer = model[0]
+    with torch.no_grad():
+        layer.gate.fill_(0.3)
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(layer(x), layer.equivariant(x) + 0.3 * layer.branch(x))
+    assert layer.branch.net[0].in_features == 3 and layer.branch.net[-1].out_features == 8
+
+
+def test_gradients_reach_gate_and_branch():
+    model = relax(mlp(), where=nn.Linear)
+    model(torch.randn(4, 3)).square().sum().backward()
+    assert all(g.grad is not None and g.grad != 0 for g in gates(model).values())
+    assert model[0].branch.net[0].weight.grad is not None
+
+
+def test_gate_zero_is_exactly_f_eq():
+    model = relax(mlp(), where=nn.Linear, gate_init=0.0)
+    x = torch.randn(5, 3)
+    assert torch.equal(model(x), strip(model)(x))
+    assert torch.equal(model(x), mlp()(x))  # same seed: the original weights
+
+
+def test_equivariant_context_equals_strip_and_restores():
+    model = relax(mlp(), where=nn.Linear)
+    model[2].branch_enabled = False  # a flag set by the user survives the context
+    x = torch.randn(5, 3)
+    relaxed = model(x)
+    with equivariant(model) as inner:
+        assert inner is model
+        assert torch.equal(model(x), strip(model)(x))
+        with equivariant(model):
+            pass
+        assert not model[0].branch_enabled  # the inner context restored the outer one's flags
+    assert model[0].branch_enabled and not model[2].branch_enabled
+    assert torch.equal(model(x), relaxed)
+    assert not torch.allclose(relaxed, strip(model)(x))
+    with pytest.raises(RuntimeError), equivariant(model):
+        raise RuntimeError
+    assert model[0].branch_enabled
+
+
+def test_strip_copies_and_drops_gates_and_branches():
+    model = relax(mlp(), where=nn.Linear)
+    exact = strip(model)
+    assert not any(isinstance(m, GatedLayer) for m in exact.modules())
+    assert sum(isinstance(m, GatedLayer) for m in model.modules()) == 2  # original untouched
+    assert [n for n, _ in exact.named_parameters()] == [n for n, _ in mlp().named_parameters()]
+    assert exact[0].weight is not model[0].equivariant.weight
+    assert torch.equal(exact[0].weight, model[0].equivariant.weight)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        nn.Linear,
+        ["0", "2"],
+        lambda name, m: isinstance(m, nn.Linear),
+    ],
+)
+def test_where_forms(where):
+    assert list(gates(relax(mlp(), where=where))) == ["0", "2"]
+
+
+def test_where_single_name_and_nested_module():
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), nn.Linear(3, 1))
+    relax(model, where="0.0")
+    assert list(gates(model)) == ["0.0"] and isinstance(model[0][0], GatedLayer)
+
+
+def test_shared_module_gets_one_gate():
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    relax(model, where=nn.Linear)
+    assert model[0] is model[2] and list(gates(model)) == ["0"]
+
+
+def test_branch_factory_receives_name_module_and_arguments():
+    seen = []
+
+    class Bias(nn.Module):  # a learned constant: not rotation-equivariant
+        def __init__(self, width):
+            super().__init__()
+            self.bias = nn.Parameter(torch.ones(width))
+
+        def forward(self, x):
+            return self.bias.expand(*x.shape[:-1], -1)
+
+    def factory(name, module):
+        seen.append((name, type(module)))
+        return Bias(module.out_features)
+
+    model = relax(mlp(), where=nn.Linear, branch=factory, gate_init=2.0)
+    assert seen == [("0", nn.Linear), ("2", nn.Linear)]
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(model[0](x), model[0].equivariant(x) + 2.0)
+
+
+def test_default_branch_sized_by_example():
+    model = nn.Sequential(RadialScale(), RadialScale()).double()
+    example = torch.randn(7, 5, 2, dtype=torch.float64)
+    relax(model, where=RadialScale, hidden=16, example=example)
+    branch = model[0].branch
+    assert (
+        isinstance(branch, MLPBranch) and branch.net[0].in_features == 2 and branch.net[0].out_features == 16
+    )
+    assert branch.net[0].weight.dtype == torch.float64 and model[0].gate.dtype == torch.float64
+    assert model(example).shape == (7, 5, 2)
+
+
+def test_dry_run_keeps_mode_and_batch_norm_statistics():
+    model = nn.Sequential(nn.BatchNorm1d(2), RadialScale())
+    before = model[0].running_mean.clone()
+    relax(model, where=RadialScale, example=torch.randn(8, 2) + 5.0)
+    assert model.training and torch.equal(model[0].running_mean, before)
+
+
+def test_tuple_outputs():
+    torch.manual_seed(0)
+    model = PairNet()
+    h, pos = torch.randn(6, 4), torch.randn(6, 3)
+    plain = model(h, pos)
+    relax(model, where=Pair, outputs=(0, 1), example=(h, pos), gate_init=0.5)
+    layer = model.layer
+    assert layer.outputs == (0, 1)
+    out = model(h, pos)
+    extra_h, extra_pos = layer.branch(h, pos)
+    assert extra_h.shape == (6, 5) and extra_pos.shape == (6, 3)
+    torch.testing.assert_close(out[0], plain[0] + 0.5 * extra_h)
+    torch.testing.assert_close(out[1], plain[1] + 0.5 * extra_pos)
+    assert out[2] == 6
+    with equivariant(model):
+        assert all(torch.equal(a, b) for a, b in zip(model(h, pos)[:2], plain[:2], strict=True))
+
+
+def test_tuple_output_single_index():
+    model = PairNet()
+    h, pos = torch.randn(6, 4), torch.randn(6, 3)
+    plain = model(h, pos)
+    relax(model, where=Pair, outputs=1, example=(h, pos))
+    out = model(h, pos)
+    assert torch.equal(out[0], plain[0]) and not torch.allclose(out[1], plain[1])
+
+
+def test_dict_example():
+    model = PairNet()
+    relax(model, where=Pair, outputs=(0,), example={"h": torch.randn(3, 4), "pos": torch.randn(3, 3)})
+    assert model.layer.branch.net[-1].out_features == 5
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, message",
+    [
+        (mlp(), {"where": nn.Conv1d}, "selects no submodule"),
+        (mlp(), {"where": ["0", "5"]}, "5"),
+        (mlp(), {"where": lambda name, m: True}, "model itself"),
+        (nn.Sequential(nn.Sequential(nn.Linear(2, 2))), {"where": ["0", "0.0"]}, "0.0"),
+        (nn.Sequential(RadialScale()), {"where": RadialScale}, "example="),
+        (PairNet(), {"where": Pair, "example": (torch.randn(2, 4), torch.randn(2, 3))}, "outputs="),
+        (
+            PairNet(),
+            {"where": Pair, "outputs": (5,), "example": (torch.randn(2, 4), torch.randn(2, 3))},
+            "range",
+        ),
+        (
+            PairNet(),
+            {"where": Pair, "outputs": (2,), "example": (torch.randn(2, 4), torch.randn(2, 3))},
+            "int",
+        ),
+        (nn.Sequential(Pool()), {"where": Pool, "example": torch.randn(3, 2)}, "leading shape"),
+    ],
+)
+def test_errors(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        relax(model, **kwargs)
+
+
+def test_layer_not_called_by_example():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = RadialScale()
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="not called"):
+        relax(Skip(), where=RadialScale, example=torch.randn(3, 2))
+
+
+def test_relaxing_twice_is_an_error():
+    model = relax(mlp(), where=["0"])
+    with pytest.raises(ValueError, match="already relaxed"):
+        relax(model, where=["2"])
+
+
+def rotation(theta: float) -> torch.Tensor:
+    c, s = math.cos(theta), math.sin(theta)
+    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+
+
+def test_relaxed_is_not_equivariant_and_strip_is_exact():
+    torch.manual_seed(1)
+    model = nn.Sequential(RadialScale(), RadialScale()).double()
+    x = torch.randn(16, 2, dtype=torch.float64)
+    relax(model, where=RadialScale, example=x)
+    exact = strip(model)
+    R = rotation(0.7)  # rows are points: g.x = x R^T
+    with torch.no_grad():
+        relaxed_error = (model(x @ R.T) - model(x) @ R.T).abs().max()
+        exact_error = (exact(x @ R.T) - exact(x) @ R.T).abs().max()
+        with equivariant(model):
+            context_error = (model(x @ R.T) - model(x) @ R.T).abs().max()
+    assert relaxed_error > 1e-3
+    assert exact_error < 1e-12 and context_error < 1e-12

@@ -1,0 +1,199 @@
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from ace.schedules import (
+    Constant,
+    Cosine,
+    Geometric,
+    Join,
+    Linear,
+    Piecewise,
+    Schedule,
+    Triangular,
+    is_nonincreasing,
+    schedule_from_config,
+    to_config,
+)
+
+
+def values(schedule: Schedule, n: int) -> np.ndarray:
+    return np.array([schedule(t) for t in range(n)])
+
+
+def test_constant():
+    np.testing.assert_array_equal(values(Constant(0.3), 5), np.full(5, 0.3))
+
+
+def test_linear_with_delay():
+    # hold 1.0 for 3 steps, ramp to 0.2 over 4 steps, then hold
+    expected = np.concatenate([np.full(3, 1.0), 1.0 + (0.2 - 1.0) * np.arange(4) / 4, np.full(4, 0.2)])
+    got = values(Linear(1.0, 0.2, steps=4, delay=3), 11)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+    assert got[0] == 1.0 and got[3] == 1.0 and got[7] == 0.2 and got[-1] == 0.2  # exact endpoints
+
+
+def test_cosine():
+    t = np.arange(12)
+    w = np.clip((t - 2) / 8, 0, 1)
+    expected = 0.3 + (0.1 - 0.3) * (1 - np.cos(np.pi * w)) / 2
+    got = values(Cosine(0.3, 0.1, steps=8, delay=2), 12)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+    assert got[2] == 0.3 and got[10] == 0.1
+    assert got[6] == pytest.approx(0.2)  # half way
+
+
+def test_geometric_is_log_linear():
+    got = values(Geometric(1e-1, 1e-4, steps=6), 8)
+    expected = 10.0 ** np.concatenate([np.linspace(-1, -4, 7), [-4]])
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got[0] == 1e-1 and got[6] == 1e-4
+    ratios = got[1:7] / got[:6]
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-12)  # the same factor every step
+
+
+def test_triangular():
+    got = values(Triangular(0.1, 0.5, steps=4, delay=1), 8)
+    expected = [0.1, 0.1, 0.3, 0.5, 0.3, 0.1, 0.1, 0.1]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+    assert got[3] == 0.5 and got[5] == 0.1
+
+
+def test_piecewise():
+    got = values(Piecewise(boundaries=(2, 5), values=(1.0, 0.5, 0.0)), 7)
+    np.testing.assert_array_equal(got, [1.0, 1.0, 0.5, 0.5, 0.5, 0.0, 0.0])
+
+
+def test_zero_steps_jumps_at_delay():
+    np.testing.assert_array_equal(values(Linear(1.0, 0.0, steps=0, delay=2), 4), [1.0, 1.0, 0.0, 0.0])
+
+
+def test_join_runs_each_phase_on_its_own_clock():
+    s = Join(((Constant(0.5), 3), (Linear(0.5, 0.1, steps=4), 4), (Constant(0.1), 2)))
+    expected = [0.5, 0.5, 0.5, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1]  # last phase keeps running
+    np.testing.assert_allclose(values(s, 11), expected, rtol=0, atol=1e-15)
+
+
+def test_auto_start():
+    s = Join(((Constant("auto"), 2), (Linear("auto", 0.0, steps=2), 2)))
+    assert s.needs_start
+    with pytest.raises(ValueError, match="resolve"):
+        s(0)
+    resolved = s.resolve(start=0.8)
+    assert not resolved.needs_start and s.needs_start  # a copy, the original is unchanged
+    np.testing.assert_allclose(values(resolved, 5), [0.8, 0.8, 0.8, 0.4, 0.0])
+    assert Linear(1.0, 0.0, 3).resolve(start=5.0) == Linear(1.0, 0.0, 3)
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Linear(1.0, 0.0, 3).start = 2.0
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: Linear(1.0, 0.0, steps=-1), "steps"),
+        (lambda: Cosine(1.0, 0.0, steps=5, delay=-2), "delay"),
+        (lambda: Linear(1.0, 0.0, steps=2.5), "steps"),
+        (lambda: Linear("fast", 0.0, steps=2), "start"),
+        (lambda: Linear(1.0, "auto", steps=2), "end"),
+        (lambda: Constant(math.nan), "value"),
+        (lambda: Geometric(1.0, 0.0, steps=3), "end"),
+        (lambda: Geometric(-1.0, 0.1, steps=3), "start"),
+        (lambda: Piecewise((1, 2), (1.0, 0.5)), "values"),
+        (lambda: Piecewise((3, 2), (1.0, 0.5, 0.1)), "boundaries"),
+        (lambda: Triangular(0.0, None, steps=3), "peak"),
+        (lambda: Join(()), "phases"),
+        (lambda: Join(((0.1, 3),)), "phases"),
+    ],
+)
+def test_invalid_arguments_name_the_parameter(build, name):
+    with pytest.raises(ValueError, match=name):
+        build()
+
+
+def test_numeric_strings_are_numbers():
+    assert Linear("1e-3", "0", steps="10") == Linear(1e-3, 0.0, steps=10)
+
+
+def test_from_config():
+    assert schedule_from_config(0.01, 100) == Constant(0.01)
+    assert schedule_from_config("1e-3", 100) == Constant(1e-3)
+    assert schedule_from_config({"type": "Linear", "start": "auto", "end": "1e-3"}, 100) == Linear(
+        "auto", 1e-3, steps=100
+    )
+    assert schedule_from_config({"type": "cosine", "start": 1, "end": 0, "steps": None, "delay": 5}, 50) == (
+        Cosine(1.0, 0.0, steps=50, delay=5)
+    )
+    spec = {
+        "type": "join",
+        "phases": [
+            {"type": "constant", "value": 0.1, "length": 10},
+            {"type": "geometric", "start": 0.1, "end": 1e-3},  # no length: the rest; no steps: its length
+        ],
+    }
+    assert schedule_from_config(spec, 100) == Join(((Constant(0.1), 10), (Geometric(0.1, 1e-3, 90), 90)))
+    s = Linear(1.0, 0.0, 3)
+    assert schedule_from_config(s) is s
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        Constant(0.2),
+        Linear("auto", 0.0, steps=30, delay=3),
+        Cosine(1.0, 0.1, steps=10),
+        Geometric(1.0, 1e-3, steps=7, delay=1),
+        Piecewise((3, 9), (1.0, 0.3, 0.0)),
+        Triangular(0.0, 1.0, steps=12),
+        Join(((Constant(1.0), 4), (Join(((Linear(1.0, 0.0, 4), 4),)), 6))),
+    ],
+)
+def test_config_round_trip(schedule):
+    spec = to_config(schedule)
+    assert spec["type"] == type(schedule).__name__.lower()
+    assert schedule_from_config(spec, total_steps=1) == schedule
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"type": "exponential", "start": 1.0}, "exponential"),
+        ({"start": 1.0}, "type"),
+        ({"type": "linear", "start": 1.0, "end": 0.0, "rate": 2}, "rate"),
+        ({"type": "linear", "end": 0.0}, "start"),
+        (
+            {
+                "type": "join",
+                "phases": [{"type": "constant", "value": 1.0}, {"type": "constant", "value": 0.0}],
+            },
+            "length",
+        ),
+        ({"type": "join", "phases": []}, "phases"),
+        ({"type": "join", "phases": [{"type": "constant", "value": 1.0, "length": 10, "delay": 1}]}, "delay"),
+        ({"type": "piecewise", "boundaries": [1], "values": [1.0, "x"]}, "values"),
+        ([1.0, 2.0], "value"),
+    ],
+)
+def test_from_config_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        schedule_from_config(spec, 100)
+
+
+def test_from_config_needs_steps():
+    with pytest.raises(ValueError, match="steps"):
+        schedule_from_config({"type": "linear", "start": 1.0, "end": 0.0})
+
+
+def test_is_nonincreasing():
+    assert is_nonincreasing(Cosine(1.0, 0.0, steps=1000, delay=10), 1100)
+    assert is_nonincreasing(Geometric(1.0, 1e-6, steps=999), 1000)
+    assert is_nonincreasing(Piecewise((5, 9), (1.0, 1.0, 0.0)), 20)
+    assert is_nonincreasing(Constant(0.0), 10)
+    assert not is_nonincreasing(Linear(0.0, 1.0, steps=10), 10)
+    assert not is_nonincreasing(Triangular(0.0, 1.0, steps=10), 10)
+    assert not is_nonincreasing(Join(((Constant(0.1), 5), (Constant(0.2), 5))), 10)
+    assert is_nonincreasing(Linear(0.0, 1.0, steps=10, delay=20), 20)  # the rise is past the horizon

@@ -1,0 +1,134 @@
+"""The trainer reaches known primal and dual solutions, and resumes bit for bit."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ace
+
+
+class Zero(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+class One(nn.Module):
+    def forward(self, x):
+        return torch.ones_like(x)
+
+
+def gate_problem(constraint, dual_lr=0.2, steps=800, **kw):
+    """min (gamma - 1)^2 with f_eq = 0 and f_neq = 1, so the model output is gamma itself."""
+    torch.manual_seed(0)
+    model = ace.relax(nn.Sequential(Zero()), where=["0"], branch=lambda name, m: One())
+    data = DataLoader(TensorDataset(torch.zeros(1, 1), torch.ones(1, 1)), batch_size=1)
+    trainer = ace.Trainer(
+        model,
+        nn.functional.mse_loss,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        constraints=[constraint],
+        dual=ace.DualSettings(lr=dual_lr, **kw),
+        slack_lr=0.1,
+        log_every=1,
+        progress=False,
+    )
+    trainer.fit(data, max_steps=steps, print_summary=False)
+    gate = model[0].gate.item()
+    return trainer, gate, trainer.multipliers()[constraint.name].item()
+
+
+def test_equality_gate_reaches_zero_with_known_multiplier():
+    # L = (g-1)^2 + lam g  ->  g* = 0, lam* = 2
+    trainer, gate, lam = gate_problem(ace.GateConstraint(tolerance=0.0, equality=True))
+    assert gate == pytest.approx(0.0, abs=1e-4)
+    assert lam == pytest.approx(2.0, abs=1e-3)
+
+
+def test_inequality_gate_reaches_tolerance():
+    # |g| <= 0.3 active: g* = 0.3, lam* = 2 (1 - 0.3)
+    _, gate, lam = gate_problem(ace.GateConstraint(tolerance=0.3))
+    assert gate == pytest.approx(0.3, abs=1e-4)
+    assert lam == pytest.approx(1.4, abs=1e-3)
+
+
+def test_resilient_gate_keeps_the_optimal_slack():
+    # min (g-1)^2 + rho/2 u^2 s.t. |g| <= u  ->  u* = 2/(2+rho), lam* = rho u*
+    rho = 2.0
+    trainer, gate, lam = gate_problem(ace.GateConstraint(resilient=True, rho=rho), steps=1500)
+    slack = trainer.slacks["gate"].item()
+    assert slack == pytest.approx(2 / (2 + rho), abs=1e-3)
+    assert gate == pytest.approx(slack, abs=1e-3)
+    assert lam == pytest.approx(rho * slack, abs=1e-3)
+
+
+def test_fixed_penalty_has_no_dual_step():
+    # (g-1)^2 + w |g| with w = 1  ->  g* = 1 - w/2
+    _, gate, lam = gate_problem(ace.GateConstraint(penalty=1.0, equality=True))
+    assert gate == pytest.approx(0.5, abs=1e-4)
+    assert lam == 1.0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(optimizer="nupi", kp=0.5),
+        dict(optimizer="adam"),
+        dict(update="alternating"),
+        dict(formulation="augmented", update="alternating"),
+    ],
+)
+def test_other_dual_settings_reach_the_same_solution(settings):
+    _, gate, lam = gate_problem(ace.GateConstraint(equality=True), steps=3000, dual_lr=0.05, **settings)
+    assert gate == pytest.approx(0.0, abs=1e-3)
+    assert lam == pytest.approx(2.0, abs=1e-2)
+
+
+def test_inequality_multipliers_stay_nonnegative_and_equality_ones_take_either_sign():
+    # equality with target g = 0 when the loss pulls gamma to -1: multiplier -2
+    torch.manual_seed(0)
+    model = ace.relax(nn.Sequential(Zero()), where=["0"], branch=lambda name, m: One())
+    data = DataLoader(TensorDataset(torch.zeros(1, 1), -torch.ones(1, 1)), batch_size=1)
+    for constraint, sign in ((ace.GateConstraint(equality=True), -1), (ace.GateConstraint(tolerance=0.5), 1)):
+        model[0].gate.data.fill_(1.0)
+        trainer = ace.Trainer(
+            model,
+            nn.functional.mse_loss,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            constraints=[constraint],
+            dual=ace.DualSettings(lr=0.2),
+            log_every=1,
+            progress=False,
+        )
+        trainer.fit(data, max_steps=600, print_summary=False)
+        multipliers = [
+            r[f"constraint/{constraint.name}.0/multiplier"] for r in trainer.history if "loss" in r
+        ]
+        if sign > 0:
+            assert min(multipliers) >= 0.0
+        else:
+            assert multipliers[-1] == pytest.approx(-2.0, abs=1e-2)
+
+
+def test_gate_constraint_without_gates_is_refused():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="ace.relax"):
+        ace.Trainer(
+            model,
+            nn.functional.mse_loss,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            constraints=[ace.GateConstraint()],
+        )
+
+
+def test_optimizer_missing_the_gates_is_refused():
+    model = nn.Sequential(nn.Linear(2, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ace.relax(model, where=["0"])
+    with pytest.raises(ValueError, match="does not hold the gates"):
+        ace.Trainer(model, nn.functional.mse_loss, optimizer, constraints=[ace.GateConstraint()])
+
+
+def test_resilient_equality_is_refused():
+    with pytest.raises(ValueError, match="resilient"):
+        ace.GateConstraint(equality=True, resilient=True)
