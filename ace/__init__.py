@@ -7,7 +7,7 @@
     exact = ace.strip(model)                                  # the exactly equivariant f_eq
 """
 
-from . import groups, schedules
+from . import groups, schedules, testing
 from .constraints import DeviationConstraint, GateConstraint
 from .deviation import equivariance_deviation
 from .relax import GatedLayer, equivariant, gates, relax, strip
@@ -31,4 +31,5 @@ __all__ = [
     "relax",
     "schedules",
     "strip",
+    "testing",
 ]

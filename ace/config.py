@@ -121,6 +121,7 @@ class OptimConfig:
     name: str = opt("adam", "primal optimiser", choices=("adam", "adamw", "sgd"))
     lr: float = opt(1.0e-3, "primal learning rate")
     weight_decay: float = opt(0.0, "weight decay (gates excluded)")
+    gate_lr: float = opt(0.05, "learning rate of the gates gamma (plain SGD: the multipliers' pull stays proportional)")
     momentum: float = opt(0.9, "momentum for 'sgd'")
     grad_clip: float | None = opt(None, "clip the primal gradient norm to this value (null = off)")
     slack_lr: float = opt(1.0e-2, "learning rate of the slacks u of 'ace_resilient' (SGD)")
@@ -358,6 +359,7 @@ def _validate(cfg: Config) -> None:
     positive = {
         "optim.lr": cfg.optim.lr,
         "optim.slack_lr": cfg.optim.slack_lr,
+        "optim.gate_lr": cfg.optim.gate_lr,
         "dual.lr": cfg.dual.lr,
         "dual.penalty_coefficient": cfg.dual.penalty_coefficient,
         "constraint.rho": cfg.constraint.rho,

@@ -104,7 +104,7 @@ def _repeat_inputs(inputs: Any, k: int, symmetry: Symmetry) -> Any:
     if k == 1:
         return inputs
     if is_graph(inputs):
-        return _repeat_graph(inputs, k)
+        return _repeat_graph(inputs, k, symmetry.batch_size(inputs))
     n = symmetry.batch_size(inputs)
 
     def rep(x):
@@ -117,9 +117,9 @@ def _repeat_inputs(inputs: Any, k: int, symmetry: Symmetry) -> Any:
     return rep(inputs)
 
 
-def _repeat_graph(batch, k: int):
+def _repeat_graph(batch, k: int, num_graphs: int):
     """A batch of k*B graphs (k copies of ``batch``), built from its tensors with offset indices."""
-    num_nodes, num_graphs = batch.num_nodes, batch.num_graphs
+    num_nodes = batch.num_nodes
     out = copy.copy(batch)
     for key, value in batch.items():
         dim = batch.__cat_dim__(key, value)

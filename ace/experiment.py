@@ -88,17 +88,26 @@ def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[
     return relaxed, [DeviationConstraint(samples=c.samples, relative=c.relative, **options)], None
 
 
-def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The primal optimiser; gates get no weight decay (it would bias them toward 0 outside the constraint)."""
-    gate_ids = {id(g) for g in gates(model).values()}
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> list[torch.optim.Optimizer]:
+    """The primal optimisers: ``optim.name`` for the weights, plain SGD (``optim.gate_lr``) for the gates.
+
+    Gates get their own SGD because an adaptive optimiser moves every parameter by about ``lr`` per step
+    whatever its gradient: the multiplier's pull on a gate would then be blind to the multiplier's size,
+    and gates overshoot past 0. Gates get no weight decay (it would bias them toward 0 outside the
+    constraint).
+    """
+    gate_params = list(gates(model).values())
+    gate_ids = {id(g) for g in gate_params}
     params = [p for p in model.parameters() if id(p) not in gate_ids]
-    groups = [{"params": params, "weight_decay": cfg.optim.weight_decay}]
-    if gate_ids:
-        groups.append({"params": list(gates(model).values()), "weight_decay": 0.0})
     o = cfg.optim
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-    return (torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam)(groups, lr=o.lr)
+        optimizers = [torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)]
+    else:
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        optimizers = [cls(params, lr=o.lr, weight_decay=o.weight_decay)]
+    if gate_params:
+        optimizers.append(torch.optim.SGD(gate_params, lr=o.gate_lr))
+    return optimizers
 
 
 def _device(name: str) -> torch.device:

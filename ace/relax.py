@@ -34,7 +34,8 @@ BranchFactory = Callable[[str, nn.Module], nn.Module]
 class GatedLayer(nn.Module):
     """A relaxed layer: f_eq(*args, **kwargs) + gate * f_neq(*args, **kwargs).
 
-    With ``outputs`` set, f_eq returns a tuple and only the entries ``outputs`` are relaxed:
+    When f_eq returns a tuple and ``outputs`` is None, the branch returns a tuple of the same length and
+    every entry is relaxed. With ``outputs`` set, only the entries ``outputs`` are relaxed:
     ``out[i] + gate * branch_out[j]`` for the j-th index i of ``outputs``; the branch returns the
     tuple of those entries (or a single tensor when one entry is relaxed).
 
@@ -76,6 +77,10 @@ class GatedLayer(nn.Module):
         if not self.branch_enabled:
             return out
         extra = self.branch(*args, **kwargs)
+        if self.outputs is None and isinstance(out, (tuple, list)):  # every entry relaxed
+            if not isinstance(extra, (tuple, list)) or len(extra) != len(out):
+                raise ValueError(f"the branch must return a tuple of {len(out)} entries, like f_eq")
+            return tuple(o + self.gate * e for o, e in zip(out, extra, strict=True))
         if self.outputs is None:
             return out + self.gate * extra
         if not isinstance(out, (tuple, list)):
@@ -98,25 +103,39 @@ class GatedLayer(nn.Module):
 
 
 class MLPBranch(nn.Module):
-    """The default branch f_neq: Linear-SiLU-Linear on the last dim of the first float tensor argument.
+    """The default branch f_neq: Linear-SiLU-Linear on the first float tensor argument.
 
-    Shapes: ``x (..., in_features) -> (..., out_features)``; with a tuple ``out_features`` the
-    output is split into a tuple of ``(..., out_features[j])`` tensors.
+    Shapes: ``x (..., in_features) -> (..., out_features)``, the MLP acting on the last dim; with a
+    tuple ``out_features`` the output is split into a tuple of ``(..., out_features[j])`` tensors.
+    With ``flat_shape`` the layer changes more than the last dim (e.g. ``(B, C_in, 2) -> (B, C_out, 2)``):
+    the MLP then reads ``x`` flattened after the batch dim (``in_features`` = its size) and its output is
+    reshaped to ``(B, *flat_shape)``.
 
     Args:
-        in_features: size of the last dim of the input.
+        in_features: size of the last dim of the input (of the flattened input with ``flat_shape``).
         out_features: size of the output's last dim, or one size per relaxed tuple entry.
         hidden: width of the hidden layer.
+        flat_shape: the output's shape after the batch dim, for layers that change more than the last dim.
     """
 
-    def __init__(self, in_features: int, out_features: int | Sequence[int], hidden: int = 64) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int | Sequence[int],
+        hidden: int = 64,
+        flat_shape: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         self.split = None if isinstance(out_features, int) else tuple(out_features)
+        self.flat_shape = None if flat_shape is None else tuple(flat_shape)
         total = out_features if self.split is None else sum(self.split)
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, total))
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        y = self.net(_first_float_tensor(args, kwargs))
+        x = _first_float_tensor(args, kwargs)
+        if self.flat_shape is not None:
+            return self.net(x.flatten(1)).view(x.shape[0], *self.flat_shape)
+        y = self.net(x)
         return y if self.split is None else y.split(self.split, dim=-1)
 
 
@@ -229,15 +248,20 @@ def _default_branches(
         entries = [out] if outputs is None else _entries(name, out, outputs)
         if x is None or x.dim() == 0:
             raise ValueError(f"relax: layer {name!r} has no float tensor argument for the default branch")
-        for e in entries:
-            if not torch.is_tensor(e) or e.shape[:-1] != x.shape[:-1]:
-                shape = tuple(e.shape) if torch.is_tensor(e) else type(e).__name__
-                raise ValueError(
-                    f"relax: the default branch maps {name!r}'s input {tuple(x.shape)} to tensors of the "
-                    f"same leading shape, but it returns {shape}; pass branch= (or outputs= for a tuple)"
-                )
-        sizes = entries[0].shape[-1] if outputs is None else [e.shape[-1] for e in entries]
-        branches[id(m)] = MLPBranch(x.shape[-1], sizes, hidden=hidden).to(x.device, x.dtype)
+        if all(torch.is_tensor(e) and e.shape[:-1] == x.shape[:-1] for e in entries):
+            sizes = entries[0].shape[-1] if outputs is None else [e.shape[-1] for e in entries]
+            branch = MLPBranch(x.shape[-1], sizes, hidden=hidden)
+        elif outputs is None and torch.is_tensor(out) and out.dim() >= 1 and out.shape[0] == x.shape[0]:
+            branch = MLPBranch(x[0].numel(), out[0].numel(), hidden=hidden, flat_shape=out.shape[1:])
+        else:
+            bad = next((e for e in entries if not torch.is_tensor(e) or e.shape[:-1] != x.shape[:-1]), out)
+            shape = tuple(bad.shape) if torch.is_tensor(bad) else type(bad).__name__
+            raise ValueError(
+                f"relax: the default branch maps {name!r}'s input {tuple(x.shape)} to tensors of the same "
+                f"leading shape (or the same batch dim), but it returns {shape}; pass branch= (or outputs= "
+                "for a tuple)"
+            )
+        branches[id(m)] = branch.to(x.device, x.dtype)
     return branches
 
 

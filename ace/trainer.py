@@ -135,7 +135,8 @@ class Trainer:
     Args:
         model: any ``nn.Module``; for gate constraints, a model relaxed with :func:`ace.relax`.
         loss: ``(output, target) -> scalar``.
-        optimizer: the primal optimiser over the model's parameters (gates included).
+        optimizer: the primal optimiser over the model's parameters (gates included), or a list of
+            optimisers that together hold them (e.g. plain SGD for the gates, Adam for the rest).
         symmetry: the :class:`ace.Symmetry` the deviation is measured under (needed by deviation
             constraints and for the deviation reported at evaluation).
         constraints: :class:`ace.GateConstraint` / :class:`ace.DeviationConstraint` objects.
@@ -160,7 +161,7 @@ class Trainer:
         self,
         model: nn.Module,
         loss: Callable[[Any, torch.Tensor], torch.Tensor],
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         *,
         symmetry: Any = None,
         constraints: Sequence[Constraint] = (),
@@ -180,7 +181,7 @@ class Trainer:
     ) -> None:
         self.model = model
         self.loss_fn = loss
-        self.optimizer = optimizer
+        self.optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
         self.symmetry = symmetry
         self.constraints = list(constraints)
         self.dual = dual
@@ -242,7 +243,7 @@ class Trainer:
             raise ValueError("gate_schedule needs a relaxed model with gates (ace.relax)")
         if self.gate_schedule is not None and any(isinstance(c, GateConstraint) for c in self.constraints):
             raise ValueError("gate_schedule fixes the gates; it cannot be combined with a GateConstraint")
-        in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        in_optimizer = {id(p) for o in self.optimizers for group in o.param_groups for p in group["params"]}
         missing = [n for n, g in self.gates.items() if id(g) not in in_optimizer]
         if missing and self.gate_schedule is None:
             raise ValueError(
@@ -289,7 +290,7 @@ class Trainer:
         return cmp, made
 
     def _make_cooper_optimizer(self) -> cooper.optim.CooperOptimizer:
-        primal = [self.optimizer] + ([self.slack_optimizer] if self.slack_optimizer else [])
+        primal = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
         if not self.cooper_constraints:
             return cooper.optim.UnconstrainedOptimizer(self.cmp, primal)
         params = list(self.cmp.dual_parameters())

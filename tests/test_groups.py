@@ -47,7 +47,9 @@ def test_sampling_is_reproducible_under_a_seeded_generator(group):
     a, b, c = group.sample(8, gen(1)), group.sample(8, gen(1)), group.sample(8, gen(2))
     assert torch.equal(a.matrix, b.matrix)
     assert a.translation is None or torch.equal(a.translation, b.translation)
-    differs = not torch.equal(a.matrix, c.matrix) or (a.translation is not None and not torch.equal(a.translation, c.translation))
+    differs = not torch.equal(a.matrix, c.matrix) or (
+        a.translation is not None and not torch.equal(a.translation, c.translation)
+    )
     assert differs
 
 
@@ -55,7 +57,9 @@ def test_so3_is_haar_distributed():
     # Under the Haar measure E[R] = 0 and E[R_ij^2] = 1/3.
     R = SO3().sample(20000, gen(), dtype=torch.float64).matrix
     assert R.mean(0).abs().max() < 0.03
-    torch.testing.assert_close(R.square().mean(0), torch.full((3, 3), 1 / 3, dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        R.square().mean(0), torch.full((3, 3), 1 / 3, dtype=torch.float64), atol=0.02, rtol=0
+    )
 
 
 def test_plane_rotations_about_an_axis_fix_the_axis():
@@ -69,7 +73,9 @@ def test_cyclic_elements_have_order_n():
         R = group.sample(32, gen(), dtype=torch.float64).matrix
         eye = torch.eye(group.dim, dtype=torch.float64).expand_as(R)
         torch.testing.assert_close(torch.linalg.matrix_power(R, group.order), eye)
-    angles = torch.atan2(Cyclic(4).sample(200, gen()).matrix[:, 1, 0], Cyclic(4).sample(200, gen()).matrix[:, 0, 0])
+    angles = torch.atan2(
+        Cyclic(4).sample(200, gen()).matrix[:, 1, 0], Cyclic(4).sample(200, gen()).matrix[:, 0, 0]
+    )
     assert set((angles / (math.pi / 2)).round().remainder(4).tolist()) == {0.0, 1.0, 2.0, 3.0}
 
 
@@ -98,13 +104,17 @@ def test_builtin_representations(group):
     pseudo = group.representation("pseudovector", g)
     torch.testing.assert_close(pseudo, torch.linalg.det(R)[:, None, None] * R)
     torch.testing.assert_close(torch.linalg.det(pseudo), torch.ones(16, dtype=torch.float64))
-    torch.testing.assert_close(group.representation("scalar", g, width=5), torch.eye(5, dtype=torch.float64).expand(16, 5, 5))
+    torch.testing.assert_close(
+        group.representation("scalar", g, width=5), torch.eye(5, dtype=torch.float64).expand(16, 5, 5)
+    )
 
 
 IRREPS = "2x0e+1x0o+1x1o+1x1e+1x2e"
 
 
-@pytest.mark.parametrize("group", [SO3(), O3(), SO2(axis="z"), Cyclic(3, axis="x"), SignFlip(3), Euclidean(O3())], ids=repr)
+@pytest.mark.parametrize(
+    "group", [SO3(), O3(), SO2(axis="z"), Cyclic(3, axis="x"), SignFlip(3), Euclidean(O3())], ids=repr
+)
 def test_irreps_representations_are_orthogonal_homomorphisms(group):
     g1, g2 = group.sample(8, gen(1), dtype=torch.float64), group.sample(8, gen(2), dtype=torch.float64)
     D1, D2 = group.representation(IRREPS, g1), group.representation(IRREPS, g2)
@@ -119,9 +129,13 @@ def test_irreps_representations_are_orthogonal_homomorphisms(group):
 
 
 def test_unsuitable_kinds_fail_with_a_clear_message():
-    with pytest.raises(ValueError, match=r"kind 'pseudovector' needs a group acting in 3-D, but SO2\(\) acts in 2-D"):
+    with pytest.raises(
+        ValueError, match=r"kind 'pseudovector' needs a group acting in 3-D, but SO2\(\) acts in 2-D"
+    ):
         SO2().width("pseudovector")
-    with pytest.raises(ValueError, match=r"irreps '1x1o' needs a group acting in 3-D, but Cyclic\(4\) acts in 2-D"):
+    with pytest.raises(
+        ValueError, match=r"irreps '1x1o' needs a group acting in 3-D, but Cyclic\(4\) acts in 2-D"
+    ):
         Cyclic(4).representation("1x1o", Cyclic(4).sample(2))
     with pytest.raises(ValueError, match="unknown kind 'vektor'"):
         SO3().width("vektor")
@@ -135,7 +149,10 @@ def test_unsuitable_kinds_fail_with_a_clear_message():
 
 def test_composition_acts_as_successive_actions():
     p = torch.randn(6, 3, dtype=torch.float64)
-    g1, g2 = Euclidean(O3()).sample(6, gen(1), dtype=torch.float64), Euclidean(O3()).sample(6, gen(2), dtype=torch.float64)
+    g1, g2 = (
+        Euclidean(O3()).sample(6, gen(1), dtype=torch.float64),
+        Euclidean(O3()).sample(6, gen(2), dtype=torch.float64),
+    )
 
     def act(g, x):
         return (g.matrix @ x.unsqueeze(-1)).squeeze(-1) + g.translation
@@ -160,7 +177,9 @@ def test_permutation_sampling():
     flat = Permutation().sample(3, gen(), size=sizes).permutation
     owner = torch.repeat_interleave(torch.arange(3), sizes)
     assert torch.equal(flat.sort().values, torch.arange(8)) and torch.equal(owner[flat], owner)
-    torch.testing.assert_close(Permutation().representation("vector", g, width=3), torch.eye(3).expand(6, 3, 3))
+    torch.testing.assert_close(
+        Permutation().representation("vector", g, width=3), torch.eye(3).expand(6, 3, 3)
+    )
     assert Permutation().width("vector") is None and Permutation().width("1x1o") == 3
     with pytest.raises(ValueError, match="needs the set size"):
         Permutation().sample(2)
@@ -186,3 +205,9 @@ def test_reprs_and_equality():
 def test_element_dataclass_fields():
     g = SO3().sample(3)
     assert isinstance(g, GroupElement) and g.translation is None and g.permutation is None and len(g) == 3
+
+
+def test_e3nn_vectors_use_the_cartesian_basis():
+    g = O3().sample(4, gen(), dtype=torch.float64)
+    torch.testing.assert_close(O3().representation("1x1o", g), g.matrix)
+    torch.testing.assert_close(O3().representation("1x1e", g), O3().representation("pseudovector", g))

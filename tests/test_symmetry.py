@@ -47,7 +47,12 @@ def test_single_tensor_one_element_per_sample():
 
 def test_tuple_inputs_positions_move_and_scalars_do_not():
     sym = Symmetry(Euclidean(O3()), ("position", "scalar", "vector", "none"), ("vector", "scalar"))
-    pos, h, v, mask = torch.randn(4, 6, 3, dtype=F64), torch.randn(4, 6, 5, dtype=F64), torch.randn(4, 3, dtype=F64), 7
+    pos, h, v, mask = (
+        torch.randn(4, 6, 3, dtype=F64),
+        torch.randn(4, 6, 5, dtype=F64),
+        torch.randn(4, 3, dtype=F64),
+        7,
+    )
     g = sym.sample((pos, h, v, mask), gen())
     pos2, h2, v2, mask2 = sym.transform_inputs((pos, h, v, mask), g)
     torch.testing.assert_close(pos2, rotate(g.matrix, pos) + g.translation[:, None])
@@ -76,7 +81,9 @@ def test_planar_groups_and_translation_only():
     sym = Symmetry(SO2(), {"p": "position", "s": "scalar"}, "scalar")
     p = torch.randn(3, 2, dtype=F64)
     g = sym.sample({"p": p, "s": torch.ones(3, 1)}, gen())
-    torch.testing.assert_close(sym.transform_inputs({"p": p, "s": torch.ones(3, 1)}, g)["p"], rotate(g.matrix, p))
+    torch.testing.assert_close(
+        sym.transform_inputs({"p": p, "s": torch.ones(3, 1)}, g)["p"], rotate(g.matrix, p)
+    )
     sym = Symmetry(Translation(), ("position", "vector"), "position")
     p, v = torch.randn(3, 3, dtype=F64), torch.randn(3, 3, dtype=F64)
     g = sym.sample((p, v), gen())
@@ -86,7 +93,9 @@ def test_planar_groups_and_translation_only():
 
 
 def test_permutation_of_tensor_sets():
-    sym = Symmetry(Permutation(), {"points": "vector", "feat": "scalar", "glob": "scalar"}, ("scalar", "vector"))
+    sym = Symmetry(
+        Permutation(), {"points": "vector", "feat": "scalar", "glob": "scalar"}, ("scalar", "vector")
+    )
     pts, feat, glob = torch.randn(4, 6, 3), torch.randn(4, 6, 2), torch.randn(4, 6)  # glob: (B, F), invariant
     g = sym.sample({"points": pts, "feat": feat, "glob": glob}, gen())
     assert g.permutation.shape == (4, 6)
@@ -119,7 +128,9 @@ def test_single_data_is_one_graph():
 def test_batch_result_equals_per_graph_transforms(group):
     data = graphs()
     batch = Batch.from_data_list(data)
-    sym = Symmetry(group, {"pos": "position", "vel": "vector", "y": "vector"}, {"node": "vector", "graph": "vector"})
+    sym = Symmetry(
+        group, {"pos": "position", "vel": "vector", "y": "vector"}, {"node": "vector", "graph": "vector"}
+    )
     g = sym.sample(batch, gen())
     assert g.matrix.shape == (3, 3, 3)
     result = sym.transform_inputs(batch, g).to_data_list()
@@ -142,7 +153,9 @@ def test_permutation_of_graph_nodes_within_each_graph():
     sym = Symmetry(Permutation(), {"pos": "vector", "vel": "vector"}, "vector")
     g = sym.sample(batch, gen())
     perm = g.permutation
-    assert torch.equal(batch.batch[perm], batch.batch) and not torch.equal(perm, torch.arange(batch.num_nodes))
+    assert torch.equal(batch.batch[perm], batch.batch) and not torch.equal(
+        perm, torch.arange(batch.num_nodes)
+    )
     out = sym.transform_inputs(batch, g)
     assert torch.equal(out.pos, batch.pos[perm]) and torch.equal(out.x, batch.x[perm])  # x moves too
     assert torch.equal(out.batch, batch.batch) and torch.equal(out.y, batch.y)
@@ -169,9 +182,13 @@ def test_errors_name_the_field_and_the_expected_shape():
     sym = Symmetry(SO3(), {"pos": "position", "vel": "vector"}, "vector")
     good = {"pos": torch.randn(10, 3), "vel": torch.randn(10, 3)}
     sym.check(good, torch.randn(10, 3))
-    with pytest.raises(ValueError, match=r"field 'vel': kind 'vector' under SO3\(\) needs last dim 3, got shape \(10, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"field 'vel': kind 'vector' under SO3\(\) needs last dim 3, got shape \(10, 2\)"
+    ):
         sym.check({"pos": torch.randn(10, 3), "vel": torch.randn(10, 2)})
-    with pytest.raises(ValueError, match=r"field 'vel' \(kind 'vector', shape \(\.\.\., 3\)\) is missing from the input"):
+    with pytest.raises(
+        ValueError, match=r"field 'vel' \(kind 'vector', shape \(\.\.\., 3\)\) is missing from the input"
+    ):
         sym.check({"pos": torch.randn(10, 3)})
     with pytest.raises(ValueError, match=r"field 'output': kind 'vector' under SO3\(\) needs last dim 3"):
         sym.check(good, torch.randn(10, 4))
@@ -184,11 +201,17 @@ def test_errors_name_the_field_and_the_expected_shape():
     with pytest.raises(ValueError, match="a single kind 'vector' describes one tensor, got a tuple"):
         Symmetry(SO3(), "vector", "vector").check((torch.randn(2, 3),))
     batch = Batch.from_data_list(graphs())
-    with pytest.raises(ValueError, match=r"field 'edge_attr': expected first dim num_nodes=12 or num_graphs=3"):
+    with pytest.raises(
+        ValueError, match=r"field 'edge_attr': expected first dim num_nodes=12 or num_graphs=3"
+    ):
         Symmetry(SO3(), {"pos": "vector", "edge_attr": "vector"}, "vector").check(
-            Batch.from_data_list([Data(**d.to_dict(), edge_attr=torch.randn(d.num_edges, 3)) for d in graphs()])
+            Batch.from_data_list(
+                [Data(**d.to_dict(), edge_attr=torch.randn(d.num_edges, 3)) for d in graphs()]
+            )
         )
-    with pytest.raises(ValueError, match=r"field 'output': kind 'vector' under O3\(\) needs last dim 3, got shape \(12, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"field 'output': kind 'vector' under O3\(\) needs last dim 3, got shape \(12, 2\)"
+    ):
         Symmetry(O3(), {"pos": "vector"}, "vector").check(batch, batch.x)
     with pytest.raises(ValueError, match="Permutation needs a named input of shape"):
         Symmetry(Permutation(), "vector", "vector").sample(torch.randn(4, 3))
@@ -207,8 +230,13 @@ def test_construction_validates_kinds():
 
 def test_repr():
     sym = Symmetry(Euclidean(SO3()), {"pos": "position", "vel": "vector"}, "vector")
-    assert repr(sym) == "Symmetry(Euclidean(SO3(), scale=1.0), inputs={'pos': 'position', 'vel': 'vector'}, output='vector')"
-    assert repr(Symmetry(SO3(), ["vector", "scalar"], ("vector",))).endswith("inputs=('vector', 'scalar'), output=('vector',))")
+    assert (
+        repr(sym) == "Symmetry(Euclidean(SO3(), scale=1.0), inputs={'pos': 'position', 'vel': 'vector'}, "
+        "output='vector')"
+    )
+    assert repr(Symmetry(SO3(), ["vector", "scalar"], ("vector",))).endswith(
+        "inputs=('vector', 'scalar'), output=('vector',))"
+    )
 
 
 def test_call_model_conventions():

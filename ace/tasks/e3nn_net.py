@@ -103,13 +103,20 @@ class PointConv(nn.Module):
                         instructions.append((i, j, len(mid), "uvu", True))
                         mid.append((mul, ir_out))
         self.tp = o3.TensorProduct(
-            self.irreps_in, irreps_sh, o3.Irreps(mid), instructions, shared_weights=False, internal_weights=False
+            self.irreps_in,
+            irreps_sh,
+            o3.Irreps(mid),
+            instructions,
+            shared_weights=False,
+            internal_weights=False,
         )
         self.radial = FullyConnectedNet([num_basis, radial_hidden, self.tp.weight_numel], nn.functional.silu)
         self.lin_msg = o3.Linear(self.tp.irreps_out, target)
         self.lin_self = o3.Linear(self.irreps_in, target)
 
-    def forward(self, x: Tensor, pos: Tensor, src: Tensor, dst: Tensor, edge_sh: Tensor, edge_emb: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, pos: Tensor, src: Tensor, dst: Tensor, edge_sh: Tensor, edge_emb: Tensor
+    ) -> Tensor:
         messages = self.tp(x[src], edge_sh, self.radial(edge_emb))
         mean = scatter(messages, dst, dim=0, dim_size=x.shape[0], reduce="mean")
         return self.gate(self.lin_self(x) + self.lin_msg(mean))
@@ -139,16 +146,27 @@ class ModelConfig:
     )
     num_layers: int = field(default=3, metadata={"help": "number of gated point convolutions"})
     lmax: int = field(default=2, metadata={"help": "highest order of the spherical-harmonic edge features"})
-    num_neighbors: int = field(default=12, metadata={"help": "k of the k-nearest-neighbour graph"})
-    max_radius: float = field(default=1.5, metadata={"help": "radius where the radial basis ends (data units)"})
+    num_neighbors: int = field(default=8, metadata={"help": "k of the k-nearest-neighbour graph"})
+    max_radius: float = field(
+        default=1.0, metadata={"help": "radius where the radial basis ends (data units)"}
+    )
     num_basis: int = field(default=8, metadata={"help": "radial basis functions"})
     radial_hidden: int = field(default=32, metadata={"help": "width of the radial MLP"})
-    readout_hidden: int = field(default=64, metadata={"help": "width of the MLP from pooled scalars to logits"})
+    readout_hidden: int = field(
+        default=64, metadata={"help": "width of the MLP from pooled scalars to logits"}
+    )
     branch_hidden: int = field(default=64, metadata={"help": "width of the relaxation branch MLP f_neq"})
 
     def __post_init__(self) -> None:
         o3.Irreps(self.hidden_irreps)  # fails with e3nn's message on a malformed string
-        for key in ("num_layers", "num_neighbors", "num_basis", "radial_hidden", "readout_hidden", "branch_hidden"):
+        for key in (
+            "num_layers",
+            "num_neighbors",
+            "num_basis",
+            "radial_hidden",
+            "readout_hidden",
+            "branch_hidden",
+        ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
         if self.lmax < 0:
@@ -156,7 +174,9 @@ class ModelConfig:
         if self.max_radius <= 0:
             raise ValueError(f"model.max_radius must be > 0, got {self.max_radius}")
         if not any(ir.l == 0 for _, ir in o3.Irreps(self.hidden_irreps)):
-            raise ValueError(f"model.hidden_irreps needs scalars (0e or 0o) for the readout: {self.hidden_irreps}")
+            raise ValueError(
+                f"model.hidden_irreps needs scalars (0e or 0o) for the readout: {self.hidden_irreps}"
+            )
 
 
 class PointCloudClassifier(nn.Module):
@@ -174,7 +194,9 @@ class PointCloudClassifier(nn.Module):
         self.irreps_sh = o3.Irreps.spherical_harmonics(cfg.lmax)
         irreps, layers = o3.Irreps("0e"), []  # every point starts with the constant scalar 1
         for _ in range(cfg.num_layers):
-            layers.append(PointConv(irreps, cfg.hidden_irreps, self.irreps_sh, cfg.num_basis, cfg.radial_hidden))
+            layers.append(
+                PointConv(irreps, cfg.hidden_irreps, self.irreps_sh, cfg.num_basis, cfg.radial_hidden)
+            )
             irreps = layers[-1].irreps_out
         self.layers = nn.ModuleList(layers)
         self.scalar_index = torch.cat(
@@ -200,7 +222,8 @@ class PointCloudClassifier(nn.Module):
             x = layer(x, pos, src, dst, edge_sh, edge_emb)
         s = x[:, self.scalar_index]
         pooled = torch.cat(
-            [scatter(s, batch, 0, num_graphs, reduce="mean"), scatter(s, batch, 0, num_graphs, reduce="max")], dim=-1
+            [scatter(s, batch, 0, num_graphs, reduce="mean"), scatter(s, batch, 0, num_graphs, reduce="max")],
+            dim=-1,
         )
         return self.readout(pooled)
 

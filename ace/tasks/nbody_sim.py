@@ -34,6 +34,15 @@ Deviations from the EGNN code, all deliberate:
   distribution as the EGNN files but are not bit-identical to them.
 * ``field_strength`` (the uniform field) is our addition; 0 gives the original, E(3)-symmetric system.
 
+A property of the protocol worth knowing: opposite charges often fall onto each other. Within the
+4100 simulated steps about 40% of trajectories bring a pair closer than 0.1 (where the clipping
+acts) and more than half closer than 0.2; ``delta_t = 1e-3`` does not resolve those encounters and the
+energy jumps there. Elsewhere ``H`` below is conserved to ~1e-3 relative (median; at most 2e-2,
+see tests/test_nbody.py).
+As a check against the published numbers, the best constant-velocity extrapolation
+``x + t v`` (fitted ``t ~ 0.69``) has test MSE 0.088 on our data; EGNN reports 0.0819 for its
+"Linear" baseline on theirs.
+
 Everything is vectorised over trajectories; internally states are stored coordinate-major
 ``(3, n, B)`` so that each operation runs over the long trajectory axis.
 """
@@ -66,18 +75,18 @@ def sample_initial_state(
     return pos, vel, charge
 
 
-def _force(x: Tensor, q: Tensor, k: float, field: float, max_force: float | None) -> Tensor:
-    """Force ``(3, n, B)`` on coordinate-major positions ``x (3, n, B)`` with charges ``q (n, B)``."""
-    i, j = torch.triu_indices(x.size(1), x.size(1), 1, device=x.device)
-    d = x[:, i] - x[:, j]  # (3, pairs, B)
-    r2 = d.square().sum(0)
-    f = (k * q[i] * q[j] * r2.rsqrt() / r2) * d  # force on i from j; j receives -f
-    force = torch.zeros_like(x).index_add_(1, i, f).index_add_(1, j, f, alpha=-1.0)
-    if field:
-        force[2] += field * q
-    if max_force is not None:
-        force = force * (max_force / force.square().sum(0).sqrt()).clamp(max=1.0)
-    return force
+def _incidence(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(n, pairs)`` matrix with +1 at ``i`` and -1 at ``j`` in the column of each pair ``i < j``.
+
+    Its transpose maps positions to pair differences ``x_i - x_j``; itself scatters pair forces
+    back onto the particles (``+f`` on ``i``, ``-f`` on ``j``). As matmuls over the long trajectory
+    axis both beat indexing and ``index_add``.
+    """
+    i, j = torch.triu_indices(n, n, 1, device=device)
+    pairs = torch.arange(i.numel(), device=device)
+    incidence = torch.zeros(n, i.numel(), dtype=dtype, device=device)
+    incidence[i, pairs], incidence[j, pairs] = 1.0, -1.0
+    return incidence
 
 
 def simulate(
@@ -107,16 +116,38 @@ def simulate(
         ``(pos, vel)`` of shape ``(steps // sample_every, B, n, 3)``: frame ``f`` is the state after
         ``(f + 1) * sample_every`` steps.
     """
+    # coordinate-major (3, n, B): every op runs over the long trajectory axis
     x = pos.permute(2, 1, 0).contiguous()
     v = vel.permute(2, 1, 0).contiguous()
-    q = charge.reshape(charge.shape[0], -1).T.contiguous()
+    q = charge.reshape(charge.shape[0], -1).T.contiguous()  # (n, B)
+    i, j = torch.triu_indices(x.size(1), x.size(1), 1, device=x.device)
+    pair_strength = interaction_strength * q[i] * q[j]  # (pairs, B), in the column order of _incidence
+    incidence = _incidence(x.size(1), x.dtype, x.device)
+    external = field_strength * q
+
+    def force(x: Tensor) -> Tensor:
+        d = incidence.T @ x  # (3, pairs, B): x_i - x_j
+        f = incidence @ (d * (d.square().sum(0).pow(-1.5) * pair_strength))
+        if field_strength:
+            f[2] += external
+        if max_force is not None:
+            f = f * (max_force / f.square().sum(0).sqrt()).clamp(max=1.0)
+        return f
+
     frames_x, frames_v = [], []
-    for s in range(1, steps + 1):
-        v.add_(_force(x, q, interaction_strength, field_strength, max_force), alpha=delta_t)
-        x.add_(v, alpha=delta_t)
-        if s % sample_every == 0:
-            frames_x.append(x.permute(2, 1, 0).clone())
-            frames_v.append(v.permute(2, 1, 0).clone())
+    threads = torch.get_num_threads()
+    # Thousands of small element-wise ops: thread hand-offs cost more than they save, and on a busy
+    # machine spinning intra-op threads slow the loop down by an order of magnitude.
+    torch.set_num_threads(1)
+    try:
+        for s in range(1, steps + 1):
+            v.add_(force(x), alpha=delta_t)
+            x.add_(v, alpha=delta_t)
+            if s % sample_every == 0:
+                frames_x.append(x.permute(2, 1, 0).clone())
+                frames_v.append(v.permute(2, 1, 0).clone())
+    finally:
+        torch.set_num_threads(threads)
     return torch.stack(frames_x), torch.stack(frames_v)
 
 
