@@ -1,0 +1,19 @@
+"""The README's example is the example file, and both examples run as written."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_readme_shows_the_wrap_example_verbatim():
+    code = (ROOT / "examples" / "wrap_model.py").read_text().split("\n", 2)[2].strip()
+    assert code in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["wrap_model.py", "relax_model.py"])
+def test_example_runs(name, capsys):
+    runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")
+    assert "multiplier" in capsys.readouterr().out
