@@ -1,4 +1,4 @@
-"""Command line: ``ace train | config``."""
+"""Command line: ``ace train | config | report | compare | sweep | export``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,25 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument(
         "--reference", action="store_true", help="print every key with its default and meaning"
     )
+
+    report = sub.add_parser("report", help="balance tables and plots of a run (writes RUN_DIR/report.md)")
+    report.add_argument("run_dir", help="a run directory written by `ace train`")
+
+    compare = sub.add_parser("compare", help="side-by-side table of several runs")
+    compare.add_argument("run_dirs", nargs="+", help="run directories")
+    compare.add_argument("--out", default=None, help="also write compare.md, compare.csv and plots here")
+
+    sweep = sub.add_parser("sweep", help="train a grid of overrides one after another, then compare")
+    sweep.add_argument("config", help="YAML config file")
+    sweep.add_argument("overrides", nargs="*", help="grid axes such as dual.lr=0.1,1.0 optim.lr=1.0e-3")
+    sweep.add_argument("--out", required=True, help="sweep directory (one run directory per combination)")
+
+    export = sub.add_parser("export", help="save a run's trained model and measure its equivariance error")
+    export.add_argument("run_dir", help="a run directory written by `ace train`")
+    export.add_argument("out", help="output file, e.g. model.pt (its state_dict goes to model.state_dict.pt)")
+    export.add_argument(
+        "--equivariant", action="store_true", help="export the exactly equivariant f_eq (gates stripped)"
+    )
     return parser
 
 
@@ -49,12 +68,27 @@ def _train(args: argparse.Namespace) -> None:
     print(f"run directory: {out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .report import export
+
+    errors = export(args.run_dir, args.out, equivariant=args.equivariant)
+    kind = "equivariant f_eq" if args.equivariant else "relaxed model"
+    print(f"saved the {kind} to {args.out} (whole module) and its state_dict next to it")
+    print(
+        "equivariance error (float64, validation batches): "
+        f"max |f(g.x) - rho(g) f(x)| = {errors['max_abs_error']:.3e}, "
+        f"D = {errors['deviation']:.3e}, D_rel = {errors['relative_deviation']:.3e}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may come after --out
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"ace {args.command} takes no overrides: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         if args.command == "train":
@@ -66,6 +100,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("ace config needs a CONFIG file (or --reference)")
             else:
                 print(dump_config(load_config(args.config, args.overrides)), end="")
+        elif args.command == "report":
+            from .report import report
+
+            print(report(args.run_dir))
+        elif args.command == "compare":
+            from .report import compare
+
+            print(compare(args.run_dirs, out=args.out))
+        elif args.command == "sweep":
+            from .report import sweep
+
+            print(sweep(args.config, args.overrides, args.out))
+        elif args.command == "export":
+            _export(args)
     except ConfigError as err:
         print(f"ace: config error: {err}", file=sys.stderr)
         return 2

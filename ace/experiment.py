@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, task_module
 from .constraints import Constraint, DeviationConstraint, GateConstraint
-from .loggers import read_metrics
 from .relax import gates, relax
 from .schedules import schedule_from_config
 from .tasks.base import Task
@@ -220,7 +219,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
     trainer, loaders = prepare_run(cfg, out)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
-    _truncate_metrics(out / "metrics.jsonl", trainer.step)
+    trainer.truncate_records()  # records written after the checkpoint will be written again
     try:
         return trainer.fit(
             loaders["train"],
@@ -250,16 +249,6 @@ def _last_good_checkpoint(out: Path) -> Path | None:
     if candidates:
         raise CheckpointError(f"no readable checkpoint in {out / 'checkpoints'}")
     return None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    import json
-
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
 def load_run_config(out: str | Path) -> Config:

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,15 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
+
+    def truncate(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite the file with only the records for which ``keep`` is true."""
+        if self._file is None:
+            return
+        self._file.close()
+        kept = [r for r in read_metrics(self.path) if keep(r)]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:
         if self._file is not None:

@@ -21,8 +21,11 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from typing import Any
 import cooper
 import numpy as np
 import torch
+import torch.distributed as dist
 from cooper.formulations import AugmentedLagrangian, Lagrangian
 from cooper.multipliers import DenseMultiplier
 from cooper.optim import nuPI, nuPIInitType
@@ -44,13 +48,26 @@ from .loggers import MetricsLog, format_table, write_json
 from .relax import equivariant, gates
 from .symmetry import call_model
 
-__all__ = ["Trainer", "DualSettings", "split_batch", "to_device", "CheckpointError"]
+__all__ = ["Trainer", "DualSettings", "split_batch", "to_device", "CheckpointError", "NonFiniteError", "Interrupted"]
 
 CHECKPOINT_FORMAT = 1
+NAN_POLICIES = ("stop", "skip", "rollback")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit this trainer."""
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf in the loss, a constraint value, a gradient or a multiplier."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved after the step in progress."""
+
+
+class _RolledBack(Exception):
+    """Internal: the state was restored from a checkpoint; the epoch loop starts over from there."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +172,16 @@ class Trainer:
         seed: seeds the group-element generator.
         device: where the model and batches live (default: the model's device).
         config: a plain dict saved in checkpoints, for the record.
+        on_nan: what a NaN/Inf in the loss, a constraint value, a gradient or a multiplier does:
+            ``"stop"`` (raise :class:`NonFiniteError`; the last checkpoint stays intact), ``"skip"`` (drop
+            the step's update) or ``"rollback"`` (reload the last checkpoint and scale the primal learning
+            rates by ``rollback_lr_factor``, at most ``max_rollbacks`` times). Each event is logged.
+        max_multiplier: multipliers are clamped to ``[-max, max]``, with a warning logged the first time
+            each constraint reaches it (``None``: no ceiling).
+
+    Under ``torch.distributed`` (e.g. launched by ``torchrun``) the model is wrapped in
+    DistributedDataParallel, constraint values are all-reduced before every dual step so that all ranks
+    apply the same multiplier update, and only rank 0 writes logs and checkpoints.
     """
 
     def __init__(
@@ -178,6 +205,10 @@ class Trainer:
         seed: int = 0,
         device: str | torch.device | None = None,
         config: dict | None = None,
+        on_nan: str = "stop",
+        max_multiplier: float | None = 1e6,
+        max_rollbacks: int = 3,
+        rollback_lr_factor: float = 0.5,
     ) -> None:
         self.model = model
         self.loss_fn = loss
@@ -193,9 +224,16 @@ class Trainer:
         self.progress = progress
         self.config = config
         self.seed = seed
+        self.on_nan = on_nan
+        self.max_multiplier = max_multiplier
+        self.max_rollbacks = max_rollbacks
+        self.rollback_lr_factor = rollback_lr_factor
         self.device = torch.device(device) if device is not None else _module_device(model)
         self.model.to(self.device)
         self.gates = gates(model)
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+        self.is_main = self.rank == 0
 
         self._check_setup()
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -211,7 +249,15 @@ class Trainer:
             for g in self._gate_params:
                 g.requires_grad_(False)
 
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+        # the forward pass of the loss goes through DDP (gradient averaging); the deviation's extra forward
+        # passes use the bare module: autograd sums both paths into each parameter before DDP's hook fires
+        self.forward_model = self.model
+        if self.world_size > 1:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+
+        self.run_dir = Path(log_dir) if log_dir is not None else None  # read by every rank
+        self.log_dir = self.run_dir if self.is_main else None  # written by rank 0 only
         self.log = MetricsLog(
             self.log_dir / "metrics.jsonl" if self.log_dir else None,
             self.log_dir / "tensorboard" if (self.log_dir and tensorboard) else None,
@@ -225,6 +271,11 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.wall_time = 0.0
         self._epoch_rng: dict | None = None
+        self.rollbacks = 0
+        self._ceiling_warned: set[str] = set()
+        self._checked_batch = False
+        self._stop_signal: int | None = None
+        self._stop_agreed = False
 
     # ------------------------------------------------------------------ setup
 
@@ -254,6 +305,10 @@ class Trainer:
             raise ValueError(f"eval_samples must be an integer >= 1, got {self.eval_samples!r}")
         if not (isinstance(self.log_every, int) and self.log_every >= 1):
             raise ValueError(f"log_every must be an integer >= 1, got {self.log_every!r}")
+        if self.on_nan not in NAN_POLICIES:
+            raise ValueError(f"on_nan must be one of {NAN_POLICIES}, got {self.on_nan!r}")
+        if self.max_multiplier is not None and not self.max_multiplier > 0:
+            raise ValueError(f"max_multiplier must be > 0 or None, got {self.max_multiplier!r}")
 
     def _size(self, c: Constraint) -> int:
         return len(self.gates) if isinstance(c, GateConstraint) else 1
@@ -309,16 +364,22 @@ class Trainer:
         return {c.name: c.tolerance_at(self.step) for c in self.constraints}
 
     def _evaluate_problem(self, inputs: Any, target: torch.Tensor, tolerances: dict[str, float]):
-        """Forward pass, loss, and every constraint's value and violation."""
-        output = call_model(self.model, inputs)
+        """Forward pass, loss, and every constraint's value and violation.
+
+        Returns ``(state, loss, values, violations, stop)``: the cooper state (differentiable, local to this
+        rank) and the detached loss, values and violations averaged over ranks, with ``stop`` true when any
+        rank has received SIGINT/SIGTERM. One all-reduce per step carries all of them.
+        """
+        output = call_model(self.forward_model, inputs)
+        if not self._checked_batch:
+            self._check_output(inputs, output)
         task_loss = self.loss_fn(output, target)
-        objective = task_loss
-        observed, values, violations = {}, {}, {}
+        raw = {}
         for c in self.constraints:
             if isinstance(c, GateConstraint):
-                value = c.value(torch.stack(self._gate_params))
+                raw[c.name] = c.value(torch.stack(self._gate_params))
             else:
-                value = equivariance_deviation(
+                raw[c.name] = equivariance_deviation(
                     self.model,
                     inputs,
                     self.symmetry,
@@ -327,22 +388,41 @@ class Trainer:
                     generator=self.generator,
                     output=output,
                 ).reshape(1)
+        stop = torch.tensor([float(self._stop_signal is not None)], device=task_loss.device)
+        shared = torch.cat([task_loss.detach().reshape(1), *(v.detach() for v in raw.values()), stop])
+        if self.world_size > 1:
+            dist.all_reduce(shared)
+            shared = shared / self.world_size
+        loss_all, rest = shared[0], shared[1:]
+        objective = task_loss
+        observed, values, violations = {}, {}, {}
+        for c in self.constraints:
+            value_all, rest = rest[: raw[c.name].numel()], rest[raw[c.name].numel() :]
             slack = self.slacks.get(c.name)
-            violation = c.violation(value, tolerances[c.name], slack)
+            violation = c.violation(raw[c.name], tolerances[c.name], slack)
+            violation_all = c.violation(value_all, tolerances[c.name], None if slack is None else slack.detach())
             if slack is not None:
                 objective = objective + 0.5 * c.rho * slack.pow(2).sum()
-            if c.dual:
-                observed[self.cooper_constraints[c.name]] = cooper.ConstraintState(violation=violation)
+            if c.dual:  # the dual step reads the all-reduced violation: the same update on every rank
+                strict = violation_all if self.world_size > 1 else None
+                observed[self.cooper_constraints[c.name]] = cooper.ConstraintState(
+                    violation=violation, strict_violation=strict
+                )
             else:
                 objective = objective + c.penalty_term(violation)
-            values[c.name], violations[c.name] = value.detach(), violation.detach()
+            values[c.name], violations[c.name] = value_all, violation_all
         state = cooper.CMPState(loss=objective, observed_constraints=observed)
-        return state, task_loss.detach(), values, violations
+        return state, loss_all, values, violations, bool(rest[0] > 0)
 
     def train_step(self, batch: Any) -> dict[str, Any] | None:
-        """One primal-dual update on ``batch``; returns the log record on logging steps."""
+        """One primal-dual update on ``batch``; returns the log record on logging steps.
+
+        Raises:
+            NonFiniteError: a NaN/Inf appeared and ``on_nan="stop"`` (or rollback is impossible).
+        """
         self.model.train()
         inputs, target = split_batch(to_device(batch, self.device))
+        self._check_batch(inputs, target)
         if self.gate_schedule is not None:
             with torch.no_grad():
                 for g in self._gate_params:
@@ -350,30 +430,127 @@ class Trainer:
         tolerances = self._tolerances()
         opt = self.cooper_optimizer
         opt.zero_grad()
-        state, task_loss, values, violations = self._evaluate_problem(inputs, target, tolerances)
+        state, task_loss, values, violations, stop = self._evaluate_problem(inputs, target, tolerances)
+        self._checked_batch = True
+        self._stop_agreed = stop
+        problem = _first_nonfinite({"loss": task_loss, **{f"constraint '{k}'": v for k, v in values.items()}})
         alternating = self.cooper_constraints and self.dual.update == "alternating"
-        if alternating:  # dual step first; the primal Lagrangian then uses the updated multipliers
+        if problem is None and alternating:  # dual step first; the primal Lagrangian then uses the new multipliers
             state.compute_dual_lagrangian().backward()
             opt.dual_step()
-        primal = state.compute_primal_lagrangian()
-        self._primal_update(primal)
-        if self.cooper_constraints and not alternating:
+        primal = None
+        if problem is None:
+            primal = state.compute_primal_lagrangian()
+            primal.lagrangian.backward()
+            problem = self._primal_step()
+        if problem is None and self.cooper_constraints and not alternating:
             state.compute_dual_lagrangian().backward()  # violations at the pre-step point
             opt.dual_step()
+        if problem is None:
+            problem = self._check_multipliers()
+        if problem is not None:
+            self._handle_nonfinite(problem)  # raises, unless the step is skipped
         self.step += 1
         self.batch_in_epoch += 1
-        if self.step % self.log_every == 0:
+        if problem is None and self.step % self.log_every == 0:
             return self._train_record(task_loss, primal.lagrangian.detach(), tolerances, values, violations)
         return None
 
-    def _primal_update(self, primal: cooper.LagrangianStore) -> None:
-        primal.lagrangian.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+    def _primal_step(self) -> str | None:
+        """Check the gradients, clip, step, project the slacks; the name of a non-finite quantity or None."""
+        params = [p for o in self.optimizers for group in o.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            if self.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm(grads)
+            if not torch.isfinite(norm):
+                return "gradient"
         self.cooper_optimizer.primal_step()
         with torch.no_grad():
             for u in self.slacks.values():
                 u.clamp_(min=0.0)
+        return None
+
+    def _check_multipliers(self) -> str | None:
+        """NaN check and ceiling of the multipliers (one host sync for all of them)."""
+        if not self.cooper_constraints:
+            return None
+        weights = {name: c.multiplier.weight for name, c in self.cooper_constraints.items()}
+        largest = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()]).max().item()
+        if not math.isfinite(largest):
+            return "multiplier"
+        if self.max_multiplier is not None and largest > self.max_multiplier:
+            with torch.no_grad():
+                for name, w in weights.items():
+                    if w.abs().max() > self.max_multiplier and name not in self._ceiling_warned:
+                        self._ceiling_warned.add(name)
+                        message = (
+                            f"multiplier of constraint '{name}' reached the ceiling {self.max_multiplier:g} at "
+                            f"step {self.step + 1} and is clamped there: the constraint may be infeasible "
+                            "(raise its tolerance, make it resilient, or raise max_multiplier)"
+                        )
+                        warnings.warn(message, stacklevel=3)
+                        self._write({"step": self.step + 1, "event": "multiplier_ceiling", "constraint": name,
+                                     "message": message})
+                    w.clamp_(-self.max_multiplier, self.max_multiplier)
+        return None
+
+    def _handle_nonfinite(self, quantity: str) -> None:
+        step = self.step + 1
+        self._write({"step": step, "event": "non_finite", "quantity": quantity, "policy": self.on_nan})
+        self.cooper_optimizer.zero_grad()
+        if self.on_nan == "skip":
+            return
+        checkpoint = self._checkpoint_path()
+        saved = checkpoint is not None and checkpoint.exists()
+        if self.on_nan == "rollback" and saved and self.rollbacks < self.max_rollbacks:
+            rollbacks = self.rollbacks + 1
+            self.load_checkpoint(checkpoint)
+            self.rollbacks = rollbacks
+            for o in self.optimizers:
+                for group in o.param_groups:
+                    group["lr"] *= self.rollback_lr_factor
+            self.truncate_records()
+            raise _RolledBack
+        where = f"the last good checkpoint is {checkpoint}" if saved else "no checkpoint was written yet"
+        reason = f"train.on_nan={self.on_nan}"
+        if self.on_nan == "rollback":
+            reason = f"rollback gave up after {self.rollbacks} rollbacks" if saved else "rollback needs a checkpoint"
+        raise NonFiniteError(
+            f"non-finite {quantity} in step {step} ({reason}); {where}. Lower the learning rates, clip gradients "
+            "(optim.grad_clip), or set train.on_nan to skip or rollback"
+        )
+
+    def _checkpoint_path(self) -> Path | None:
+        return self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None
+
+    def truncate_records(self) -> None:
+        """Forget records of steps after ``self.step`` (they will be run again after a rollback or resume)."""
+        keep = lambda r: r.get("step", 0) <= self.step or "event" in r  # noqa: E731
+        self.history = [r for r in self.history if keep(r)]
+        self.log.truncate(keep)
+
+    def _check_batch(self, inputs: Any, target: torch.Tensor) -> None:
+        """Clear errors for empty batches and inputs whose dtype differs from the model's."""
+        if batch_size(inputs, target) == 0:
+            raise ValueError(f"empty batch in step {self.step + 1}: the loader yielded a batch with no samples")
+        if self._checked_batch:
+            return
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        for name, tensor in _float_fields(inputs):
+            if dtype is not None and tensor.dtype != dtype:
+                raise ValueError(f"input field '{name}' has dtype {tensor.dtype}, but the model's parameters are {dtype}")
+
+    def _check_output(self, inputs: Any, output: Any) -> None:
+        """Named fields present with the right shapes, output fitting its declared representation."""
+        if self.symmetry is None:
+            return
+        try:
+            self.symmetry.check(inputs, output)
+        except ValueError as err:
+            raise ValueError(f"the batch does not fit the symmetry {self.symmetry!r}: {err}") from err
 
     # ------------------------------------------------------------------ records
 
@@ -507,23 +684,28 @@ class Trainer:
 
         Evaluates on ``val_loader`` every ``eval_every`` epochs, checkpoints every ``checkpoint_every``
         epochs (when there is a ``log_dir``) and at the end, evaluates ``test_loader`` at the end, writes
-        ``summary.json`` and returns the summary.
+        ``summary.json`` and returns the summary. SIGINT and SIGTERM finish the step in progress, save a
+        checkpoint and raise :class:`Interrupted`.
         """
         if epochs is None and max_steps is None:
             raise ValueError("fit() needs epochs or max_steps")
         per_epoch = len(train_loader)
         if per_epoch == 0:
             raise ValueError("the training loader is empty")
-        total = min(epochs * per_epoch if epochs is not None else math.inf, max_steps or math.inf)
-        total = int(total)
+        total = int(min(epochs * per_epoch if epochs is not None else math.inf, max_steps or math.inf))
         if self.step == 0:
             self._resolve_auto_tolerances(train_loader)
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        show = self.is_main and (self.progress if self.progress is not None else sys.stderr.isatty())
         bar = tqdm(total=total, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
         started = time.perf_counter() - self.wall_time
+        restore_signals = self._catch_signals()
         try:
             while self.step < total:
-                epoch_done = self._run_epoch(train_loader, total, bar)
+                try:
+                    epoch_done = self._run_epoch(train_loader, total, bar)
+                except _RolledBack:
+                    bar.n = self.step
+                    continue
                 self.wall_time = time.perf_counter() - started
                 if not epoch_done:
                     break
@@ -532,26 +714,47 @@ class Trainer:
                 last = self.step >= total
                 if val_loader is not None and (self.epoch % eval_every == 0 or last):
                     self._log_eval("val", val_loader)
-                if self.log_dir and (self.epoch % checkpoint_every == 0 or last):
+                if self.epoch % checkpoint_every == 0 or last:
                     self.save_checkpoint()
         finally:
+            restore_signals()
             bar.close()
         self.wall_time = time.perf_counter() - started
         if val_loader is not None and self.last_eval.get("step") != self.step:
             self._log_eval("val", val_loader)
         if test_loader is not None:
             self._log_eval("test", test_loader)
-        if self.log_dir:
-            self.save_checkpoint()
+        self.save_checkpoint()
         summary = self.summary()
         if self.log_dir:
             write_json(self.log_dir / "summary.json", summary)
-        if print_summary:
+        if print_summary and self.is_main:
             print(self.format_balance(summary))
         return summary
 
+    def _catch_signals(self) -> Callable[[], None]:
+        """SIGINT/SIGTERM set a flag read after each step; a second signal acts as usual."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+            restore()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+        return restore
+
     def _run_epoch(self, loader: Iterable, total: int, bar) -> bool:
         """Run the rest of the current epoch; False if ``total`` steps were reached before its end."""
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch, the same on all ranks
+            sampler.set_epoch(self.epoch)
         resumed = None
         if self.batch_in_epoch > 0 and self._epoch_rng is not None:
             resumed = _rng_state(self.generator)  # mid-epoch resume: replay the epoch's shuffle
@@ -569,6 +772,12 @@ class Trainer:
             if record is not None:
                 self._write(record)
                 bar.set_postfix(self._progress_postfix(record), refresh=False)
+            if self._stop_agreed:
+                path = self.save_checkpoint()
+                raise Interrupted(
+                    f"stopped by a signal after step {self.step}; checkpoint saved to {path}; "
+                    "continue with `ace train CONFIG --out DIR --resume`"
+                )
             if self.step >= total:
                 return self.batch_in_epoch >= len(loader)
         return True
@@ -584,6 +793,8 @@ class Trainer:
         return post
 
     def _log_eval(self, split: str, loader: Iterable) -> dict[str, float]:
+        if not self.is_main:  # evaluation needs no collective: rank 0 does it while the others wait
+            return {}
         scores = self.evaluate(loader)
         record = {"step": self.step, "epoch": self.epoch, **{f"{split}/{k}": v for k, v in scores.items()}}
         if split == "val":
@@ -615,6 +826,10 @@ class Trainer:
                             c.relative,
                             generator,
                         ).item()
+                    if self.world_size > 1:  # every rank measured its own batch: agree on the mean
+                        shared = torch.tensor([start], device=self.device)
+                        dist.all_reduce(shared)
+                        start = shared.item() / self.world_size
                     self.tolerance_starts[c.name] = start
                 c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
 
@@ -676,6 +891,7 @@ class Trainer:
             "best": self.best,
             "last_eval": self.last_eval,
             "wall_time": self.wall_time,
+            "rollbacks": self.rollbacks,
             "config": self.config,
         }
 
@@ -706,13 +922,21 @@ class Trainer:
         self._epoch_rng = state["epoch_rng"]
         self.best, self.last_eval = state["best"], state["last_eval"]
         self.wall_time = state["wall_time"]
+        self.rollbacks = state.get("rollbacks", 0)
 
-    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        """Write ``checkpoints/last.pt`` atomically, keeping the one before as ``previous.pt``."""
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Write ``checkpoints/last.pt`` atomically, keeping the one before as ``previous.pt``.
+
+        Without ``path`` this writes into the run directory, on rank 0 only (others wait for it); without a
+        run directory it does nothing and returns None.
+        """
         if path is None:
-            if self.log_dir is None:
-                raise ValueError("save_checkpoint() needs a path when the trainer has no log_dir")
-            path = self.log_dir / "checkpoints" / "last.pt"
+            if self.run_dir is None:
+                return None
+            path = self._checkpoint_path()
+            if not self.is_main:
+                dist.barrier()
+                return path
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -723,6 +947,8 @@ class Trainer:
         if path.exists():
             os.replace(path, path.with_name("previous.pt"))
         os.replace(tmp, path)
+        if self.world_size > 1:
+            dist.barrier()
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -776,3 +1002,26 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 def _as_tuples(obj: Any) -> Any:
     """random.setstate wants tuples; a checkpoint round trip may give lists."""
     return tuple(_as_tuples(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def _first_nonfinite(values: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first quantity holding a NaN or Inf (one host sync when all are finite)."""
+    if torch.isfinite(torch.cat([v.reshape(-1) for v in values.values()])).all():
+        return None
+    return next(name for name, v in values.items() if not torch.isfinite(v).all())
+
+
+def _float_fields(inputs: Any, name: str = "inputs") -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every floating-point tensor in a batch of inputs."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.is_floating_point():
+            yield name, inputs
+    elif isinstance(inputs, (tuple, list)):
+        for i, v in enumerate(inputs):
+            yield from _float_fields(v, f"{name}[{i}]")
+    elif isinstance(inputs, dict):
+        for k, v in inputs.items():
+            yield from _float_fields(v, str(k))
+    elif hasattr(inputs, "num_nodes"):
+        for k, v in inputs.items():
+            yield from _float_fields(v, k)

@@ -65,8 +65,16 @@ class EGNNLayer(MessagePassing):
         self.vel_mlp = _mlp(hidden, hidden, 1)
 
     def forward(
-        self, h: Tensor, pos: Tensor, vel: Tensor, edge_index: Tensor, edge_attr: Tensor
+        self,
+        h: Tensor,
+        pos: Tensor,
+        vel: Tensor,
+        edge_index: Tensor,
+        edge_attr: Tensor,
+        charge: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        # ``charge`` is unused here (charges enter EGNN-vel only through a_ij); it is an argument so that
+        # the relaxation branch, called with the layer's arguments, can see each particle's own charge.
         # one pass aggregates [m_ij, (x_i - x_j) phi_x(m_ij)] by sum; the coordinate part becomes a mean
         out = self.propagate(edge_index, h=h, pos=pos, edge_attr=edge_attr)
         m, shift = out.split([self.hidden, pos.size(-1)], dim=-1)
@@ -108,17 +116,19 @@ class EGNN(nn.Module):
         edge_attr = torch.cat([charge[dst] * charge[src], sq_dist], dim=-1)
         h = self.embedding(vel.norm(dim=-1, keepdim=True))
         for layer in self.layers:
-            h, pos = layer(h, pos, vel, edge_index, edge_attr)
+            h, pos = layer(h, pos, vel, edge_index, edge_attr, charge)
         return pos
 
 
 class EGNNBranch(nn.Module):
     """Non-equivariant relaxation of an :class:`EGNNLayer`, node-wise on raw coordinates.
 
-        (dh_i, dx_i) = MLP([h_i, x_i, v_i])
+        (dh_i, dx_i) = MLP([h_i, x_i, v_i, q_i])
 
     It sees absolute positions and velocity components, so it breaks rotations, reflections and
-    translations (not permutations); ``ace.relax`` adds it gated, ``(h', x') + gamma (dh, dx)``.
+    translations (not permutations); ``ace.relax`` adds it gated, ``(h', x') + gamma (dh, dx)``. It also
+    sees the particle's own charge ``q_i`` (0 when not given), which the EGNN only sees through the
+    products ``q_i q_j``: a uniform field pushes each particle by ``q_i E``, which needs the sign of ``q_i``.
 
     Args:
         hidden: width of ``h`` in the relaxed layer.
@@ -129,7 +139,7 @@ class EGNNBranch(nn.Module):
     def __init__(self, hidden: int = 64, width: int = 64, dim: int = 3) -> None:
         super().__init__()
         self.hidden, self.dim = hidden, dim
-        self.mlp = _mlp(hidden + 2 * dim, width, width, hidden + dim)
+        self.mlp = _mlp(hidden + 2 * dim + 1, width, width, hidden + dim)
 
     def forward(
         self,
@@ -138,6 +148,9 @@ class EGNNBranch(nn.Module):
         vel: Tensor,
         edge_index: Tensor | None = None,
         edge_attr: Tensor | None = None,
+        charge: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        dh, dpos = self.mlp(torch.cat([h, pos, vel], dim=-1)).split([self.hidden, self.dim], dim=-1)
+        if charge is None:
+            charge = pos.new_zeros(pos.size(0), 1)
+        dh, dpos = self.mlp(torch.cat([h, pos, vel, charge.to(pos.dtype)], dim=-1)).split([self.hidden, self.dim], dim=-1)
         return dh, dpos

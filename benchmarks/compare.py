@@ -1,0 +1,229 @@
+"""Train a set of configs at one budget for several seeds and tabulate them.
+
+    python benchmarks/compare.py nbody nbody_field --seeds 3 --epochs 20 --out runs/compare
+    python benchmarks/compare.py configs/nbody_ace.yaml configs/nbody_strict.yaml train.batch_size=50
+    python benchmarks/compare.py shapes --quick --out /tmp/cmp
+
+Targets are config files or family names: family ``P`` means every ``configs/P_<method>.yaml`` that
+exists, for ``<method>`` in :data:`ace.config.METHODS` (so ``nbody`` and ``nbody_field`` are two
+families). Arguments of the form ``key=value`` are overrides applied to every config; ``--epochs E`` is
+``train.epochs=E``; seed ``s`` is ``seed=s`` (s = 0 .. N-1).
+
+Each run goes through :func:`ace.experiment.run` into ``OUT/<config>/seed<s>``. The script is resumable:
+a run whose ``summary.json`` exists is read, not trained again, and an interrupted run continues from its
+last checkpoint. ``--jobs`` runs that many trainings at once, each in its own process with
+``--threads`` torch threads.
+
+The table (stdout and ``OUT/table.md``) has one row per config: mean +- std over seeds (sample std,
+ddof = 1) of each test metric found in the summaries (``mse``, ``accuracy``, ...) for the relaxed model
+and for f_eq (the relaxed model with every gate at 0; the same model for strict runs), the measured
+equivariance deviation of the final relaxed model on the test set, the largest final ``|gamma|``, and the
+training wall time. ``OUT/results.json`` holds every run's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import shlex
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+#: keys of a test record that are not task metrics
+NOT_METRICS = {"loss", "deviation", "relative_deviation", "step", "epoch"}
+#: overrides of --quick: a smoke test of the whole pipeline, not a measurement
+QUICK = [
+    "train.epochs=1",
+    "train.max_steps=3",
+    "data.train_size=16",
+    "data.val_size=8",
+    "data.test_size=8",
+    "train.batch_size=8",
+    "log.progress=false",
+]
+
+
+def resolve_targets(targets: list[str], configs_dir: Path = CONFIGS) -> list[Path]:
+    """Config paths for a list of config files and family names (order kept, duplicates dropped)."""
+    from ace.config import METHODS
+
+    paths: list[Path] = []
+    for target in targets:
+        path = Path(target)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise SystemExit(f"compare: config file not found: {target}")
+            found = [path]
+        else:
+            found = [configs_dir / f"{target}_{m}.yaml" for m in METHODS]
+            found = [p for p in found if p.is_file()]
+            if not found:
+                raise SystemExit(f"compare: no config of family {target!r} (no {configs_dir}/{target}_<method>.yaml)")
+        paths += [p for p in found if p not in paths]
+    return paths
+
+
+def _train_one(config: str, overrides: list[str], out: str, threads: int) -> dict[str, Any]:
+    """One training run in a worker process; resumes a run left without a summary."""
+    import torch
+
+    from ace.config import load_config
+    from ace.experiment import run
+
+    torch.set_num_threads(threads)
+    cfg = load_config(config, overrides)
+    holds = Path(out, "config.yaml").exists()
+    return run(cfg, out, resume=holds)
+
+
+def run_all(
+    paths: list[Path], seeds: int, overrides: list[str], out: Path, jobs: int = 1, threads: int = 1
+) -> dict[str, list[dict[str, Any]]]:
+    """Train (or read back) every config for seeds 0 .. seeds-1; returns config name -> summaries."""
+    tasks, summaries = [], {p.stem: [] for p in paths}
+    for path in paths:
+        for seed in range(seeds):
+            run_dir = out / path.stem / f"seed{seed}"
+            done = run_dir / "summary.json"
+            if done.exists():
+                summaries[path.stem].append(json.loads(done.read_text()))
+            else:
+                tasks.append((path, [*overrides, f"seed={seed}", "log.progress=false"], run_dir))
+    if tasks:
+        print(f"compare: training {len(tasks)} run(s), {jobs} at a time", file=sys.stderr, flush=True)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [
+            (path, run_dir, pool.submit(_train_one, str(path), extra, str(run_dir), threads))
+            for path, extra, run_dir in tasks
+        ]
+        for path, run_dir, future in futures:
+            summaries[path.stem].append(future.result())
+            print(f"compare: done {run_dir}", file=sys.stderr, flush=True)
+    return summaries
+
+
+def _metric_names(summaries: dict[str, list[dict[str, Any]]]) -> list[str]:
+    names: list[str] = []
+    for runs in summaries.values():
+        for s in runs:
+            for key in s.get("test", {}):
+                name = key.removeprefix("test/")
+                if "/" not in name and name not in NOT_METRICS and name not in names:
+                    names.append(name)
+    return names
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def run_values(summary: dict[str, Any], metrics: list[str]) -> dict[str, float | None]:
+    """The numbers of one run that enter the table."""
+    test = summary.get("test", {})
+    values: dict[str, float | None] = {}
+    for m in metrics:
+        relaxed = test.get(f"test/{m}")
+        values[f"{m}"] = relaxed
+        values[f"eq/{m}"] = test.get(f"test/eq/{m}", relaxed)  # no gates: f_eq is the model itself
+    values["deviation"] = test.get("test/deviation")
+    gates = summary.get("gates") or {}
+    values["max_abs_gate"] = max((abs(g) for g in gates.values()), default=None)
+    slacks = [row["slack"] for row in summary.get("constraints", {}).values() if "slack" in row]
+    values["max_slack"] = max(slacks, default=None)
+    values["wall_time"] = summary.get("wall_time")
+    return values
+
+
+def aggregate(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """``(metric names, rows)``: per config, the mean and std over seeds of every value of :func:`run_values`."""
+    metrics = _metric_names(summaries)
+    rows = []
+    for name, runs in summaries.items():
+        per_run = [run_values(s, metrics) for s in runs]
+        row: dict[str, Any] = {"config": name, "seeds": len(runs)}
+        for key in per_run[0] if per_run else []:
+            row[key] = _mean_std([v[key] for v in per_run])
+        rows.append(row)
+    return metrics, rows
+
+
+def _fmt(mean_std: tuple[float, float], digits: int = 3) -> str:
+    mean, std = mean_std
+    if math.isnan(mean):
+        return "-"
+    if math.isnan(std):
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} ± {std:.{digits - 1}g}"
+
+
+def format_markdown(metrics: list[str], rows: list[dict[str, Any]]) -> str:
+    """The comparison as a markdown table."""
+    header = ["config", "seeds"]
+    for m in metrics:
+        header += [f"test {m} (relaxed)", f"test {m} (f_eq)"]
+    header += ["deviation (relaxed)", "max abs gate", "max slack", "wall time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"`{row['config']}`", str(row["seeds"])]
+        for m in metrics:
+            cells += [_fmt(row.get(m, (math.nan,) * 2)), _fmt(row.get(f"eq/{m}", (math.nan,) * 2))]
+        cells += [
+            _fmt(row.get("deviation", (math.nan,) * 2), 2),
+            _fmt(row.get("max_abs_gate", (math.nan,) * 2), 2),
+            _fmt(row.get("max_slack", (math.nan,) * 2), 2),
+            _fmt(row.get("wall_time", (math.nan,) * 2), 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="+", help="config files, family names, and key=value overrides")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per config (default 3)")
+    parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every run")
+    parser.add_argument("--out", default="runs/compare", help="folder of the runs and the table")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 3 steps: a smoke test")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.jobs < 1 or args.threads < 1:
+        parser.error("--seeds, --jobs and --threads must be >= 1")
+    overrides = [t for t in args.targets if "=" in t]
+    targets = [t for t in args.targets if "=" not in t]
+    if not targets:
+        parser.error("give at least one config file or family name")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.quick:
+        overrides = [*QUICK, *overrides]
+    paths = resolve_targets(targets)
+    out = Path(args.out)
+    summaries = run_all(paths, args.seeds, overrides, out, jobs=args.jobs, threads=args.threads)
+    metrics, rows = aggregate(summaries)
+    table = format_markdown(metrics, rows)
+    command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(f"`{command}`\n\n{table}\n", encoding="utf-8")
+    results = {name: [run_values(s, metrics) for s in runs] for name, runs in summaries.items()}
+    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
