@@ -59,6 +59,10 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
     for split in ("val", "test"):
         scores = {
             k.removeprefix(split + "/"): v for k, v in summary[split].items() if k not in ("step", "epoch")
@@ -117,12 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ace: config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Interrupted carries where the checkpoint went
+        print(f"ace: interrupted: {err}" if str(err) else "ace: interrupted", file=sys.stderr)
+        return 130
     except (RuntimeError, ValueError, OSError) as err:
         from .experiment import RunDirError
-        from .trainer import CheckpointError
+        from .trainer import CheckpointError, NonFiniteError
 
-        if isinstance(err, (RunDirError, CheckpointError, FileNotFoundError)):
+        if isinstance(err, (RunDirError, CheckpointError, NonFiniteError, FileNotFoundError)):
             print(f"ace: error: {err}", file=sys.stderr)
             return 1
         raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0

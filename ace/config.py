@@ -114,6 +114,9 @@ class DualConfig:
     kp: float = opt(0.0, "nuPI proportional gain")
     ki: float = opt(1.0, "nuPI integral gain")
     init: float = opt(0.0, "initial multiplier value")
+    max_multiplier: float | None = opt(
+        1.0e6, "ceiling on |multiplier|: clamped there with a warning in the log (null = none)"
+    )
 
 
 @dataclass
@@ -121,7 +124,9 @@ class OptimConfig:
     name: str = opt("adam", "primal optimiser", choices=("adam", "adamw", "sgd"))
     lr: float = opt(1.0e-3, "primal learning rate")
     weight_decay: float = opt(0.0, "weight decay (gates excluded)")
-    gate_lr: float = opt(0.05, "learning rate of the gates gamma (plain SGD: the multipliers' pull stays proportional)")
+    gate_lr: float = opt(
+        0.05, "learning rate of the gates gamma (plain SGD: the multipliers' pull stays proportional)"
+    )
     momentum: float = opt(0.9, "momentum for 'sgd'")
     grad_clip: float | None = opt(None, "clip the primal gradient norm to this value (null = off)")
     slack_lr: float = opt(1.0e-2, "learning rate of the slacks u of 'ace_resilient' (SGD)")
@@ -136,7 +141,16 @@ class TrainConfig:
     eval_every: int = opt(1, "epochs between validation passes")
     checkpoint_every: int = opt(1, "epochs between checkpoints (checkpoints/last.pt, previous.pt kept)")
     eval_samples: int = opt(4, "group elements per batch for the deviation reported at evaluation")
-    device: str = opt("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
+    device: str = opt(
+        "cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available; under torchrun: the local rank's GPU)"
+    )
+    threads: int | None = opt(None, "torch CPU threads per process (null = torch's default)")
+    on_nan: str = opt(
+        "stop",
+        "a NaN/Inf in loss, constraint, gradient or multiplier: 'stop' (error, last checkpoint intact), "
+        "'skip' (drop that step) or 'rollback' (reload the last checkpoint, halve the learning rates, at most 3 times)",
+        choices=("stop", "skip", "rollback"),
+    )
 
 
 @dataclass
@@ -382,6 +396,10 @@ def _validate(cfg: Config) -> None:
     for key, value in nonnegative.items():
         if not value >= 0:
             raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+    if cfg.dual.max_multiplier is not None and not cfg.dual.max_multiplier > 0:
+        raise ConfigError(f"dual.max_multiplier: must be > 0 or null, got {cfg.dual.max_multiplier!r}")
+    if cfg.train.threads is not None and not cfg.train.threads > 0:
+        raise ConfigError(f"train.threads: must be > 0 or null, got {cfg.train.threads!r}")
     if cfg.optim.grad_clip is not None and not cfg.optim.grad_clip > 0:
         raise ConfigError(f"optim.grad_clip: must be > 0 or null, got {cfg.optim.grad_clip!r}")
     if cfg.train.max_steps is not None and not cfg.train.max_steps > 0:

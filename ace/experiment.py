@@ -17,13 +17,15 @@ cr              scheduled  none: gates follow ``constraint.cr_schedule``, f_eq i
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, task_module
 from .constraints import Constraint, DeviationConstraint, GateConstraint
@@ -47,15 +49,43 @@ def build_task(cfg: Config) -> Task:
     return task_module(cfg.task.name).build(cfg.data, cfg.model, cfg.seed)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-    """A DataLoader, or torch_geometric's when the items are graphs."""
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, distributed: bool = False, seed: int = 0
+) -> DataLoader:
+    """A DataLoader, or torch_geometric's when the items are graphs.
+
+    With ``distributed``, each rank reads its shard through a DistributedSampler (reshuffled each epoch
+    from ``seed``) and ``batch_size`` is the global batch, split evenly over the ranks.
+    """
     if len(dataset) == 0:
         raise ValueError("cannot make a loader over an empty dataset")
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle}
+    if distributed:
+        world = dist.get_world_size()
+        if batch_size % world:
+            raise ConfigError(f"train.batch_size: {batch_size} does not split evenly over {world} processes")
+        kwargs = {
+            "batch_size": batch_size // world,
+            "sampler": DistributedSampler(dataset, shuffle=shuffle, seed=seed),
+        }
     if hasattr(dataset[0], "num_nodes"):
         from torch_geometric.loader import DataLoader as GraphLoader
 
-        return GraphLoader(dataset, batch_size=batch_size, shuffle=shuffle)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+        return GraphLoader(dataset, **kwargs)
+    return DataLoader(dataset, **kwargs)
+
+
+def init_distributed(device: str) -> bool:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1): nccl on GPUs, gloo on CPUs."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
 
 
 def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[Constraint], Any]:
@@ -111,7 +141,9 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> list[torch.optim.Opti
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.is_available() and dist.is_initialized():
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name!r} asked for, but CUDA is not available")
@@ -120,9 +152,14 @@ def _device(name: str) -> torch.device:
 
 def prepare_run(cfg: Config, out: str | Path | None) -> tuple[Trainer, dict[str, DataLoader]]:
     """Build the task, the (relaxed) model, the constraints and the trainer for ``cfg``."""
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     task = build_task(cfg)
     loaders = {
-        "train": make_loader(task.train, cfg.train.batch_size, shuffle=True),
+        "train": make_loader(
+            task.train, cfg.train.batch_size, shuffle=True, distributed=distributed, seed=cfg.seed
+        ),
         "val": make_loader(task.val, cfg.train.eval_batch_size, shuffle=False),
         "test": make_loader(task.test, cfg.train.eval_batch_size, shuffle=False),
     }
@@ -163,6 +200,8 @@ def prepare_run(cfg: Config, out: str | Path | None) -> tuple[Trainer, dict[str,
         seed=cfg.seed,
         device=_device(cfg.train.device),
         config=config_to_dict(cfg),
+        on_nan=cfg.train.on_nan,
+        max_multiplier=cfg.dual.max_multiplier,
     )
     trainer.total_steps = total
     return trainer, loaders
@@ -196,26 +235,32 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
     """Train ``cfg`` into the run directory ``out`` and return the summary.
 
     A directory that already holds a run is refused unless ``resume`` (continue from its last good
-    checkpoint, same config apart from the run length) or ``overwrite`` (start again).
+    checkpoint, same config apart from the run length) or ``overwrite`` (start again). Under torchrun every
+    process calls this; rank 0 alone writes the directory.
     """
     out = Path(out)
+    distributed = init_distributed(cfg.train.device)
+    main = not distributed or dist.get_rank() == 0
     checkpoint = None
-    if _holds_run(out):
-        if resume:
-            if (out / "config.yaml").exists():
-                _check_same_run(yaml.safe_load((out / "config.yaml").read_text()), cfg)
-            checkpoint = _last_good_checkpoint(out)
-        elif overwrite:
+    holds_run = _holds_run(out)
+    if holds_run and resume:
+        if (out / "config.yaml").exists():
+            _check_same_run(yaml.safe_load((out / "config.yaml").read_text()), cfg)
+        checkpoint = _last_good_checkpoint(out)
+    elif holds_run and not overwrite:
+        raise RunDirError(
+            f"{out} already holds a run; pass --resume to continue it or --overwrite to start again"
+        )
+    if distributed:
+        dist.barrier()  # every rank has read the directory before rank 0 changes it
+    if main:
+        if holds_run and overwrite and not resume:
             for name in ("metrics.jsonl", "summary.json", "config.yaml", "report.md"):
                 (out / name).unlink(missing_ok=True)
             for path in (out / "checkpoints").glob("*"):
                 path.unlink()
-        else:
-            raise RunDirError(
-                f"{out} already holds a run; pass --resume to continue it or --overwrite to start again"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     trainer, loaders = prepare_run(cfg, out)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)

@@ -13,8 +13,9 @@ tolerance ``eps``, slack ``u`` and violation ``v = g - eps - u``, checked in thi
   of its output; ``D <= 1e-3`` in the constraint's own units, relative when ``relative: true``);
 * **kept slack**: a resilient constraint whose slack ``u > SLACK_ZERO`` is in use (``g > eps``): the
   data were judged worth some symmetry breaking;
-* **constraint active**: ``v > -BAND`` with ``BAND = ACTIVE_BAND * eps + ACTIVE_FLOOR``: the constraint
-  binds (or is violated, said so), and its multiplier is a price;
+* **constraint active**: an equality, or ``v > -BAND`` with ``BAND = ACTIVE_BAND * (eps + u) + ACTIVE_FLOOR``
+  (within 10% of its bound, plus 1e-3): the constraint binds (or is violated, said so: ``|v| > BAND``),
+  and its multiplier is a price;
 * **constraint inactive**: satisfied with room to spare; its multiplier should decay to 0.
 
 Prices
@@ -47,7 +48,7 @@ __all__ = ["report", "compare", "sweep", "export", "parse_grid", "RunData", "ver
 ZERO = {"gate": 1e-2, "deviation": 1e-3}
 #: a slack larger than this is "kept".
 SLACK_ZERO = 1e-3
-#: a constraint is active when its violation exceeds ``-(ACTIVE_BAND * eps + ACTIVE_FLOOR)``.
+#: a constraint is active when its violation exceeds ``-(ACTIVE_BAND * (eps + u) + ACTIVE_FLOOR)``.
 ACTIVE_BAND = 0.1
 ACTIVE_FLOOR = 1e-3
 #: the first-order loss change is quoted for this much extra tolerance.
@@ -120,11 +121,11 @@ class RunData:
 
 
 def _band(row: dict[str, float]) -> float:
-    return ACTIVE_BAND * row.get("tolerance", 0.0) + ACTIVE_FLOOR
+    return ACTIVE_BAND * (row.get("tolerance", 0.0) + row.get("slack", 0.0)) + ACTIVE_FLOOR
 
 
 def is_active(row: dict[str, float], equality: bool = False) -> bool:
-    """Whether an entry binds: an equality, or violation ``> -(ACTIVE_BAND * eps + ACTIVE_FLOOR)``."""
+    """Whether an entry binds: an equality, or violation ``> -(ACTIVE_BAND * (eps + u) + ACTIVE_FLOOR)``."""
     return equality or row["violation"] > -_band(row)
 
 
@@ -315,7 +316,7 @@ def _scale(ax, values: Iterable[float]) -> None:
         return
     top = max(nonzero)
     if min(values) < 0 or (len(nonzero) < len(values) and top / min(nonzero) > 100):
-        ax.set_yscale("symlog", linthresh=max(top * 1e-3, 1e-12))
+        ax.set_yscale("symlog", linthresh=max(top * 1e-3, 1e-12), linscale=1.5)
     elif top / min(nonzero) > 100:
         ax.set_yscale("log")
 
@@ -369,8 +370,13 @@ def plot_run(run: RunData, out: Path) -> list[Path]:
         ys = [abs(y) for y in ys]
         ax.plot(steps, ys, color=color, label=f"{entry} measured")
         tsteps, tol = run.series(f"constraint/{entry}/tolerance")
-        ax.plot(tsteps, tol, color=color, ls="--", label=f"{entry} tolerance")
+        ax.plot(tsteps, tol, color=color, ls="--", label=f"{entry} tolerance eps")
         values += ys + tol
+        ssteps, slack = run.series(f"constraint/{entry}/slack")
+        if ssteps:  # resilient: the bound the model actually faced
+            bound = [t + u for t, u in zip(tol, slack)]
+            ax.plot(ssteps, bound, color=color, ls=":", label=f"{entry} eps + slack")
+            values += bound
     steps, ys = run.series("val/deviation", "val")
     if steps:
         ax.plot(steps, ys, "ko:", ms=4, label="val deviation D (relaxed model)")

@@ -48,7 +48,15 @@ from .loggers import MetricsLog, format_table, write_json
 from .relax import equivariant, gates
 from .symmetry import call_model
 
-__all__ = ["Trainer", "DualSettings", "split_batch", "to_device", "CheckpointError", "NonFiniteError", "Interrupted"]
+__all__ = [
+    "Trainer",
+    "DualSettings",
+    "split_batch",
+    "to_device",
+    "CheckpointError",
+    "NonFiniteError",
+    "Interrupted",
+]
 
 CHECKPOINT_FORMAT = 1
 NAN_POLICIES = ("stop", "skip", "rollback")
@@ -400,7 +408,9 @@ class Trainer:
             value_all, rest = rest[: raw[c.name].numel()], rest[raw[c.name].numel() :]
             slack = self.slacks.get(c.name)
             violation = c.violation(raw[c.name], tolerances[c.name], slack)
-            violation_all = c.violation(value_all, tolerances[c.name], None if slack is None else slack.detach())
+            violation_all = c.violation(
+                value_all, tolerances[c.name], None if slack is None else slack.detach()
+            )
             if slack is not None:
                 objective = objective + 0.5 * c.rho * slack.pow(2).sum()
             if c.dual:  # the dual step reads the all-reduced violation: the same update on every rank
@@ -435,7 +445,9 @@ class Trainer:
         self._stop_agreed = stop
         problem = _first_nonfinite({"loss": task_loss, **{f"constraint '{k}'": v for k, v in values.items()}})
         alternating = self.cooper_constraints and self.dual.update == "alternating"
-        if problem is None and alternating:  # dual step first; the primal Lagrangian then uses the new multipliers
+        if (
+            problem is None and alternating
+        ):  # dual step first; the primal Lagrangian then uses the new multipliers
             state.compute_dual_lagrangian().backward()
             opt.dual_step()
         primal = None
@@ -492,8 +504,14 @@ class Trainer:
                             "(raise its tolerance, make it resilient, or raise max_multiplier)"
                         )
                         warnings.warn(message, stacklevel=3)
-                        self._write({"step": self.step + 1, "event": "multiplier_ceiling", "constraint": name,
-                                     "message": message})
+                        self._write(
+                            {
+                                "step": self.step + 1,
+                                "event": "multiplier_ceiling",
+                                "constraint": name,
+                                "message": message,
+                            }
+                        )
                     w.clamp_(-self.max_multiplier, self.max_multiplier)
         return None
 
@@ -517,7 +535,11 @@ class Trainer:
         where = f"the last good checkpoint is {checkpoint}" if saved else "no checkpoint was written yet"
         reason = f"train.on_nan={self.on_nan}"
         if self.on_nan == "rollback":
-            reason = f"rollback gave up after {self.rollbacks} rollbacks" if saved else "rollback needs a checkpoint"
+            reason = (
+                f"rollback gave up after {self.rollbacks} rollbacks"
+                if saved
+                else "rollback needs a checkpoint"
+            )
         raise NonFiniteError(
             f"non-finite {quantity} in step {step} ({reason}); {where}. Lower the learning rates, clip gradients "
             "(optim.grad_clip), or set train.on_nan to skip or rollback"
@@ -535,13 +557,17 @@ class Trainer:
     def _check_batch(self, inputs: Any, target: torch.Tensor) -> None:
         """Clear errors for empty batches and inputs whose dtype differs from the model's."""
         if batch_size(inputs, target) == 0:
-            raise ValueError(f"empty batch in step {self.step + 1}: the loader yielded a batch with no samples")
+            raise ValueError(
+                f"empty batch in step {self.step + 1}: the loader yielded a batch with no samples"
+            )
         if self._checked_batch:
             return
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
         for name, tensor in _float_fields(inputs):
             if dtype is not None and tensor.dtype != dtype:
-                raise ValueError(f"input field '{name}' has dtype {tensor.dtype}, but the model's parameters are {dtype}")
+                raise ValueError(
+                    f"input field '{name}' has dtype {tensor.dtype}, but the model's parameters are {dtype}"
+                )
 
     def _check_output(self, inputs: Any, output: Any) -> None:
         """Named fields present with the right shapes, output fitting its declared representation."""
@@ -753,7 +779,9 @@ class Trainer:
     def _run_epoch(self, loader: Iterable, total: int, bar) -> bool:
         """Run the rest of the current epoch; False if ``total`` steps were reached before its end."""
         sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch, the same on all ranks
+        if hasattr(
+            sampler, "set_epoch"
+        ):  # DistributedSampler: a new shuffle each epoch, the same on all ranks
             sampler.set_epoch(self.epoch)
         resumed = None
         if self.batch_in_epoch > 0 and self._epoch_rng is not None:
