@@ -316,7 +316,7 @@ def _scale(ax, values: Iterable[float]) -> None:
         return
     top = max(nonzero)
     if min(values) < 0 or (len(nonzero) < len(values) and top / min(nonzero) > 100):
-        ax.set_yscale("symlog", linthresh=max(top * 1e-3, 1e-12), linscale=1.5)
+        ax.set_yscale("symlog", linthresh=max(top * 1e-3, 1e-12), linscale=3)
     elif top / min(nonzero) > 100:
         ax.set_yscale("log")
 
@@ -377,9 +377,11 @@ def plot_run(run: RunData, out: Path) -> list[Path]:
             bound = [t + u for t, u in zip(tol, slack)]
             ax.plot(ssteps, bound, color=color, ls=":", label=f"{entry} eps + slack")
             values += bound
-    steps, ys = run.series("val/deviation", "val")
+    relative = (run.config.get("constraint") or {}).get("relative", False)
+    steps, ys = run.series("val/relative_deviation" if relative else "val/deviation", "val")
     if steps:
-        ax.plot(steps, ys, "ko:", ms=4, label="val deviation D (relaxed model)")
+        label = "val relative deviation D_rel" if relative else "val deviation D"
+        ax.plot(steps, ys, "ko:", ms=4, label=f"{label} (relaxed model)")
         values += ys
     if values:
         _scale(ax, values)
