@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (RuntimeError, ValueError, OSError) as err:
         from .experiment import RunDirError
+        from .report import ExportError
         from .trainer import CheckpointError, NonFiniteError
 
-        if isinstance(err, (RunDirError, CheckpointError, NonFiniteError, FileNotFoundError)):
+        if isinstance(err, (RunDirError, CheckpointError, NonFiniteError, ExportError, FileNotFoundError)):
             print(f"ace: error: {err}", file=sys.stderr)
             return 1
         raise

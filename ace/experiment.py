@@ -32,7 +32,7 @@ from .constraints import Constraint, DeviationConstraint, GateConstraint
 from .relax import gates, relax
 from .schedules import schedule_from_config
 from .tasks.base import Task
-from .trainer import CheckpointError, DualSettings, Trainer
+from .trainer import CHECKPOINT_FORMAT, CheckpointError, DualSettings, Trainer
 
 __all__ = ["build_task", "make_loader", "method_setup", "make_optimizer", "prepare_run", "run", "RunDirError"]
 
@@ -257,10 +257,14 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
         if holds_run and overwrite and not resume:
             for name in ("metrics.jsonl", "summary.json", "config.yaml", "report.md"):
                 (out / name).unlink(missing_ok=True)
+            for path in out.glob("*.png"):  # plots of `ace report`
+                path.unlink()
             for path in (out / "checkpoints").glob("*"):
                 path.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        tmp = out / "config.yaml.tmp"  # atomic: a torn config.yaml would block --resume
+        tmp.write_text(dump_config(cfg), encoding="utf-8")
+        os.replace(tmp, out / "config.yaml")
     trainer, loaders = prepare_run(cfg, out)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
@@ -286,9 +290,12 @@ def _last_good_checkpoint(out: Path) -> Path | None:
     ]
     for path in candidates:
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file falls back to the previous one
             warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
+            continue
+        if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
+            warnings.warn(f"skipping {path}: not an ace checkpoint (format {CHECKPOINT_FORMAT})", stacklevel=2)
             continue
         return path
     if candidates:

@@ -59,7 +59,9 @@ class MetricsLog:
             return
         self._file.close()
         kept = [r for r in read_metrics(self.path) if keep(r)]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp = self.path.with_name(self.path.name + ".tmp")  # a kill mid-rewrite must not lose the records
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:

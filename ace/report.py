@@ -42,7 +42,17 @@ import yaml
 
 from .loggers import format_table, read_metrics
 
-__all__ = ["report", "compare", "sweep", "export", "parse_grid", "RunData", "verdict"]
+__all__ = [
+    "report",
+    "compare",
+    "sweep",
+    "export",
+    "parse_grid",
+    "RunData",
+    "verdict",
+    "is_active",
+    "ExportError",
+]
 
 #: ``|g|`` below which a constraint entry counts as exactly equivariant, by entry kind.
 ZERO = {"gate": 1e-2, "deviation": 1e-3}
@@ -53,6 +63,10 @@ ACTIVE_BAND = 0.1
 ACTIVE_FLOOR = 1e-3
 #: the first-order loss change is quoted for this much extra tolerance.
 PRICE_STEP = 0.01
+
+
+class ExportError(ValueError):
+    """A run whose model cannot be exported the way asked."""
 
 
 # --------------------------------------------------------------------------- reading a run
@@ -271,7 +285,8 @@ def _gap(run: RunData) -> list[str]:
             metric = key.removeprefix(prefix)
             eq = record.get(f"{prefix}eq/{metric}")
             gap = None if eq is None else eq - value
-            rel = None if eq is None or value == 0 else f"{100 * (eq - value) / abs(value):+.3g}%"
+            pct = None if eq is None or value == 0 else 100 * (eq - value) / abs(value)
+            rel = None if pct is None else f"{pct:+.0f}%" if abs(pct) >= 100 else f"{pct:+.3g}%"
             rows.append([f"{split} (step {record['step']})", metric, value, eq, gap, rel])
     if not rows:
         return []
@@ -454,9 +469,13 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> st
                 *((summary.get("best", {}).get(k) or {}).get("value") for k in bests),
             ]
         )
-    # the markdown table keeps the relaxed model's final values and the best val loss; the CSV has all
-    shown = [i for i, h in enumerate(header) if "/eq/" not in h and "relative_deviation" not in h]
-    shown = [i for i in shown if not header[i].startswith("best ") or header[i] == "best val/loss"]
+    # markdown: final values, f_eq's val loss and the best val loss; the CSV has every final and best value
+    shown = [
+        i
+        for i, h in enumerate(header)
+        if h in ("val/eq/loss", "best val/loss")
+        or not ("/eq/" in h or "relative_deviation" in h or h.startswith("best "))
+    ]
     table = format_table([header[i] for i in shown], [[row[i] for i in shown] for row in rows])
     if out is not None:
         out = Path(out)
@@ -608,7 +627,7 @@ def export(
     model = trainer.model
     if equivariant:
         if not gates(model) and cfg.method != "strict":
-            raise ValueError(
+            raise ExportError(
                 f"{run_dir}: the model has no gated layers, so it has no exactly equivariant part f_eq to "
                 "export; export it without --equivariant"
             )

@@ -424,8 +424,10 @@ class Trainer:
         state = cooper.CMPState(loss=objective, observed_constraints=observed)
         return state, loss_all, values, violations, bool(rest[0] > 0)
 
-    def train_step(self, batch: Any) -> dict[str, Any] | None:
-        """One primal-dual update on ``batch``; returns the log record on logging steps.
+    def train_step(self, batch: Any, record: bool | None = None) -> dict[str, Any] | None:
+        """One primal-dual update on ``batch``; returns its log record when ``record`` (default: every
+        ``log_every`` steps). A record holds what the step saw before its update: loss, constraint values,
+        violations, gates, slacks and multipliers.
 
         Raises:
             NonFiniteError: a NaN/Inf appeared and ``on_nan="stop"`` (or rollback is impossible).
@@ -444,6 +446,11 @@ class Trainer:
         self._checked_batch = True
         self._stop_agreed = stop
         problem = _first_nonfinite({"loss": task_loss, **{f"constraint '{k}'": v for k, v in values.items()}})
+        # skip must also undo a dual step that overflowed the multipliers: keep their values (a few numbers)
+        kept = [c.multiplier.weight.detach().clone() for c in self.cooper_constraints.values()]
+        if record is None:
+            record = (self.step + 1) % self.log_every == 0
+        seen = self._snapshot(kept) if record else None
         alternating = self.cooper_constraints and self.dual.update == "alternating"
         if (
             problem is None and alternating
@@ -462,11 +469,28 @@ class Trainer:
             problem = self._check_multipliers()
         if problem is not None:
             self._handle_nonfinite(problem)  # raises, unless the step is skipped
+            with torch.no_grad():
+                for c, weight in zip(self.cooper_constraints.values(), kept):
+                    c.multiplier.weight.copy_(weight)
         self.step += 1
         self.batch_in_epoch += 1
-        if problem is None and self.step % self.log_every == 0:
-            return self._train_record(task_loss, primal.lagrangian.detach(), tolerances, values, violations)
+        if problem is None and record:
+            return self._train_record(
+                task_loss, primal.lagrangian.detach(), tolerances, values, violations, seen
+            )
         return None
+
+    def _snapshot(self, multipliers: list[torch.Tensor]) -> dict[str, Any]:
+        """Gates, slacks and multipliers before the step's update, for its log record."""
+        weights = dict(zip(self.cooper_constraints, multipliers))
+        return {
+            "gates": [g.detach().clone() for g in self._gate_params],
+            "slacks": {k: u.detach().clone() for k, u in self.slacks.items()},
+            "multipliers": {
+                c.name: weights[c.name] if c.dual else torch.full((self._size(c),), float(c.penalty))
+                for c in self.constraints
+            },
+        }
 
     def _primal_step(self) -> str | None:
         """Check the gradients, clip, step, project the slacks; the name of a non-finite quantity or None."""
@@ -525,11 +549,12 @@ class Trainer:
         saved = checkpoint is not None and checkpoint.exists()
         if self.on_nan == "rollback" and saved and self.rollbacks < self.max_rollbacks:
             rollbacks = self.rollbacks + 1
-            self.load_checkpoint(checkpoint)
+            lrs = [[group["lr"] for group in o.param_groups] for o in self.optimizers]
+            self.load_checkpoint(checkpoint)  # restores the checkpoint's lr: scale the lr in use instead
             self.rollbacks = rollbacks
-            for o in self.optimizers:
-                for group in o.param_groups:
-                    group["lr"] *= self.rollback_lr_factor
+            for o, old in zip(self.optimizers, lrs):
+                for group, lr in zip(o.param_groups, old):
+                    group["lr"] = lr * self.rollback_lr_factor
             self.truncate_records()
             raise _RolledBack
         where = f"the last good checkpoint is {checkpoint}" if saved else "no checkpoint was written yet"
@@ -568,9 +593,10 @@ class Trainer:
                 raise ValueError(
                     f"input field '{name}' has dtype {tensor.dtype}, but the model's parameters are {dtype}"
                 )
+        self._check_output(inputs, None)  # missing fields and wrong shapes, before the model trips on them
 
     def _check_output(self, inputs: Any, output: Any) -> None:
-        """Named fields present with the right shapes, output fitting its declared representation."""
+        """Named fields present with the right shapes, output (unless None) fitting its representation."""
         if self.symmetry is None:
             return
         try:
@@ -596,16 +622,15 @@ class Trainer:
             return [f"{c.name}.{g}" for g in self._gate_names]
         return [c.name]
 
-    def constraint_table(self, tolerances, values, violations) -> dict[str, dict[str, float]]:
+    def constraint_table(self, tolerances, values, violations, seen) -> dict[str, dict[str, float]]:
         """Per constraint entry: tolerance, deviation or gate, violation, multiplier, slack."""
-        multipliers = self.multipliers()
-        gate_values = torch.stack(self._gate_params).detach().tolist() if self._gate_params else []
+        gate_values = torch.stack(seen["gates"]).tolist() if seen["gates"] else []
         table = {}
         for c in self.constraints:
             vals = values[c.name].tolist()
             viols = violations[c.name].tolist()
-            mults = multipliers[c.name].tolist()
-            slack = self.slacks[c.name].detach().tolist() if c.name in self.slacks else None
+            mults = seen["multipliers"][c.name].tolist()
+            slack = seen["slacks"][c.name].tolist() if c.name in seen["slacks"] else None
             for i, entry in enumerate(self._entries(c)):
                 row = {"tolerance": float(tolerances[c.name])}
                 if isinstance(c, GateConstraint):
@@ -619,16 +644,16 @@ class Trainer:
                 table[entry] = row
         return table
 
-    def _train_record(self, task_loss, lagrangian, tolerances, values, violations) -> dict[str, Any]:
+    def _train_record(self, task_loss, lagrangian, tolerances, values, violations, seen) -> dict[str, Any]:
         record: dict[str, Any] = {
             "step": self.step,
             "epoch": self.epoch,
             "loss": task_loss.item(),
             "lagrangian": lagrangian.item(),
         }
-        for name, g in zip(self._gate_names, self._gate_params):
+        for name, g in zip(self._gate_names, seen["gates"]):
             record[f"gate/{name}"] = g.item()
-        for entry, row in self.constraint_table(tolerances, values, violations).items():
+        for entry, row in self.constraint_table(tolerances, values, violations, seen).items():
             for key, value in row.items():
                 record[f"constraint/{entry}/{key}"] = value
         return record
@@ -760,6 +785,7 @@ class Trainer:
 
     def _catch_signals(self) -> Callable[[], None]:
         """SIGINT/SIGTERM set a flag read after each step; a second signal acts as usual."""
+        self._stop_signal, self._stop_agreed = None, False  # a new fit() after an Interrupted starts afresh
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = {}
@@ -795,16 +821,21 @@ class Trainer:
         if resumed is not None:
             _set_rng_state(resumed, self.generator)
         for batch in batches:
-            record = self.train_step(batch)
+            record = self.train_step(
+                batch, record=(self.step + 1) % self.log_every == 0 or self.step + 1 == total
+            )
             bar.update(1)
             if record is not None:
                 self._write(record)
                 bar.set_postfix(self._progress_postfix(record), refresh=False)
-            if self._stop_agreed:
+            # one process stops after the step the signal arrived in; several after the step that agreed on it
+            if self._stop_agreed or (self.world_size == 1 and self._stop_signal is not None):
                 path = self.save_checkpoint()
                 raise Interrupted(
                     f"stopped by a signal after step {self.step}; checkpoint saved to {path}; "
                     "continue with `ace train CONFIG --out DIR --resume`"
+                    if path is not None
+                    else f"stopped by a signal after step {self.step} (no log_dir: no checkpoint saved)"
                 )
             if self.step >= total:
                 return self.batch_in_epoch >= len(loader)
@@ -968,13 +999,19 @@ class Trainer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(self.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # e.g. a full disk: drop the partial file, keep the last good checkpoints
+            tmp.unlink(missing_ok=True)
+            kept = f"{path} is unchanged" if path.exists() else "no earlier checkpoint exists"
+            raise CheckpointError(f"cannot write checkpoint {path}: {err}; {kept}") from err
         if path.exists():
             os.replace(path, path.with_name("previous.pt"))
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         if self.world_size > 1:
             dist.barrier()
         return path
@@ -997,6 +1034,20 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _module_device(model: nn.Module) -> torch.device:

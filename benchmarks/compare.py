@@ -11,8 +11,8 @@ families). Arguments of the form ``key=value`` are overrides applied to every co
 
 Each run goes through :func:`ace.experiment.run` into ``OUT/<config>/seed<s>``. The script is resumable:
 a run whose ``summary.json`` exists is read, not trained again, and an interrupted run continues from its
-last checkpoint. ``--jobs`` runs that many trainings at once, each in its own process with
-``--threads`` torch threads.
+last checkpoint. ``--jobs N`` > 1 runs N trainings at once, each in its own process; every training
+uses ``--threads`` torch threads.
 
 The table (stdout and ``OUT/table.md``) has one row per config: mean +- std over seeds (sample std,
 ddof = 1) of each test metric found in the summaries (``mse``, ``accuracy``, ...) for the relaxed model
@@ -64,7 +64,9 @@ def resolve_targets(targets: list[str], configs_dir: Path = CONFIGS) -> list[Pat
             found = [configs_dir / f"{target}_{m}.yaml" for m in METHODS]
             found = [p for p in found if p.is_file()]
             if not found:
-                raise SystemExit(f"compare: no config of family {target!r} (no {configs_dir}/{target}_<method>.yaml)")
+                raise SystemExit(
+                    f"compare: no config of family {target!r} (no {configs_dir}/{target}_<method>.yaml)"
+                )
         paths += [p for p in found if p not in paths]
     return paths
 
@@ -87,8 +89,8 @@ def run_all(
 ) -> dict[str, list[dict[str, Any]]]:
     """Train (or read back) every config for seeds 0 .. seeds-1; returns config name -> summaries."""
     tasks, summaries = [], {p.stem: [] for p in paths}
-    for path in paths:
-        for seed in range(seeds):
+    for seed in range(seeds):  # seed-major: a run cut short still has every config at the first seeds
+        for path in paths:
             run_dir = out / path.stem / f"seed{seed}"
             done = run_dir / "summary.json"
             if done.exists():
@@ -97,6 +99,17 @@ def run_all(
                 tasks.append((path, [*overrides, f"seed={seed}", "log.progress=false"], run_dir))
     if tasks:
         print(f"compare: training {len(tasks)} run(s), {jobs} at a time", file=sys.stderr, flush=True)
+    if jobs == 1:  # in this process: no start-up cost
+        import torch
+
+        previous = torch.get_num_threads()
+        try:
+            for path, extra, run_dir in tasks:
+                summaries[path.stem].append(_train_one(str(path), extra, str(run_dir), threads))
+                print(f"compare: done {run_dir}", file=sys.stderr, flush=True)
+        finally:
+            torch.set_num_threads(previous)
+        return summaries
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = [
@@ -148,7 +161,7 @@ def run_values(summary: dict[str, Any], metrics: list[str]) -> dict[str, float |
 
 
 def aggregate(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """``(metric names, rows)``: per config, the mean and std over seeds of every value of :func:`run_values`."""
+    """``(metric names, rows)``: per config, mean and std over seeds of each value of :func:`run_values`."""
     metrics = _metric_names(summaries)
     rows = []
     for name, runs in summaries.items():
@@ -199,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 3 steps: a smoke test")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.seeds < 1 or args.jobs < 1 or args.threads < 1:
         parser.error("--seeds, --jobs and --threads must be >= 1")
     overrides = [t for t in args.targets if "=" in t]

@@ -98,10 +98,10 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_p
 
     original = Trainer.train_step
 
-    def killed_at_step_10(self, batch):
+    def killed_at_step_10(self, batch, record=None):
         if self.step == 10:
             raise KeyboardInterrupt  # stands for a kill: nothing is saved after the epoch-2 checkpoint
-        return original(self, batch)
+        return original(self, batch, record)
 
     monkeypatch.setattr(Trainer, "train_step", killed_at_step_10)
     with pytest.raises(KeyboardInterrupt):

@@ -152,5 +152,7 @@ class EGNNBranch(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         if charge is None:
             charge = pos.new_zeros(pos.size(0), 1)
-        dh, dpos = self.mlp(torch.cat([h, pos, vel, charge.to(pos.dtype)], dim=-1)).split([self.hidden, self.dim], dim=-1)
+        dh, dpos = self.mlp(torch.cat([h, pos, vel, charge.to(pos.dtype)], dim=-1)).split(
+            [self.hidden, self.dim], dim=-1
+        )
         return dh, dpos

@@ -1,0 +1,143 @@
+"""Every N-body config trains for a few steps; the comparison script aggregates and resumes."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch_geometric")
+
+from ace.cli import main  # noqa: E402
+from ace.config import load_config  # noqa: E402
+from ace.experiment import run  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+NBODY_CONFIGS = sorted((ROOT / "configs").glob("nbody_*.yaml"))
+TINY = [
+    "data.train_size=16",
+    "data.val_size=8",
+    "data.test_size=8",
+    "train.batch_size=8",
+    "train.eval_batch_size=8",
+    "train.epochs=1",
+    "train.max_steps=2",
+    "train.eval_samples=1",
+    "log.every=1",
+    "log.progress=false",
+]
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("nbody_cache")
+
+
+def test_both_families_exist():
+    names = {p.stem for p in NBODY_CONFIGS}
+    for m in ("strict", "unconstrained", "penalty", "cr", "ace", "ace_resilient", "scheduled"):
+        assert f"nbody_{m}" in names
+    for m in ("strict", "unconstrained", "ace", "ace_resilient"):
+        assert f"nbody_field_{m}" in names
+
+
+@pytest.mark.parametrize("path", NBODY_CONFIGS, ids=lambda p: p.stem)
+def test_config_trains_a_few_steps(path, tmp_path, cache_dir):
+    cfg = load_config(path, [*TINY, f"data.cache_dir={cache_dir}"])
+    assert cfg.method == path.stem.removeprefix("nbody_").removeprefix("field_")
+    assert (cfg.data.field_strength != 0) == ("field" in path.stem)
+    summary = run(cfg, tmp_path / "run")
+    assert summary["steps"] == 2
+    test = summary["test"]
+    assert math.isfinite(test["test/mse"]) and "test/deviation" in test
+    if cfg.method != "strict":
+        assert len(summary["gates"]) == cfg.model.layers
+        assert test["test/eq/deviation"] < 1e-6 < test["test/deviation"] or cfg.method == "cr"
+    if cfg.method in ("ace", "ace_resilient", "scheduled"):
+        assert set(summary["constraints"]) == {f"gate.layers.{i}" for i in range(cfg.model.layers)}
+        assert all("multiplier" in row for row in summary["constraints"].values())
+
+
+@pytest.mark.parametrize("name", ["nbody_strict", "nbody_ace"])
+def test_issue_short_run_from_the_cli(name, tmp_path, cache_dir, capsys):
+    args = ["train.epochs=2", "data.train_size=200", "data.val_size=100", "data.test_size=100"]
+    config = str(ROOT / "configs" / f"{name}.yaml")
+    out = tmp_path / "run"
+    args += [f"data.cache_dir={cache_dir}", "log.progress=false"]
+    assert main(["train", config, "--out", str(out), *args]) == 0
+    assert "test: " in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def _fake_summary(mse, eq_mse=None, gates=(), slack=None, wall=10.0, metric="mse"):
+    test = {"step": 5, "epoch": 1, "test/loss": mse, f"test/{metric}": mse, "test/deviation": 0.5}
+    if eq_mse is not None:
+        test[f"test/eq/{metric}"] = eq_mse
+        test["test/eq/deviation"] = 0.0
+    constraints = {f"gate.g{i}": {"gate": g, "slack": slack} for i, g in enumerate(gates)} if slack else {}
+    return {
+        "test": test,
+        "gates": {f"g{i}": g for i, g in enumerate(gates)},
+        "constraints": constraints,
+        "wall_time": wall,
+    }
+
+
+def test_compare_aggregates_mean_and_sample_std():
+    compare = _compare()
+    summaries = {
+        "strict": [_fake_summary(1.0), _fake_summary(3.0, wall=20.0)],
+        "ace": [
+            _fake_summary(2.0, 1.0, gates=(0.5, -1.0), slack=0.25),
+            _fake_summary(4.0, 3.0, gates=(0.0,), slack=0.75),
+        ],
+    }
+    metrics, rows = compare.aggregate(summaries)
+    assert metrics == ["mse"]
+    strict, ace = rows
+    assert strict["mse"] == strict["eq/mse"] == (2.0, pytest.approx(math.sqrt(2.0)))
+    assert strict["wall_time"] == (15.0, pytest.approx(math.sqrt(50.0)))
+    assert math.isnan(strict["max_abs_gate"][0])
+    assert ace["eq/mse"][0] == 2.0 and ace["max_abs_gate"][0] == 0.5 and ace["max_slack"][0] == 0.5
+    table = compare.format_markdown(metrics, rows)
+    assert "test mse (f_eq)" in table.splitlines()[0] and "| `strict` | 2 | 2 ± 1.4 |" in table
+    accuracy = {"a": [_fake_summary(0.9, 0.8, metric="accuracy")]}
+    assert compare.aggregate(accuracy)[0] == ["accuracy"]
+    assert "test accuracy (relaxed)" in compare.format_markdown(*compare.aggregate(accuracy))
+
+
+def test_compare_resolves_families():
+    compare = _compare()
+    paths = compare.resolve_targets(["nbody_field", "nbody_field", str(ROOT / "configs" / "toy.yaml")])
+    assert [p.stem for p in paths] == [
+        "nbody_field_strict",
+        "nbody_field_unconstrained",
+        "nbody_field_ace",
+        "nbody_field_ace_resilient",
+        "toy",
+    ]
+    with pytest.raises(SystemExit, match="no config of family"):
+        compare.resolve_targets(["no_such_family"])
+
+
+def test_compare_quick_run_writes_the_table_and_resumes(tmp_path, capsys):
+    compare = _compare()
+    argv = [str(ROOT / "configs" / "toy_ace.yaml"), "--quick", "--seeds", "2", "--out", str(tmp_path)]
+    assert compare.main(argv) == 0
+    first = capsys.readouterr()
+    assert "| `toy_ace` | 2 |" in first.out and "training 2 run(s)" in first.err
+    assert (tmp_path / "table.md").read_text().startswith("`python benchmarks/compare.py")
+    summary = tmp_path / "toy_ace" / "seed1" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    assert compare.main(argv) == 0
+    assert "training" not in capsys.readouterr().err
+    assert summary.stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "results.json").read_text())["toy_ace"][1]["mse"] is not None

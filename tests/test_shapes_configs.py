@@ -1,0 +1,92 @@
+"""Every point-cloud config runs a few steps from its YAML, the way `ace train CONFIG` reads it."""
+
+from pathlib import Path
+
+import pytest
+
+from ace.config import load_config
+from ace.experiment import run
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+SHAPES = sorted(CONFIGS.glob("shapes_*.yaml"))
+# Tiny everything: a smoke test of config -> data -> (relaxed) model -> constraints -> trainer, not a fit.
+TINY_MODEL = [
+    "model.hidden_irreps=4x0e+2x0o+2x1o+2x1e",
+    "model.num_layers=2",
+    "model.lmax=1",
+    "model.num_neighbors=4",
+    "model.radial_hidden=8",
+    "model.readout_hidden=8",
+    "model.branch_hidden=8",
+]
+TINY = [
+    "data.num_points=16",
+    "train.batch_size=4",
+    "train.max_steps=2",
+    "train.eval_batch_size=8",
+    "train.eval_samples=1",
+    "log.every=1",
+    "log.progress=false",
+    *TINY_MODEL,
+]
+
+
+FAMILIES = {
+    "shapes": ("strict", "unconstrained", "ace", "ace_resilient"),
+    "shapes_upright": ("strict", "unconstrained", "ace", "ace_resilient"),
+}
+
+
+def test_the_families_are_complete():
+    names = {p.stem for p in SHAPES}
+    assert names >= {f"{family}_{m}" for family, methods in FAMILIES.items() for m in methods}
+    assert (CONFIGS / "modelnet40_ace.yaml").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_family_differs_only_in_its_method(family):
+    configs = {m: load_config(CONFIGS / f"{family}_{m}.yaml") for m in FAMILIES[family]}
+    for method, cfg in configs.items():
+        assert cfg.method == method
+        cfg.method = "strict"
+    assert all(cfg == configs["strict"] for cfg in configs.values())
+
+
+@pytest.mark.parametrize("path", SHAPES, ids=lambda p: p.stem)
+def test_shapes_config_runs_a_few_steps(path, tmp_path):
+    overrides = [
+        "data.train_size=8",
+        "data.val_size=4",
+        "data.test_size=4",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *TINY,
+    ]
+    cfg = load_config(path, overrides)
+    summary = run(cfg, tmp_path / "run")
+    assert summary["steps"] == 2
+    assert "test/accuracy" in summary["test"]
+    gated = cfg.method != "strict"
+    assert ("test/eq/accuracy" in summary["test"]) == gated
+    assert len(summary["gates"]) == (cfg.model.num_layers if gated else 0)
+    if cfg.method in ("ace", "ace_resilient"):
+        assert {f"gate.layers.{i}" for i in range(2)} <= set(summary["constraints"])
+    if cfg.method == "ace_resilient":
+        assert all("slack" in row for row in summary["constraints"].values())
+
+
+def test_modelnet40_config_validates_and_runs_on_a_fabricated_folder(tmp_path):
+    from test_modelnet import BOX, BOX_FACES, TETRA, TETRA_FACES, write_off
+
+    cfg = load_config(CONFIGS / "modelnet40_ace.yaml")
+    assert cfg.task.name == "modelnet40" and cfg.method == "ace"
+    for name, (vertices, faces) in {"box": (BOX, BOX_FACES), "tetra": (TETRA, TETRA_FACES)}.items():
+        for split, count in (("train", 3), ("test", 2)):
+            folder = tmp_path / "raw" / name / split
+            folder.mkdir(parents=True)
+            for i in range(count):
+                write_off(folder / f"{name}_{i + 1:04d}.off", vertices, faces, 1 + 0.5 * i)
+    cfg = load_config(
+        CONFIGS / "modelnet40_ace.yaml", [f"data.root={tmp_path}", "data.val_size=2", "data.name=10", *TINY]
+    )
+    summary = run(cfg, tmp_path / "run")
+    assert summary["steps"] == 2 and "test/eq/accuracy" in summary["test"]
