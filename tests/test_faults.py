@@ -7,6 +7,7 @@ equal an uninterrupted run bit for bit (CPU, one thread).
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -344,7 +345,7 @@ def test_nan_stop_names_quantity_and_step_and_keeps_the_checkpoint(tmp_path):
     ],
 )
 def test_nan_stop_detects_each_quantity(monkeypatch, quantity, setup):
-    kw, loss = {}, nn.functional.mse_loss
+    loss = nn.functional.mse_loss
     if setup == "deviation":
         deviation = ace.trainer.equivariance_deviation
         monkeypatch.setattr(
@@ -352,11 +353,24 @@ def test_nan_stop_detects_each_quantity(monkeypatch, quantity, setup):
         )
     elif setup == "gradient":  # d sqrt(s)/ds = inf at s = 0, times ds/dout = 0: a NaN gradient
         loss = lambda out, y: nn.functional.mse_loss(out, y) + (out * 0).sum().sqrt()  # noqa: E731
-    else:  # the dual step overflows: lambda = 0 + 1e308 * violation
-        kw["dual"] = ace.DualSettings(lr=1e308)
-    trainer = make_trainer(loss=loss, max_multiplier=None, **kw)
+    trainer = make_trainer(loss=loss)
+    if setup == "multiplier":
+        poison_dual_step(trainer, at={1})
     with pytest.raises(NonFiniteError, match=f"non-finite {quantity} in step 1 .*no checkpoint was written"):
         trainer.fit(loader(), epochs=1, print_summary=False)
+
+
+def poison_dual_step(trainer, at):
+    """The dual step of the steps in ``at`` (counted from 1) leaves an Inf multiplier."""
+    dual_step = trainer.cooper_optimizer.dual_step
+
+    def poisoned():
+        dual_step()
+        if trainer.step + 1 in at:
+            for c in trainer.cooper_constraints.values():
+                c.multiplier.weight.data.fill_(float("inf"))
+
+    trainer.cooper_optimizer.dual_step = poisoned
 
 
 def test_nan_skip_drops_the_step_and_goes_on(tmp_path):
@@ -368,10 +382,14 @@ def test_nan_skip_drops_the_step_and_goes_on(tmp_path):
     assert [r["step"] for r in trainer.history if "loss" in r] == [1, 2, 4, 5, 7, 8]
 
 
-def test_nan_skip_undoes_an_overflowing_dual_step():
-    trainer = make_trainer(on_nan="skip", dual=ace.DualSettings(lr=1e308), max_multiplier=None)
+def test_nan_skip_undoes_a_bad_dual_step():
+    trainer = make_trainer(on_nan="skip")
+    poison_dual_step(trainer, at={2, 3})
     trainer.fit(loader(), epochs=1, print_summary=False)
-    assert all(torch.isfinite(m).all() for m in trainer.multipliers().values())
+    assert [e["quantity"] for e in events(trainer)] == ["multiplier", "multiplier"]
+    multipliers = [r["constraint/deviation/multiplier"] for r in trainer.history if "loss" in r]
+    assert len(multipliers) == 2 and all(map(math.isfinite, multipliers))  # steps 1 and 4
+    assert torch.isfinite(trainer.multipliers()["deviation"]).all()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
@@ -524,10 +542,10 @@ def test_resume_falls_back_to_previous_when_last_is_damaged(tmp_path, reference,
     out = tmp_path / "run"
     train_step = Trainer.train_step
 
-    def killed_at_step_10(self, batch):
+    def killed_at_step_10(self, batch, **kw):
         if self.step == 9:
             raise KeyboardInterrupt  # stands for a kill: checkpoints of steps 4 and 8 are on disk
-        return train_step(self, batch)
+        return train_step(self, batch, **kw)
 
     monkeypatch.setattr(Trainer, "train_step", killed_at_step_10)
     with pytest.raises(KeyboardInterrupt):
