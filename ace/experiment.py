@@ -284,7 +284,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
 
 
 def _last_good_checkpoint(out: Path) -> Path | None:
-    """``last.pt``, or ``previous.pt`` when the last one is unreadable; None when there is neither."""
+    """``last.pt``, or ``previous.pt`` when the last one is unreadable or foreign; None if neither exists."""
     candidates = [
         p for p in (out / "checkpoints" / "last.pt", out / "checkpoints" / "previous.pt") if p.exists()
     ]
@@ -294,8 +294,10 @@ def _last_good_checkpoint(out: Path) -> Path | None:
         except Exception as err:  # noqa: BLE001 - any unreadable file falls back to the previous one
             warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
             continue
-        if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
-            warnings.warn(f"skipping {path}: not an ace checkpoint (format {CHECKPOINT_FORMAT})", stacklevel=2)
+        if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):  # before run() writes
+            warnings.warn(
+                f"skipping {path}: not an ace checkpoint (format {CHECKPOINT_FORMAT})", stacklevel=2
+            )
             continue
         return path
     if candidates:

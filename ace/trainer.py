@@ -523,8 +523,8 @@ class Trainer:
                     if w.abs().max() > self.max_multiplier and name not in self._ceiling_warned:
                         self._ceiling_warned.add(name)
                         message = (
-                            f"multiplier of constraint '{name}' reached the ceiling {self.max_multiplier:g} at "
-                            f"step {self.step + 1} and is clamped there: the constraint may be infeasible "
+                            f"multiplier of constraint '{name}' reached the ceiling {self.max_multiplier:g} "
+                            f"at step {self.step + 1} and is clamped there: the constraint may be infeasible "
                             "(raise its tolerance, make it resilient, or raise max_multiplier)"
                         )
                         warnings.warn(message, stacklevel=3)
@@ -566,8 +566,8 @@ class Trainer:
                 else "rollback needs a checkpoint"
             )
         raise NonFiniteError(
-            f"non-finite {quantity} in step {step} ({reason}); {where}. Lower the learning rates, clip gradients "
-            "(optim.grad_clip), or set train.on_nan to skip or rollback"
+            f"non-finite {quantity} in step {step} ({reason}); {where}. Lower the learning rates, clip "
+            "gradients (optim.grad_clip), or set train.on_nan to skip or rollback"
         )
 
     def _checkpoint_path(self) -> Path | None:

@@ -15,7 +15,9 @@ pre-collated batches (data loading is not timed). Every trainer variant runs thr
 ``Trainer.train_step`` and writes the records it returns, as ``Trainer.fit`` does. The variants and the
 plain loop take turns in one process, ``--block`` steps at a time in a rotating order, for ``--reps``
 rounds after ``--warmup`` rounds; each cell is the median per-step time over the rounds, and the ratio is
-trainer / plain loop of the same model.
+trainer / plain loop of the same model. Times are CPU times of this process (``time.process_time``) with
+one torch thread: on cores shared with other work, wall-clock times also count the time the process
+waits for a core, which other processes' load changes from one round to the next.
 
 Rows and their targets (issue 8):
 
@@ -125,11 +127,11 @@ def build(model: str, variant: Variant | None, extra: list[str], cache: str, run
 
 
 def time_block(step: Callable, batches: list, start: int, block: int) -> float:
-    """Seconds per step over ``block`` steps, cycling through ``batches`` from ``start``."""
-    t0 = time.perf_counter()
+    """CPU seconds per step over ``block`` steps, cycling through ``batches`` from ``start``."""
+    t0 = time.process_time()
     for i in range(block):
         step(batches[(start + i) % len(batches)])
-    return (time.perf_counter() - t0) / block
+    return (time.process_time() - t0) / block
 
 
 def measure(model: str, ks: list[int], args, extra: list[str], cache: str, tmp: str) -> list[list[Any]]:
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
     torch.set_num_threads(1)
     print(
         f"torch {torch.__version__}, 1 thread (torch.set_num_threads(1)), {os.cpu_count()} CPU cores "
-        "shared with other work: expect a few % of noise; medians of "
+        "shared with other work: process CPU time per step, expect a few % of noise; medians of "
         f"{args.reps} rounds x {args.block} steps after {args.warmup} warm-up rounds"
         + (" (--quick: NOT a measurement)" if args.quick else ""),
         flush=True,

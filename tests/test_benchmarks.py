@@ -1,0 +1,50 @@
+"""Smoke tests of the benchmark scripts: each runs with tiny sizes and prints its table (no timing checks)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()  # the scripts pin one thread for stable timings
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_overhead_quick(capsys):
+    pytest.importorskip("torch_geometric")
+    rows = _load("overhead").main(["--quick", "--models", "nbody", "toy-mlp", "--samples", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "| model" in "\n".join(out) and "deviation k=1" in "\n".join(out)
+    assert out[-1].startswith("gate-constraint ratio (trainer / plain loop): nbody ")
+    assert {r[1] for r in rows} >= {"gate (ACE)", "gate, log every 1", "deviation k=1"}
+
+
+def test_deviation_quick(capsys):
+    pytest.importorskip("torch_geometric")
+    rows = _load("deviation").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "fwd ratio" in out and "deviation saved MB" in out
+    assert [(r[0], r[1]) for r in rows] == [(m, k) for m in ("nbody-egnn", "toy-mlp") for k in (1, 2)]
+
+
+def test_data_quick(capsys):
+    pytest.importorskip("torch_geometric")
+    rows = _load("data").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "generate CPU s" in out
+    assert [r[0] for r in rows] == ["nbody", "shapes"]
