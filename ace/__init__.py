@@ -1,10 +1,10 @@
 """ace: train any PyTorch model under equivariance constraints by constrained optimisation.
 
-    model = ace.relax(model, where=...)                       # optional gates f_eq + gamma * f_neq
-    trainer = ace.Trainer(model, loss, optimizer, symmetry=ace.Symmetry(...),
-                          constraints=[ace.GateConstraint(equality=True)])
-    trainer.fit(train_loader, val_loader, epochs=10)
-    exact = ace.strip(model)                                  # the exactly equivariant f_eq
+model = ace.relax(model, where=...)                       # optional gates f_eq + gamma * f_neq
+trainer = ace.Trainer(model, loss, optimizer, symmetry=ace.Symmetry(...),
+                      constraints=[ace.GateConstraint(equality=True)])
+trainer.fit(train_loader, val_loader, epochs=10)
+exact = ace.strip(model)                                  # the exactly equivariant f_eq
 """
 
 from . import groups, schedules, testing

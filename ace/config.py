@@ -148,7 +148,8 @@ class TrainConfig:
     on_nan: str = opt(
         "stop",
         "a NaN/Inf in loss, constraint, gradient or multiplier: 'stop' (error, last checkpoint intact), "
-        "'skip' (drop that step) or 'rollback' (reload the last checkpoint, halve the learning rates, at most 3 times)",
+        "'skip' (drop that step) or 'rollback' (reload the last checkpoint, halve the learning rates, "
+        "at most 3 times)",
         choices=("stop", "skip", "rollback"),
     )
 
@@ -165,8 +166,9 @@ class Config:
     seed: int = opt(0, "seeds data generation, initialisation, shuffling and group sampling")
     method: str = opt(
         "ace",
-        "how to train: strict (f_eq only), unconstrained (relaxed, no constraint), penalty (fixed multiplier), "
-        "ace (eps = 0, dual ascent), ace_resilient (eps = 0 plus learned slack), scheduled (eps(t) tightening), "
+        "how to train: strict (f_eq only), unconstrained (relaxed, no constraint), "
+        "penalty (fixed multiplier), ace (eps = 0, dual ascent), ace_resilient (eps = 0 plus learned slack), "
+        "scheduled (eps(t) tightening), "
         "cr (gates on a fixed schedule, set to 0 at the end)",
         choices=METHODS,
     )
@@ -196,7 +198,8 @@ def task_module(name: str) -> types.ModuleType:
     except ImportError as err:
         extra = {"nbody": "graphs", "shapes": "points", "modelnet40": "points"}.get(name, "all")
         raise ConfigError(
-            f"task {name!r} needs an optional dependency ({err.name}): pip install 'ace-equivariance[{extra}]'"
+            f"task {name!r} needs an optional dependency ({err.name}): "
+            f"pip install 'ace-equivariance[{extra}]'"
         ) from err
 
 
@@ -416,7 +419,8 @@ def _validate(cfg: Config) -> None:
         if key == "tolerance" and cfg.method == "scheduled" and not getattr(schedule, "needs_start", False):
             if not is_nonincreasing(schedule, 1000):
                 raise ConfigError(
-                    "constraint.tolerance: method 'scheduled' tightens the tolerance, but this schedule grows; "
+                    "constraint.tolerance: method 'scheduled' tightens the tolerance, "
+                    "but this schedule grows; "
                     "make end <= start"
                 )
 

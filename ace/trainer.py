@@ -6,10 +6,10 @@ One training step, for constraints ``g_i(theta) <= eps_i(t)`` with multipliers `
     L(\\theta, u, \\lambda) = \\ell(\\theta) + \\sum_i \\tfrac{\\rho_i}{2} u_i^2
         + \\sum_i \\lambda_i \\, (g_i(\\theta) - \\epsilon_i(t) - u_i)
 
-    \\theta, u \\leftarrow \\text{primal optimiser step on } \\nabla_{\\theta, u} L, \\quad u \\leftarrow \\max(u, 0)
+    \\theta, u \\leftarrow \\text{primal step on } \\nabla_{\\theta, u} L, \\quad u \\leftarrow \\max(u, 0)
 
-    \\lambda_i \\leftarrow [\\lambda_i + \\eta_\\lambda (g_i - \\epsilon_i(t) - u_i)]_+ \\quad (\\text{no } [\\cdot]_+
-    \\text{ for equalities})
+    \\lambda_i \\leftarrow [\\lambda_i + \\eta_\\lambda (g_i - \\epsilon_i(t) - u_i)]_+
+    \\quad (\\text{no } [\\cdot]_+ \\text{ for equalities})
 
 The slack terms appear only for resilient constraints; fixed-penalty constraints add
 ``w * relu(g - eps)`` to the loss and have no multiplier. The tolerance eps(t) is a pure function of the

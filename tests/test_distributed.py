@@ -13,8 +13,15 @@ from ace.config import load_config
 from ace.experiment import build_task, prepare_run, run
 
 CONFIG = Path(__file__).parent.parent / "configs" / "toy_ace.yaml"
-SMALL = ["data.train_size=128", "data.val_size=32", "data.test_size=32", "train.batch_size=32", "log.every=1",
-         "log.progress=false", "train.threads=1"]
+SMALL = [
+    "data.train_size=128",
+    "data.val_size=32",
+    "data.test_size=32",
+    "train.batch_size=32",
+    "log.every=1",
+    "log.progress=false",
+    "train.threads=1",
+]
 STEPS = 6
 
 
@@ -44,7 +51,9 @@ def worker(rank, world, tmp):
         trainer.fit(loader, max_steps=STEPS, print_summary=False)
         torch.save(trained_state(trainer), f"{tmp}/fixed{rank}.pt")
         # a deviation constraint: each rank measures D on its own shard; the all-reduce makes them agree
-        trainer, loaders = prepare_run(load_config(CONFIG.with_name("toy.yaml"), [*SMALL, "method=ace"]), None)
+        trainer, loaders = prepare_run(
+            load_config(CONFIG.with_name("toy.yaml"), [*SMALL, "method=ace"]), None
+        )
         trainer.fit(loaders["train"], max_steps=STEPS, print_summary=False)
         torch.save(trained_state(trainer), f"{tmp}/deviation{rank}.pt")
         dist.barrier()
@@ -52,7 +61,10 @@ def worker(rank, world, tmp):
         for name, steps, resume in (("whole", 8, False), ("parts", 4, False), ("parts", 8, True)):
             cfg = load_config(CONFIG, [*SMALL, f"train.max_steps={steps}"])
             run(cfg, f"{tmp}/{name}", resume=resume)
-        torch.save(torch.load(f"{tmp}/parts/checkpoints/last.pt", weights_only=True)["model"], f"{tmp}/parts{rank}.pt")
+        torch.save(
+            torch.load(f"{tmp}/parts/checkpoints/last.pt", weights_only=True)["model"],
+            f"{tmp}/parts{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

@@ -86,7 +86,7 @@ def test_modelnet40_config_validates_and_runs_on_a_fabricated_folder(tmp_path):
             for i in range(count):
                 write_off(folder / f"{name}_{i + 1:04d}.off", vertices, faces, 1 + 0.5 * i)
     cfg = load_config(
-        CONFIGS / "modelnet40_ace.yaml", [f"data.root={tmp_path}", "data.val_size=2", "data.name=10", *TINY]
+        CONFIGS / "modelnet40_ace.yaml", [f"data.root={tmp_path}", "data.val_size=2", *TINY]
     )
     summary = run(cfg, tmp_path / "run")
     assert summary["steps"] == 2 and "test/eq/accuracy" in summary["test"]
