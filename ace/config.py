@@ -128,7 +128,9 @@ class OptimConfig:
         0.05, "learning rate of the gates gamma (plain SGD: the multipliers' pull stays proportional)"
     )
     momentum: float = opt(0.9, "momentum for 'sgd'")
-    grad_clip: float | None = opt(None, "clip the primal gradient norm to this value (null = off)")
+    grad_clip: float | None = opt(
+        None, "clip the norm of the weights' gradient (gates excluded) to this value (null = off)"
+    )
     slack_lr: float = opt(1.0e-2, "learning rate of the slacks u of 'ace_resilient' (SGD)")
 
 

@@ -10,15 +10,6 @@ from ace.experiment import run
 CONFIGS = Path(__file__).parent.parent / "configs"
 SHAPES = sorted(CONFIGS.glob("shapes_*.yaml"))
 # Tiny everything: a smoke test of config -> data -> (relaxed) model -> constraints -> trainer, not a fit.
-TINY_MODEL = [
-    "model.hidden_irreps=4x0e+2x0o+2x1o+2x1e",
-    "model.num_layers=2",
-    "model.lmax=1",
-    "model.num_neighbors=4",
-    "model.radial_hidden=8",
-    "model.readout_hidden=8",
-    "model.branch_hidden=8",
-]
 TINY = [
     "data.num_points=16",
     "train.batch_size=4",
@@ -27,10 +18,14 @@ TINY = [
     "train.eval_samples=1",
     "log.every=1",
     "log.progress=false",
-    *TINY_MODEL,
+    "model.hidden_irreps=4x0e+2x0o+2x1o+2x1e",
+    "model.num_layers=2",
+    "model.lmax=1",
+    "model.num_neighbors=4",
+    "model.radial_hidden=8",
+    "model.readout_hidden=8",
+    "model.branch_hidden=8",
 ]
-
-
 FAMILIES = {
     "shapes": ("strict", "unconstrained", "ace", "ace_resilient"),
     "shapes_upright": ("strict", "unconstrained", "ace", "ace_resilient"),
@@ -85,8 +80,6 @@ def test_modelnet40_config_validates_and_runs_on_a_fabricated_folder(tmp_path):
             folder.mkdir(parents=True)
             for i in range(count):
                 write_off(folder / f"{name}_{i + 1:04d}.off", vertices, faces, 1 + 0.5 * i)
-    cfg = load_config(
-        CONFIGS / "modelnet40_ace.yaml", [f"data.root={tmp_path}", "data.val_size=2", *TINY]
-    )
+    cfg = load_config(CONFIGS / "modelnet40_ace.yaml", [f"data.root={tmp_path}", "data.val_size=2", *TINY])
     summary = run(cfg, tmp_path / "run")
     assert summary["steps"] == 2 and "test/eq/accuracy" in summary["test"]
