@@ -129,7 +129,7 @@ class OptimConfig:
     )
     momentum: float = opt(0.9, "momentum for 'sgd'")
     grad_clip: float | None = opt(
-        None, "clip the norm of the weights' gradient (gates excluded) to this value (null = off)"
+        None, "clip the gradient norm of the weights, and separately of the gates, to this value (null = off)"
     )
     slack_lr: float = opt(1.0e-2, "learning rate of the slacks u of 'ace_resilient' (SGD)")
 

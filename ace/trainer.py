@@ -169,7 +169,7 @@ class Trainer:
         metrics: extra evaluation metrics ``{name: (output, target) -> batch mean}``.
         gate_schedule: if given, the gates are not learned but set to ``gate_schedule(step)`` before each
             step (the constraint-relaxation baseline ``cr``); f_eq is what gets evaluated as final.
-        grad_clip: clip the norm of the primal gradient, gates excluded, to this value.
+        grad_clip: clip the gradient norm of the weights, and separately of the gates, to this value.
         slack_lr: learning rate of the slack variables (SGD).
         eval_samples: group samples per batch for the deviation reported at evaluation.
         log_dir: run directory for ``metrics.jsonl``, ``summary.json`` and ``checkpoints/``; ``None``
@@ -501,9 +501,13 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm(grads)
             if not torch.isfinite(norm):
                 return "gradient"
-            if self.grad_clip is not None:  # gates excluded: clipping them would blunt the multipliers' pull
+            if self.grad_clip is not None:
+                # weights and gates apart: the weights' large norm must not blunt the multipliers' pull on
+                # the gates, while a runaway gate step is still bounded
                 gate_ids = {id(g) for g in self._gate_params}
                 torch.nn.utils.clip_grad_norm_([p for p in params if id(p) not in gate_ids], self.grad_clip)
+                if self._gate_params:
+                    torch.nn.utils.clip_grad_norm_(self._gate_params, self.grad_clip)
         self.cooper_optimizer.primal_step()
         with torch.no_grad():
             for u in self.slacks.values():
