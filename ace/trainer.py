@@ -262,7 +262,11 @@ class Trainer:
         self.forward_model = self.model
         if self.world_size > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
-            self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            # models often hold parameters that a loss does not reach (e.g. the last EGNN layer's feature
+            # update when only positions are predicted): let DDP find them instead of failing
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=device_ids, find_unused_parameters=True
+            )
 
         self.run_dir = Path(log_dir) if log_dir is not None else None  # read by every rank
         self.log_dir = self.run_dir if self.is_main else None  # written by rank 0 only

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ace.config import load_config
 from ace.experiment import build_task, prepare_run, run
+from ace.trainer import Trainer
 
 CONFIG = Path(__file__).parent.parent / "configs" / "toy_ace.yaml"
 SMALL = [
@@ -50,6 +51,16 @@ def worker(rank, world, tmp):
         trainer, loader = fixed_order_trainer(shard=True)
         trainer.fit(loader, max_steps=STEPS, print_summary=False)
         torch.save(trained_state(trainer), f"{tmp}/fixed{rank}.pt")
+        # a model with a parameter no loss reaches (as the EGNN's last feature update): DDP must not fail
+        model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
+        model.unused = torch.nn.Linear(2, 2)
+        data = torch.utils.data.TensorDataset(torch.randn(32, 2), torch.randn(32, 2))
+        loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, shuffle=False))
+        trainer = Trainer(
+            model, torch.nn.functional.mse_loss, torch.optim.Adam(model.parameters()), progress=False
+        )
+        trainer.fit(loader, max_steps=3, print_summary=False)
+        torch.save(trained_state(trainer), f"{tmp}/unused{rank}.pt")
         # a deviation constraint: each rank measures D on its own shard; the all-reduce makes them agree
         trainer, loaders = prepare_run(
             load_config(CONFIG.with_name("toy.yaml"), [*SMALL, "method=ace"]), None
@@ -83,6 +94,12 @@ def test_ranks_hold_identical_parameters_and_multipliers(two_process_run):
     for key in a["multipliers"]:
         assert torch.equal(a["multipliers"][key], b["multipliers"][key])
         assert a["multipliers"][key].abs().sum() > 0  # the duals really moved
+
+
+def test_a_model_with_unused_parameters_trains(two_process_run):
+    a, b = (torch.load(two_process_run / f"unused{r}.pt", weights_only=True) for r in (0, 1))
+    for key in a["params"]:
+        assert torch.equal(a["params"][key], b["params"][key]), key
 
 
 def test_deviation_multipliers_agree_across_ranks(two_process_run):
