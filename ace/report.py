@@ -607,11 +607,12 @@ def export(
 
     import torch
 
+    from .batches import split_batch
+    from .checkpoint import CheckpointError
     from .deviation import equivariance_deviation
     from .experiment import RunDirError, load_run_config, prepare_run
     from .relax import gates, strip
     from .testing import _cast, assert_equivariant
-    from .trainer import CheckpointError, split_batch
 
     checkpoint = Path(run_dir) / "checkpoints" / "last.pt"
     cfg = load_run_config(run_dir)

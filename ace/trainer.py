@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import cooper
-import numpy as np
 import torch
 import torch.distributed as dist
 from cooper.formulations import AugmentedLagrangian, Lagrangian
@@ -42,6 +40,9 @@ from cooper.penalty_coefficients import DensePenaltyCoefficient
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batches import batch_size, float_fields, split_batch, to_device
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, rng_state, save_atomic, set_rng_state
+from .checkpoint import load as read_checkpoint
 from .constraints import Constraint, DeviationConstraint, GateConstraint
 from .deviation import equivariance_deviation
 from .loggers import MetricsLog, format_table, write_json
@@ -58,12 +59,7 @@ __all__ = [
     "Interrupted",
 ]
 
-CHECKPOINT_FORMAT = 1
 NAN_POLICIES = ("stop", "skip", "rollback")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit this trainer."""
 
 
 class NonFiniteError(RuntimeError):
@@ -117,34 +113,6 @@ class DualSettings:
             raise ValueError(f"dual.lr must be > 0, got {self.lr!r}")
         if not self.penalty_coefficient > 0:
             raise ValueError(f"dual.penalty_coefficient must be > 0, got {self.penalty_coefficient!r}")
-
-
-def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
-    """``(inputs, target)`` from a loader item: a pair, or a torch_geometric batch with ``.y``."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    if hasattr(batch, "y") and hasattr(batch, "num_nodes"):
-        return batch, batch.y
-    raise TypeError(
-        "a training batch must be an (inputs, target) pair or a torch_geometric Data/Batch with .y, "
-        f"got {type(batch).__name__}"
-    )
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move tensors inside tuples, lists, dicts and torch_geometric objects to ``device``."""
-    if isinstance(obj, torch.Tensor) or hasattr(obj, "num_nodes"):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def batch_size(inputs: Any, target: torch.Tensor) -> int:
-    """Number of samples in a batch: graphs for torch_geometric batches, else the target's first dim."""
-    return int(getattr(inputs, "num_graphs", None) or target.shape[0])
 
 
 class _Problem(cooper.ConstrainedMinimizationProblem):
@@ -597,7 +565,7 @@ class Trainer:
         if self._checked_batch:
             return
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
-        for name, tensor in _float_fields(inputs):
+        for name, tensor in float_fields(inputs):
             if dtype is not None and tensor.dtype != dtype:
                 raise ValueError(
                     f"input field '{name}' has dtype {tensor.dtype}, but the model's parameters are {dtype}"
@@ -820,15 +788,15 @@ class Trainer:
             sampler.set_epoch(self.epoch)
         resumed = None
         if self.batch_in_epoch > 0 and self._epoch_rng is not None:
-            resumed = _rng_state(self.generator)  # mid-epoch resume: replay the epoch's shuffle
-            _set_rng_state(self._epoch_rng, self.generator)
+            resumed = rng_state(self.generator)  # mid-epoch resume: replay the epoch's shuffle
+            set_rng_state(self._epoch_rng, self.generator)
         else:
-            self._epoch_rng = _rng_state(self.generator)
+            self._epoch_rng = rng_state(self.generator)
         batches = iter(loader)
         for _ in range(self.batch_in_epoch):
             next(batches)
         if resumed is not None:
-            _set_rng_state(resumed, self.generator)
+            set_rng_state(resumed, self.generator)
         for batch in batches:
             record = self.train_step(
                 batch, record=(self.step + 1) % self.log_every == 0 or self.step + 1 == total
@@ -954,7 +922,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "tolerance_starts": dict(self.tolerance_starts),
-            "rng": _rng_state(self.generator),
+            "rng": rng_state(self.generator),
             "epoch_rng": self._epoch_rng,
             "best": self.best,
             "last_eval": self.last_eval,
@@ -986,7 +954,7 @@ class Trainer:
         for c in self.constraints:
             if getattr(c.tolerance, "needs_start", False) and c.name in self.tolerance_starts:
                 c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
-        _set_rng_state(state["rng"], self.generator)
+        set_rng_state(state["rng"], self.generator)
         self._epoch_rng = state["epoch_rng"]
         self.best, self.last_eval = state["best"], state["last_eval"]
         self.wall_time = state["wall_time"]
@@ -1005,33 +973,14 @@ class Trainer:
             if not self.is_main:
                 dist.barrier()
                 return path
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as err:  # e.g. a full disk: drop the partial file, keep the last good checkpoints
-            tmp.unlink(missing_ok=True)
-            kept = f"{path} is unchanged" if path.exists() else "no earlier checkpoint exists"
-            raise CheckpointError(f"cannot write checkpoint {path}: {err}; {kept}") from err
-        if path.exists():
-            os.replace(path, path.with_name("previous.pt"))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        path = save_atomic(self.state_dict(), path)
         if self.world_size > 1:
             dist.barrier()
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load a checkpoint written by :meth:`save_checkpoint` (tensors only: no code runs from it)."""
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as err:  # truncated, foreign or hostile files all end here
-            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-        self.load_state_dict(state)
+        self.load_state_dict(read_checkpoint(path, self.device))
 
     def close(self) -> None:
         self.log.close()
@@ -1045,51 +994,9 @@ class _nullcontext:
         return False
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make renames in ``folder`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _module_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    random.setstate(_as_tuples(state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(obj: Any) -> Any:
-    """random.setstate wants tuples; a checkpoint round trip may give lists."""
-    return tuple(_as_tuples(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
 
 
 def _first_nonfinite(values: dict[str, torch.Tensor]) -> str | None:
@@ -1097,19 +1004,3 @@ def _first_nonfinite(values: dict[str, torch.Tensor]) -> str | None:
     if torch.isfinite(torch.cat([v.reshape(-1) for v in values.values()])).all():
         return None
     return next(name for name, v in values.items() if not torch.isfinite(v).all())
-
-
-def _float_fields(inputs: Any, name: str = "inputs") -> Iterable[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every floating-point tensor in a batch of inputs."""
-    if isinstance(inputs, torch.Tensor):
-        if inputs.is_floating_point():
-            yield name, inputs
-    elif isinstance(inputs, (tuple, list)):
-        for i, v in enumerate(inputs):
-            yield from _float_fields(v, f"{name}[{i}]")
-    elif isinstance(inputs, dict):
-        for k, v in inputs.items():
-            yield from _float_fields(v, str(k))
-    elif hasattr(inputs, "num_nodes"):
-        for k, v in inputs.items():
-            yield from _float_fields(v, k)
