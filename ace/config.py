@@ -75,7 +75,7 @@ class RelaxConfig:
 class ConstraintConfig:
     kind: str = opt(
         "gate",
-        "what is constrained: 'gate' (|gamma_i| per gated layer, needs a relaxed model) or 'deviation' "
+        "what is constrained: 'gate' (abs(gamma_i) per gated layer, needs a relaxed model) or 'deviation' "
         "(the measured equivariance deviation D of the whole model, any model)",
         choices=("gate", "deviation"),
     )
@@ -87,7 +87,7 @@ class ConstraintConfig:
         "'steps: null' = the whole run). 'ace' and 'ace_resilient' hold eps at 0",
     )
     samples: int = opt(1, "group elements sampled per step to estimate the deviation D (kind 'deviation')")
-    relative: bool = opt(False, "divide D by E||f(x)||^2 (scale-free tolerance)")
+    relative: bool = opt(False, "divide D by the mean squared norm of f(x) (scale-free tolerance)")
     rho: float = opt(1.0, "slack cost rho/2 * u^2 of 'ace_resilient' (larger rho = less slack)")
     penalty: float = opt(1.0, "fixed multiplier w of method 'penalty': loss + w * relu(g - eps)")
     cr_schedule: Any = opt(
@@ -115,7 +115,7 @@ class DualConfig:
     ki: float = opt(1.0, "nuPI integral gain")
     init: float = opt(0.0, "initial multiplier value")
     max_multiplier: float | None = opt(
-        1.0e6, "ceiling on |multiplier|: clamped there with a warning in the log (null = none)"
+        1.0e6, "ceiling on abs(multiplier): clamped there with a warning in the log (null = none)"
     )
 
 
