@@ -465,6 +465,7 @@ def reference() -> str:
             if "choices" in f.metadata:
                 text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
             shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            text = text.replace("|", "\\|")  # a raw pipe would split the markdown cell
             lines.append(f"| `{prefix}{f.name}` | `{shown}` | {note}{text} |")
 
     add(Config, "")
