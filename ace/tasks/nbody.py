@@ -15,14 +15,10 @@ is regenerated with a warning.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Task
+from .cache import cache_path, read_cache, write_cache
 from .egnn import EGNN, EGNNBranch, EGNNLayer
 from .nbody_sim import sample_initial_state, simulate
 
@@ -174,47 +171,31 @@ def generate(data: DataConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, di
     return {s: {k: chunks[k][i].clone() for k in chunks} for i, s in enumerate(splits)}
 
 
-def _valid(stored: object, params: dict) -> bool:
-    if not isinstance(stored, dict) or stored.get("params") != params:
-        return False
+def _check(stored: dict, params: dict) -> None:
     shape = (params["size"], params["num_particles"])
-    tensors = [stored.get(k) for k in ("pos", "vel", "target", "charge")]
-    return all(isinstance(t, Tensor) and t.dtype == torch.float64 for t in tensors) and [
-        tuple(t.shape) for t in tensors
-    ] == [(*shape, 3)] * 3 + [(*shape, 1)]
+    for key, last in (("pos", 3), ("vel", 3), ("target", 3), ("charge", 1)):
+        t = stored.get(key)
+        if not (isinstance(t, Tensor) and t.dtype == torch.float64 and tuple(t.shape) == (*shape, last)):
+            raise ValueError(f"'{key}' is not a float64 tensor of shape {(*shape, last)}")
 
 
 def load_data(data: DataConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, dict[str, Tensor]]:
     """Load the splits from ``data.cache_dir``, generating (and caching) the missing or invalid ones."""
     if not data.cache_dir:
         return generate(data, splits)
-    paths, result = {}, {}
+    params = {split: _params(data, split) for split in splits}
+    paths = {split: cache_path(data.cache_dir, f"nbody_{split}_", params[split]) for split in splits}
+    result = {}
     for split in splits:
-        params = _params(data, split)
-        key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-        paths[split] = Path(data.cache_dir) / f"nbody_{split}_{key}.pt"
-        if not paths[split].exists():
-            continue
-        try:
-            stored = torch.load(paths[split], weights_only=True)
-        except Exception as err:  # truncated, corrupt or not a torch file: all mean "regenerate"
-            warnings.warn(f"unreadable N-body cache {paths[split]} ({err!r}); regenerating", stacklevel=2)
-            continue
-        if _valid(stored, params):
+        stored = read_cache(paths[split], params[split], lambda t, p=params[split]: _check(t, p))
+        if stored is not None:
             result[split] = {k: stored[k] for k in ("pos", "vel", "charge", "target")}
-        else:
-            warnings.warn(
-                f"N-body cache {paths[split]} holds other parameters or shapes; regenerating", stacklevel=2
-            )
     missing = tuple(s for s in splits if s not in result)
     if missing:
         log.info("generating N-body splits %s", missing)
         for split, tensors in generate(data, missing).items():
             result[split] = tensors
-            paths[split].parent.mkdir(parents=True, exist_ok=True)
-            tmp = paths[split].with_suffix(f".tmp{os.getpid()}")
-            torch.save({"params": _params(data, split), **tensors}, tmp)
-            os.replace(tmp, paths[split])  # atomic: an interrupted write never leaves a truncated file
+            write_cache(paths[split], params[split], tensors)
     return result
 
 

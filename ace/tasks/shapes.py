@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +34,7 @@ from torch import Tensor
 from torch_geometric.data import Batch, Data
 
 from .base import Task
+from .cache import cache_path, read_cache, write_cache
 from .e3nn_net import ModelConfig, PointCloudClassifier, branch_factory, is_conv
 
 __all__ = ["CLASSES", "DataConfig", "ModelConfig", "build", "make_split", "sample_shape"]
@@ -275,25 +274,19 @@ def load_or_generate(cfg: DataConfig) -> dict[str, tuple[Tensor, Tensor]]:
     params = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"} | {"version": _CACHE_VERSION}
     if not cfg.cache_dir:
         return _generate(cfg)
-    key = hashlib.sha256(repr(sorted(params.items())).encode()).hexdigest()[:16]
-    path = os.path.join(cfg.cache_dir, f"shapes-{key}.pt")
-    if os.path.exists(path):
-        try:
-            stored = torch.load(path, weights_only=True)
-            if stored["params"] != params:
-                raise ValueError("parameters differ")
-            splits = {k: stored[k] for k in ("train", "val", "test")}
-            for k, (pos, y) in splits.items():
-                if pos.shape != (params[f"{k}_size"], cfg.num_points, 3) or y.shape != pos.shape[:1]:
-                    raise ValueError(f"split {k} has shape {tuple(pos.shape)}")
-            return splits
-        except Exception as err:  # any unreadable or inconsistent file is rebuilt, never trusted
-            warnings.warn(f"regenerating shapes data: cache {path} unusable ({err})", stacklevel=2)
+    path = cache_path(cfg.cache_dir, "shapes-", params)
+
+    def check(stored: dict) -> None:
+        for k in ("train", "val", "test"):
+            pos, y = stored[k]
+            if pos.shape != (params[f"{k}_size"], cfg.num_points, 3) or y.shape != pos.shape[:1]:
+                raise ValueError(f"split {k} has shape {tuple(pos.shape)}")
+
+    stored = read_cache(path, params, check)
+    if stored is not None:
+        return {k: stored[k] for k in ("train", "val", "test")}
     splits = _generate(cfg)
-    os.makedirs(cfg.cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # write then rename: a crash never leaves a half-written cache
-    torch.save({"params": params, **splits}, tmp)
-    os.replace(tmp, path)
+    write_cache(path, params, splits)
     return splits
 
 
