@@ -20,7 +20,7 @@ image (a left- from a right-handed helix): it is SO(3)- but not O(3)-invariant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from e3nn import o3
@@ -28,6 +28,8 @@ from e3nn.math import soft_one_hot_linspace
 from e3nn.nn import FullyConnectedNet, Gate
 from torch import Tensor, nn
 from torch_geometric.utils import scatter, to_dense_batch
+
+from ..config import opt
 
 # Odd scalars need odd activations for the gate to stay equivariant under parity.
 _SCALAR_ACT = {1: nn.functional.silu, -1: torch.tanh}
@@ -141,21 +143,15 @@ class PointBranch(nn.Module):
 class ModelConfig:
     """The e3nn point-cloud classifier (shared by the ``shapes`` and ``modelnet40`` tasks)."""
 
-    hidden_irreps: str = field(
-        default="16x0e+8x0o+8x1o+8x1e", metadata={"help": "irreps of each layer's features before gating"}
-    )
-    num_layers: int = field(default=3, metadata={"help": "number of gated point convolutions"})
-    lmax: int = field(default=2, metadata={"help": "highest order of the spherical-harmonic edge features"})
-    num_neighbors: int = field(default=8, metadata={"help": "k of the k-nearest-neighbour graph"})
-    max_radius: float = field(
-        default=1.0, metadata={"help": "radius where the radial basis ends (data units)"}
-    )
-    num_basis: int = field(default=8, metadata={"help": "radial basis functions"})
-    radial_hidden: int = field(default=32, metadata={"help": "width of the radial MLP"})
-    readout_hidden: int = field(
-        default=64, metadata={"help": "width of the MLP from pooled scalars to logits"}
-    )
-    branch_hidden: int = field(default=64, metadata={"help": "width of the relaxation branch MLP f_neq"})
+    hidden_irreps: str = opt("16x0e+8x0o+8x1o+8x1e", "irreps of each layer's features before gating")
+    num_layers: int = opt(3, "number of gated point convolutions")
+    lmax: int = opt(2, "highest order of the spherical-harmonic edge features")
+    num_neighbors: int = opt(8, "k of the k-nearest-neighbour graph")
+    max_radius: float = opt(1.0, "radius where the radial basis ends (data units)")
+    num_basis: int = opt(8, "radial basis functions")
+    radial_hidden: int = opt(32, "width of the radial MLP")
+    readout_hidden: int = opt(64, "width of the MLP from pooled scalars to logits")
+    branch_hidden: int = opt(64, "width of the relaxation branch MLP f_neq")
 
     def __post_init__(self) -> None:
         o3.Irreps(self.hidden_irreps)  # fails with e3nn's message on a malformed string

@@ -23,13 +23,14 @@ from __future__ import annotations
 import glob
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch_geometric.data import Data
 from torch_geometric.datasets import ModelNet
 from torch_geometric.transforms import SamplePoints
 
+from ..config import opt
 from .base import Task
 from .e3nn_net import ModelConfig
 from .shapes import point_cloud_task, random_rotation, rotation_z
@@ -43,28 +44,18 @@ ROTATIONS = ("none", "upright", "so3")
 class DataConfig:
     """ModelNet from a local folder: where, how many points, which poses, split sizes."""
 
-    root: str = field(
-        default="data/ModelNet40", metadata={"help": "folder holding raw/<class>/{train,test}/<class>_*.off"}
+    root: str = opt("data/ModelNet40", "folder holding raw/<class>/{train,test}/<class>_*.off")
+    name: str = opt("40", "'40' (ModelNet40) or '10' (ModelNet10)")
+    num_points: int = opt(512, "points sampled on each mesh")
+    rotation: str = opt(
+        "none",
+        "'none': the data's own (upright) poses; 'upright': random rotations about z; "
+        "'so3': random 3-D rotations",
     )
-    name: str = field(default="40", metadata={"help": "'40' (ModelNet40) or '10' (ModelNet10)"})
-    num_points: int = field(default=512, metadata={"help": "points sampled on each mesh"})
-    rotation: str = field(
-        default="none",
-        metadata={
-            "help": "'none': the data's own (upright) poses; 'upright': random rotations about z; "
-            "'so3': random 3-D rotations"
-        },
-    )
-    train_size: int | None = field(
-        default=None, metadata={"help": "use at most this many training meshes (null = all)"}
-    )
-    val_size: int = field(
-        default=500, metadata={"help": "validation meshes, held out of the official train split"}
-    )
-    test_size: int | None = field(
-        default=None, metadata={"help": "use at most this many test meshes (null = all)"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the split, the point sampling and the rotations"})
+    train_size: int | None = opt(None, "use at most this many training meshes (null = all)")
+    val_size: int = opt(500, "validation meshes, held out of the official train split")
+    test_size: int | None = opt(None, "use at most this many test meshes (null = all)")
+    seed: int = opt(0, "seed of the split, the point sampling and the rotations")
 
     def __post_init__(self) -> None:
         if self.name not in ("10", "40"):

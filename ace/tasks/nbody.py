@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import opt
 from .base import Task
 from .cache import cache_path, read_cache, write_cache
 from .egnn import EGNN, EGNNBranch, EGNNLayer
@@ -37,35 +38,27 @@ SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class DataConfig:
     """Data set of the N-body task (defaults: the EGNN "nbody_small" protocol)."""
 
-    train_size: int = field(default=3000, metadata=_help("number of training systems"))
-    val_size: int = field(default=2000, metadata=_help("number of validation systems"))
-    test_size: int = field(default=2000, metadata=_help("number of test systems"))
-    num_particles: int = field(default=5, metadata=_help("particles per system"))
-    field_strength: float = field(
-        default=0.0, metadata=_help("uniform external electric field along z (force q E); 0 = E(3)-symmetric")
+    train_size: int = opt(3000, "number of training systems")
+    val_size: int = opt(2000, "number of validation systems")
+    test_size: int = opt(2000, "number of test systems")
+    num_particles: int = opt(5, "particles per system")
+    field_strength: float = opt(
+        0.0, "uniform external electric field along z (force q E); 0 = E(3)-symmetric"
     )
-    cache_dir: str = field(
-        default="data_cache", metadata=_help("folder for generated data sets; empty string = no cache")
-    )
-    seed: int = field(default=43, metadata=_help("data seed, independent of the run seed (EGNN used 43)"))
-    frame_in: int = field(default=30, metadata=_help("input frame"))
-    frame_out: int = field(default=40, metadata=_help("target frame"))
-    sample_freq: int = field(default=100, metadata=_help("simulation steps between frames"))
-    delta_t: float = field(default=1e-3, metadata=_help("integration time step"))
-    interaction_strength: float = field(default=1.0, metadata=_help("Coulomb constant k"))
-    loc_std: float = field(default=1.0, metadata=_help("std of initial positions (scaled by (n/5)^(1/3))"))
-    vel_norm: float = field(default=0.5, metadata=_help("norm of each initial velocity"))
-    max_force: float | None = field(
-        default=100.0, metadata=_help("clip each particle's force to this norm; null = no clipping")
-    )
+    cache_dir: str = opt("data_cache", "folder for generated data sets; empty string = no cache")
+    seed: int = opt(43, "data seed, independent of the run seed (EGNN used 43)")
+    frame_in: int = opt(30, "input frame")
+    frame_out: int = opt(40, "target frame")
+    sample_freq: int = opt(100, "simulation steps between frames")
+    delta_t: float = opt(1e-3, "integration time step")
+    interaction_strength: float = opt(1.0, "Coulomb constant k")
+    loc_std: float = opt(1.0, "std of initial positions (scaled by (n/5)^(1/3))")
+    vel_norm: float = opt(0.5, "norm of each initial velocity")
+    max_force: float | None = opt(100.0, "clip each particle's force to this norm; null = no clipping")
 
     def __post_init__(self) -> None:
         for key in ("train_size", "val_size", "test_size", "num_particles", "sample_freq", "frame_out"):
@@ -93,11 +86,9 @@ class DataConfig:
 class ModelConfig:
     """EGNN of the N-body task (defaults as in the EGNN paper)."""
 
-    layers: int = field(default=4, metadata=_help("number of EGNN layers"))
-    hidden: int = field(default=64, metadata=_help("feature width of the EGNN"))
-    branch_hidden: int = field(
-        default=64, metadata=_help("width of the non-equivariant MLP branch of each relaxed layer")
-    )
+    layers: int = opt(4, "number of EGNN layers")
+    hidden: int = opt(64, "feature width of the EGNN")
+    branch_hidden: int = opt(64, "width of the non-equivariant MLP branch of each relaxed layer")
 
     def __post_init__(self) -> None:
         for key in ("layers", "hidden", "branch_hidden"):

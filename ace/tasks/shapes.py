@@ -27,12 +27,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 from torch_geometric.data import Batch, Data
 
+from ..config import opt
 from .base import Task
 from .cache import cache_path, read_cache, write_cache
 from .e3nn_net import ModelConfig, PointCloudClassifier, branch_factory, is_conv
@@ -227,24 +228,18 @@ def make_split(size: int, num_points: int, rotation: str, noise: float, seed: in
 class DataConfig:
     """Procedural shapes: sizes, symmetry setting, noise, seed and cache."""
 
-    train_size: int = field(default=1024, metadata={"help": "number of training clouds"})
-    val_size: int = field(default=256, metadata={"help": "number of validation clouds"})
-    test_size: int = field(default=512, metadata={"help": "number of test clouds"})
-    num_points: int = field(default=128, metadata={"help": "points per cloud"})
-    rotation: str = field(
-        default="so3",
-        metadata={
-            "help": "'so3': random 3-D rotations, invariant labels; 'upright': rotations about z only, "
-            "plus classes that differ only by orientation"
-        },
+    train_size: int = opt(1024, "number of training clouds")
+    val_size: int = opt(256, "number of validation clouds")
+    test_size: int = opt(512, "number of test clouds")
+    num_points: int = opt(128, "points per cloud")
+    rotation: str = opt(
+        "so3",
+        "'so3': random 3-D rotations, invariant labels; 'upright': rotations about z only, "
+        "plus classes that differ only by orientation",
     )
-    noise: float = field(
-        default=0.01, metadata={"help": "standard deviation of Gaussian noise per coordinate"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the data (independent of the run seed)"})
-    cache_dir: str = field(
-        default="data_cache", metadata={"help": "folder for generated data ('' = no cache)"}
-    )
+    noise: float = opt(0.01, "standard deviation of Gaussian noise per coordinate")
+    seed: int = opt(0, "seed of the data (independent of the run seed)")
+    cache_dir: str = opt("data_cache", "folder for generated data ('' = no cache)")
 
     def __post_init__(self) -> None:
         if self.rotation not in ROTATIONS:
