@@ -18,6 +18,7 @@ step, so resuming needs only the step count.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -221,6 +222,14 @@ class Trainer:
         self.cooper_optimizer = self._make_cooper_optimizer()
         self._gate_names = list(self.gates)
         self._gate_params = list(self.gates.values())
+        gate_ids = {id(g) for g in self._gate_params}
+        self._weights = [  # the primal parameters other than the gates, listed once for the hot path
+            p
+            for o in self.optimizers
+            for group in o.param_groups
+            for p in group["params"]
+            if id(p) not in gate_ids
+        ]
         if gate_schedule is not None:
             for g in self._gate_params:
                 g.requires_grad_(False)
@@ -467,8 +476,7 @@ class Trainer:
 
     def _primal_step(self) -> str | None:
         """Check the gradients, clip, step, project the slacks; the name of a non-finite quantity or None."""
-        params = [p for o in self.optimizers for group in o.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in (*self._weights, *self._gate_params) if p.grad is not None]
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
             if not torch.isfinite(norm):
@@ -476,8 +484,7 @@ class Trainer:
             if self.grad_clip is not None:
                 # weights and gates apart: the weights' large norm must not blunt the multipliers' pull on
                 # the gates, while a runaway gate step is still bounded
-                gate_ids = {id(g) for g in self._gate_params}
-                torch.nn.utils.clip_grad_norm_([p for p in params if id(p) not in gate_ids], self.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self._weights, self.grad_clip)
                 if self._gate_params:
                     torch.nn.utils.clip_grad_norm_(self._gate_params, self.grad_clip)
         self.cooper_optimizer.primal_step()
@@ -681,7 +688,7 @@ class Trainer:
         return {k: v / count for k, v in totals.items()}
 
     def _eval_variants(self):
-        yield "", _nullcontext()
+        yield "", contextlib.nullcontext()
         if self.gates:
             yield "eq/", equivariant(self.model)
 
@@ -984,14 +991,6 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _module_device(model: nn.Module) -> torch.device:
