@@ -103,6 +103,32 @@ def test_field_accelerates_net_charge_along_z():
     torch.testing.assert_close(momentum, expected, rtol=0, atol=1e-9)
 
 
+def test_clip_bounds_the_norm_or_each_component():
+    """One step of dt = 1 from rest gives v = clipped force. Two like charges at distance 1/sqrt(200)
+    along u = (3, 1, 0)/sqrt(10) push each other with |F| = 200: the norm rule (the default) scales F to
+    norm 100; the component rule clamps -189.7 to -100 and leaves -63.2 alone."""
+    u = torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64) / math.sqrt(10)
+    pos = torch.stack([torch.zeros(3, dtype=torch.float64), u / math.sqrt(200)])[None]
+    vel, charge = torch.zeros_like(pos), torch.ones(1, 2, 1, dtype=torch.float64)
+
+    def force(pos, **kw):
+        return simulate(pos, vel, charge, steps=1, delta_t=1.0, **kw)[1][0, 0, 0]
+
+    torch.testing.assert_close(force(pos, max_force=None), -200 * u)
+    torch.testing.assert_close(force(pos), -100 * u)
+    assert torch.equal(force(pos), force(pos, clip="norm"))
+    component = force(pos, clip="component")
+    torch.testing.assert_close(
+        component, torch.tensor([-100.0, -200 / math.sqrt(10), 0.0], dtype=torch.float64)
+    )
+    # only the norm rule commutes with all rotations (the component rule with the cube's only)
+    r = _rotation_about(2, math.pi / 4)
+    torch.testing.assert_close(force(pos @ r.T), r @ force(pos))
+    assert not torch.allclose(force(pos @ r.T, clip="component"), r @ component)
+    with pytest.raises(ValueError, match="clip"):
+        force(pos, clip="box")
+
+
 # --- data set, cache and config -------------------------------------------------------------------
 
 
@@ -143,6 +169,8 @@ def test_cache_hit_miss_and_no_cache(tmp_path, monkeypatch):
     assert not torch.equal(changed["test"]["target"], first["test"]["target"])
     nbody.load_data(_small())
     assert len(list(tmp_path.glob("nbody_*.pt"))) == 6
+    nbody.load_data(_small(tmp_path, clip="component"))  # the clipping rule is part of the key
+    assert len(list(tmp_path.glob("nbody_*.pt"))) == 9
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "other_params"])
@@ -170,11 +198,19 @@ def test_damaged_cache_is_regenerated_with_a_warning(tmp_path, damage):
     "key, value",
     [("train_size", 0), ("val_size", -1), ("test_size", 2.5), ("train_size", True), ("num_particles", 1),
      ("field_strength", "strong"), ("field_strength", None), ("field_strength", float("nan")),
-     ("delta_t", 0.0)],
+     ("delta_t", 0.0), ("clip", "box")],
 )  # fmt: skip
 def test_data_config_rejects_bad_values(key, value):
     with pytest.raises(ValueError, match=key):
         nbody.DataConfig(**{key: value})
+
+
+def test_config_rejects_an_unknown_clip_rule_by_name():
+    from ace.config import ConfigError, config_from_dict
+
+    assert nbody.DataConfig().clip == "norm"
+    with pytest.raises(ConfigError, match=r"data\.clip.*'box'"):
+        config_from_dict({"task": {"name": "nbody"}, "data": {"clip": "box"}})
 
 
 def test_data_config_reads_yaml_style_numbers():

@@ -58,7 +58,15 @@ class DataConfig:
     interaction_strength: float = opt(1.0, "Coulomb constant k")
     loc_std: float = opt(1.0, "std of initial positions (scaled by (n/5)^(1/3))")
     vel_norm: float = opt(0.5, "norm of each initial velocity")
-    max_force: float | None = opt(100.0, "clip each particle's force to this norm; null = no clipping")
+    max_force: float | None = opt(
+        100.0, "bound on each particle's force, applied as data.clip says; null = no clipping"
+    )
+    clip: str = opt(
+        "norm",
+        "how max_force clips: the force's norm (rotation-equivariant) or each Cartesian component "
+        "(the EGNN generator's rule; breaks rotation symmetry)",
+        choices=("norm", "component"),
+    )
 
     def __post_init__(self) -> None:
         for key in ("train_size", "val_size", "test_size", "num_particles", "sample_freq", "frame_out"):
@@ -75,6 +83,8 @@ class DataConfig:
         for key in ("delta_t", "loc_std", "max_force"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"data.{key} must be > 0, got {getattr(self, key)!r}")
+        if self.clip not in ("norm", "component"):
+            raise ValueError(f"data.clip must be 'norm' or 'component', got {self.clip!r}")
         if self.vel_norm < 0:
             raise ValueError(f"data.vel_norm must be >= 0, got {self.vel_norm!r}")
         if not isinstance(self.cache_dir, (str, os.PathLike)):
@@ -154,6 +164,7 @@ def generate(data: DataConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, di
         interaction_strength=data.interaction_strength,
         field_strength=data.field_strength,
         max_force=data.max_force,
+        clip=data.clip,
     )
     out = {"pos": frames_x[data.frame_in], "vel": frames_v[data.frame_in], "charge": charge}
     out["target"] = frames_x[data.frame_out]

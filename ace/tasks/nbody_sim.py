@@ -24,10 +24,11 @@ code (vgsatorras/egnn, ``n_body_system/dataset``) and its loader (``dataset_nbod
 
 Deviations from the EGNN code, all deliberate:
 
-* The force on each particle is clipped in norm, ``F_i <- F_i min(1, max_force / |F_i|)``, not per
-  Cartesian component as in the original (``|F_c| <= 0.1 / delta_t = 100``): per-component clipping is
-  not rotation-equivariant, and the symmetric data must be exactly symmetric. Both only act in close
-  encounters (``|F| > 100`` needs ``|x_i - x_j| < 0.1`` for unit charges).
+* By default the force on each particle is clipped in norm, ``F_i <- F_i min(1, max_force / |F_i|)``,
+  not per Cartesian component as in the original (``F_ic <- clamp(F_ic, -max_force, max_force)``, with
+  ``max_force = 0.1 / delta_t = 100``): per-component clipping is not rotation-equivariant, and the
+  symmetric data must be exactly symmetric. ``clip="component"`` gives the original rule. Both only act
+  in close encounters (``|F| > 100`` needs ``|x_i - x_j| < 0.1`` for unit charges).
 * The original reflects initial positions beyond +-5 (its unused box) once at t = 0; that breaks
   translation symmetry and almost never triggers (a 5-sigma event), so it is left out.
 * Random numbers come from a seeded ``torch.Generator`` in float64, so the samples follow the same
@@ -99,6 +100,7 @@ def simulate(
     interaction_strength: float = 1.0,
     field_strength: float = 0.0,
     max_force: float | None = 100.0,
+    clip: str = "norm",
 ) -> tuple[Tensor, Tensor]:
     """Integrate ``steps`` symplectic-Euler steps from the given states (see the module docstring).
 
@@ -110,12 +112,16 @@ def simulate(
         delta_t: integration step.
         interaction_strength: Coulomb constant ``k``.
         field_strength: uniform external field ``E`` along z (force ``q E e_z``).
-        max_force: clip each particle's force to this norm; ``None`` disables clipping.
+        max_force: clip each particle's force at this value; ``None`` disables clipping.
+        clip: ``"norm"`` scales ``F_i`` down to norm ``max_force`` (rotation-equivariant); ``"component"``
+            clamps each Cartesian component to ``[-max_force, max_force]`` (the EGNN generator's rule).
 
     Returns:
         ``(pos, vel)`` of shape ``(steps // sample_every, B, n, 3)``: frame ``f`` is the state after
         ``(f + 1) * sample_every`` steps.
     """
+    if clip not in ("norm", "component"):
+        raise ValueError(f"clip must be 'norm' or 'component', got {clip!r}")
     # coordinate-major (3, n, B): every op runs over the long trajectory axis
     x = pos.permute(2, 1, 0).contiguous()
     v = vel.permute(2, 1, 0).contiguous()
@@ -130,8 +136,10 @@ def simulate(
         f = incidence @ (d * (d.square().sum(0).pow(-1.5) * pair_strength))
         if field_strength:
             f[2] += external
-        if max_force is not None:
+        if max_force is not None and clip == "norm":
             f = f * (max_force / f.square().sum(0).sqrt()).clamp(max=1.0)
+        elif max_force is not None:
+            f = f.clamp(-max_force, max_force)
         return f
 
     frames_x, frames_v = [], []
