@@ -24,8 +24,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit this trainer."""
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically, keeping the file it replaces as ``previous.pt``."""
+def save_atomic(obj: Any, path: str | os.PathLike, previous: str | None = "previous.pt") -> Path:
+    """``torch.save(obj)`` to ``path`` atomically, keeping the file it replaces as ``previous`` (in the same
+    folder; ``None``: the old file is simply replaced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -38,8 +39,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
         tmp.unlink(missing_ok=True)
         kept = f"{path} is unchanged" if path.exists() else "no earlier checkpoint exists"
         raise CheckpointError(f"cannot write checkpoint {path}: {err}; {kept}") from err
-    if path.exists():
-        os.replace(path, path.with_name("previous.pt"))
+    if previous is not None and path.exists():
+        os.replace(path, path.with_name(previous))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path

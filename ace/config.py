@@ -69,6 +69,12 @@ class TaskConfig:
 class RelaxConfig:
     gate_init: float = opt(1.0, "initial value of every gate gamma (f_eq + gamma * f_neq)")
     hidden: int = opt(64, "width of the default MLP branch f_neq, where the task does not supply its own")
+    normalize: str = opt(
+        "spectral",
+        "bound every branch: 'spectral' normalises each linear map of f_neq (operator norm 1, bias norm <= 1), "
+        "so abs(gamma_i) bounds how far layer i is from f_eq; 'none' leaves the branches free",
+        choices=("spectral", "none"),
+    )
 
 
 @dataclass
@@ -132,6 +138,23 @@ class OptimConfig:
         None, "clip the gradient norm of the weights, and separately of the gates, to this value (null = off)"
     )
     slack_lr: float = opt(1.0e-2, "learning rate of the slacks u of 'ace_resilient' (SGD)")
+    gate_max_step: float | None = opt(
+        0.1, "largest change of a gate in one step, a trust region safe at any loss scale (null = none)"
+    )
+    schedule: str = opt(
+        "constant",
+        "learning-rate schedule of the weights (not the gates): 'constant', 'cosine' (warm-up, then cosine "
+        "to min_lr_factor * lr) or 'step' (times decay_factor every decay_every steps)",
+        choices=("constant", "cosine", "step"),
+    )
+    warmup: float = opt(
+        0.0, "linear warm-up of the learning rate: a fraction of the run (< 1) or steps (>= 1)"
+    )
+    min_lr_factor: float = opt(0.0, "'cosine': the final learning rate as a fraction of optim.lr")
+    decay_every: float | None = opt(
+        None, "'step': steps between decays, or a fraction of the run (< 1); null = a third of the run"
+    )
+    decay_factor: float = opt(0.1, "'step': factor applied at each decay")
 
 
 @dataclass
@@ -147,6 +170,12 @@ class TrainConfig:
         "cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available; under torchrun: the local rank's GPU)"
     )
     threads: int | None = opt(None, "torch CPU threads per process (null = torch's default)")
+    select: str | None = opt(
+        None,
+        "validation metric that picks the best step of each variant (model and f_eq, separately), whose test "
+        "metrics summary.json reports under 'selected': 'loss' or a task metric ('accuracy' is maximised); "
+        "null = accuracy where the task has it, else loss",
+    )
     on_nan: str = opt(
         "stop",
         "a NaN/Inf in loss, constraint, gradient or multiplier: 'stop' (error, last checkpoint intact), "
@@ -381,6 +410,7 @@ def _validate(cfg: Config) -> None:
         "optim.gate_lr": cfg.optim.gate_lr,
         "dual.lr": cfg.dual.lr,
         "dual.penalty_coefficient": cfg.dual.penalty_coefficient,
+        "optim.decay_factor": cfg.optim.decay_factor,
         "constraint.rho": cfg.constraint.rho,
         "constraint.samples": cfg.constraint.samples,
         "train.batch_size": cfg.train.batch_size,
@@ -397,6 +427,8 @@ def _validate(cfg: Config) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "constraint.penalty": cfg.constraint.penalty,
         "train.epochs": cfg.train.epochs,
+        "optim.warmup": cfg.optim.warmup,
+        "optim.min_lr_factor": cfg.optim.min_lr_factor,
     }
     for key, value in nonnegative.items():
         if not value >= 0:
@@ -405,6 +437,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"dual.max_multiplier: must be > 0 or null, got {cfg.dual.max_multiplier!r}")
     if cfg.train.threads is not None and not cfg.train.threads > 0:
         raise ConfigError(f"train.threads: must be > 0 or null, got {cfg.train.threads!r}")
+    for key in ("gate_max_step", "decay_every"):
+        value = getattr(cfg.optim, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"optim.{key}: must be > 0 or null, got {value!r}")
     if cfg.optim.grad_clip is not None and not cfg.optim.grad_clip > 0:
         raise ConfigError(f"optim.grad_clip: must be > 0 or null, got {cfg.optim.grad_clip!r}")
     if cfg.train.max_steps is not None and not cfg.train.max_steps > 0:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .symmetry import Symmetry, call_model, is_graph
 
-__all__ = ["equivariance_deviation"]
+__all__ = ["equivariance_deviation", "mean_squared_norm"]
 
 _EPS = 1e-12  # keeps the relative deviation finite when f(x) = 0
 
@@ -72,8 +72,13 @@ def equivariance_deviation(
         target = symmetry.transform_output(_repeat_output(output, samples), g)
         deviation = _squared_norm(symmetry, out_g, target)
     if relative:
-        deviation = deviation / (_squared_norm(symmetry, output) + _EPS)
+        deviation = deviation / mean_squared_norm(symmetry, output)
     return deviation
+
+
+def mean_squared_norm(symmetry: Symmetry, output: Any) -> Tensor:
+    """``mean_b ||f(x_b)||^2 + 1e-12``: the denominator of the relative deviation (same field rules)."""
+    return _squared_norm(symmetry, output) + _EPS
 
 
 def _squared_norm(symmetry: Symmetry, a: Any, b: Any = None) -> Tensor:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, task_module
 from .constraints import Constraint, DeviationConstraint, GateConstraint
 from .relax import gates, relax
-from .schedules import schedule_from_config
+from .schedules import lr_schedule, schedule_from_config
 from .tasks.base import Task
 from .trainer import CHECKPOINT_FORMAT, CheckpointError, DualSettings, Trainer
 
@@ -54,6 +54,10 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader, or torch_geometric's when the items are graphs.
 
+    Graphs that all have the same nodes and edges (:func:`ace.graph_loader.stackable`, checked once here)
+    get a :class:`~ace.graph_loader.StackedGraphLoader` instead: the same batches from the same random
+    numbers, collated once rather than every step.
+
     With ``distributed``, each rank reads its shard through a DistributedSampler (reshuffled each epoch
     from ``seed``) and ``batch_size`` is the global batch, split evenly over the ranks.
     """
@@ -71,7 +75,9 @@ def make_loader(
     if hasattr(dataset[0], "num_nodes"):
         from torch_geometric.loader import DataLoader as GraphLoader
 
-        return GraphLoader(dataset, **kwargs)
+        from .graph_loader import StackedGraphLoader, stackable
+
+        return (StackedGraphLoader if stackable(dataset) else GraphLoader)(dataset, **kwargs)
     return DataLoader(dataset, **kwargs)
 
 
@@ -168,6 +174,11 @@ def prepare_run(cfg: Config, out: str | Path | None) -> tuple[Trainer, dict[str,
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps) if cfg.train.epochs else cfg.train.max_steps
     relaxed, constraints, gate_schedule = method_setup(cfg, task, total)
+    if cfg.train.select not in (None, "loss", *task.metrics):
+        raise ConfigError(
+            f"train.select: {cfg.train.select!r} is not a metric of task '{cfg.task.name}'; "
+            f"choose loss or one of {sorted(task.metrics)}"
+        )
     model = task.model
     if relaxed:
         relax(
@@ -177,8 +188,9 @@ def prepare_run(cfg: Config, out: str | Path | None) -> tuple[Trainer, dict[str,
             gate_init=cfg.relax.gate_init,
             hidden=cfg.relax.hidden,
             example=task.example,
+            normalize=cfg.relax.normalize,
         )
-    d = cfg.dual
+    d, o = cfg.dual, cfg.optim
     trainer = Trainer(
         model,
         task.loss,
@@ -191,6 +203,9 @@ def prepare_run(cfg: Config, out: str | Path | None) -> tuple[Trainer, dict[str,
         metrics=task.metrics,
         gate_schedule=gate_schedule,
         grad_clip=cfg.optim.grad_clip,
+        gate_max_step=cfg.optim.gate_max_step,
+        lr_schedule=lr_schedule(o.schedule, total, o.warmup, o.min_lr_factor, o.decay_every, o.decay_factor),
+        select=cfg.train.select or ("accuracy" if "accuracy" in task.metrics else "loss"),
         slack_lr=cfg.optim.slack_lr,
         eval_samples=cfg.train.eval_samples,
         log_dir=out,

@@ -20,12 +20,14 @@ Example::
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from .bound import NORMALIZE_CHOICES, bound_branch
 
 Where = Callable[[str, nn.Module], bool] | type[nn.Module] | str | Sequence[str]
 BranchFactory = Callable[[str, nn.Module], nn.Module]
@@ -151,6 +153,7 @@ def relax(
     outputs: int | Sequence[int] | None = None,
     hidden: int = 64,
     example: Any = None,
+    normalize: str = "spectral",
 ) -> nn.Module:
     """Replace the selected submodules of ``model``, in place, by :class:`GatedLayer`.
 
@@ -166,14 +169,20 @@ def relax(
         hidden: hidden width of the default branch.
         example: model inputs for sizing default branches; called as ``model(x)`` for a tensor,
             ``model(*x)`` for a tuple or list, ``model(**x)`` for a dict, ``model(x)`` otherwise.
+        normalize: ``"spectral"`` bounds every branch (default or from ``branch``) with
+            :func:`ace.bound.bound_branch`, so that ``|gamma_i|`` bounds how far layer i departs from
+            f_eq; ``"none"`` leaves the branches free (then a small gate can hide a large branch).
 
     Returns:
         ``model`` itself, relaxed.
 
     Raises:
         ValueError: if the model is already relaxed, ``where`` selects nothing (or a module and one
-            of its descendants, or the model itself), or a default branch cannot be sized.
+            of its descendants, or the model itself), a default branch cannot be sized, or a branch
+            cannot be bounded under ``normalize="spectral"``.
     """
+    if normalize not in NORMALIZE_CHOICES:
+        raise ValueError(f"relax: normalize must be one of {NORMALIZE_CHOICES}, got {normalize!r}")
     if any(isinstance(m, GatedLayer) for m in model.modules()):
         raise ValueError(f"model is already relaxed (gated layers {list(gates(model))}); relax it once")
     outputs = (outputs,) if isinstance(outputs, int) else outputs
@@ -185,6 +194,9 @@ def relax(
         branches = _default_branches(model, list(layers.values()), outputs, hidden, example)
     else:
         branches = {id(m): branch(name, m) for name, m in layers.values()}
+    if normalize == "spectral":
+        for b in branches.values():
+            bound_branch(b)
     gated = {key: GatedLayer(m, branches[key], gate_init, outputs) for key, (_, m) in layers.items()}
     for name, m in selected:
         parent, _, child = name.rpartition(".")
@@ -315,13 +327,21 @@ def gates(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @contextmanager
-def equivariant(model: nn.Module) -> Iterator[nn.Module]:
+def equivariant(model: nn.Module, keep: Collection[str] = ()) -> Iterator[nn.Module]:
     """Context in which every :class:`GatedLayer` of ``model`` skips its branch: exactly f_eq.
 
-    The previous ``branch_enabled`` flags come back on exit, also after an exception, so the
-    contexts nest.
+    Layers named in ``keep`` (qualified names, as in :func:`gates`) keep their branch, so
+    ``equivariant(model, keep=[name])`` is the model relaxed at that one layer: the deviation measured
+    inside it is what that layer's branch alone costs. The previous ``branch_enabled`` flags come back on
+    exit, also after an exception, so the contexts nest.
     """
-    layers = [m for m in model.modules() if isinstance(m, GatedLayer)]
+    named = {name: m for name, m in model.named_modules() if isinstance(m, GatedLayer)}
+    unknown = sorted(set(keep) - set(named))
+    if unknown:
+        raise ValueError(
+            f"equivariant(keep=...): no gated layer named {unknown}; gated layers are {list(named)}"
+        )
+    layers = [m for name, m in named.items() if name not in keep]
     previous = [m.branch_enabled for m in layers]
     for m in layers:
         m.branch_enabled = False

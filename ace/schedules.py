@@ -322,7 +322,8 @@ def schedule_from_config(spec: Any, total_steps: int | None = None) -> Schedule:
         spec: a number (or numeric string, or ``"auto"``) for a :class:`Constant`; a dict
             ``{"type": name, **fields}`` with ``name`` in constant, linear, cosine, geometric,
             piecewise, triangular, join; or a :class:`Schedule`, returned as is. A missing or null
-            ``steps`` means ``total_steps``. A join lists ``phases: [{type: ..., length: N}, ...]``;
+            ``steps`` means ``total_steps``; ``fraction: f`` (0 < f <= 1) instead of ``steps`` means
+            ``round(f * total_steps)``, so a homotopy's length is set as a share of the run. A join lists ``phases: [{type: ..., length: N}, ...]``;
             inside a phase a missing ``steps`` means the phase's length, and the last phase's
             missing ``length`` means the steps left of ``total_steps``.
         total_steps: the length of training, used where ``steps`` is not given.
@@ -342,6 +343,15 @@ def schedule_from_config(spec: Any, total_steps: int | None = None) -> Schedule:
     if cls is None:
         raise ValueError(f"unknown schedule type {kind!r}; choose one of {sorted(_TYPES)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "fraction" in spec:
+        fraction = _number(spec.pop("fraction"), "fraction", f"{kind} schedule")
+        if "steps" not in fields or spec.get("steps") is not None:
+            raise ValueError(f"{kind} schedule: give 'steps' or 'fraction', not both (and only to a ramp)")
+        if not 0 < fraction <= 1 or total_steps is None:
+            raise ValueError(
+                f"{kind} schedule: 'fraction' must be in (0, 1] of a known run length, got {fraction}"
+            )
+        spec["steps"] = max(1, round(fraction * total_steps))
     unknown = sorted(set(spec) - set(fields))
     if unknown:
         raise ValueError(f"{kind} schedule: unknown field(s) {unknown}; its fields are {sorted(fields)}")
@@ -399,3 +409,43 @@ def is_nonincreasing(schedule: Schedule, total_steps: int) -> bool:
     """
     values = np.array([schedule(t) for t in range(total_steps + 1)], dtype=np.float64)
     return bool(np.all(np.diff(values) <= 1e-12 * np.abs(values[:-1])))
+
+
+def steps_of(length: float, total_steps: int) -> int:
+    """A length given as a fraction of the run (``0 < length < 1``) or as a number of steps (``>= 1``)."""
+    length = _number(length, "length", "schedule")
+    if length < 0:
+        raise ValueError(f"a length must be >= 0, got {length}")
+    return round(length * total_steps) if length < 1 else int(length)
+
+
+def lr_schedule(
+    kind: str,
+    total_steps: int,
+    warmup: float = 0.0,
+    min_factor: float = 0.0,
+    decay_every: float | None = None,
+    decay_factor: float = 0.1,
+) -> Schedule | None:
+    """The factor on a base learning rate at each step (``None`` for ``"constant"`` without warm-up).
+
+    * warm-up: ``(t + 1) / W`` for the first ``W`` steps (``warmup`` as steps or a fraction of the run);
+    * ``"cosine"``: then ``min_factor + (1 - min_factor) (1 + cos(pi s / S)) / 2`` over the remaining ``S``
+      steps (SGDR without restarts);
+    * ``"step"``: then ``decay_factor ** floor(s / decay_every)`` (``decay_every`` null: a third of the run).
+    """
+    w = steps_of(warmup, total_steps)
+    rest = max(total_steps - w, 1)
+    if kind == "constant":
+        main: Schedule = Constant(1.0)
+    elif kind == "cosine":
+        main = Cosine(1.0, min_factor, steps=rest)
+    elif kind == "step":
+        every = max(steps_of(decay_every, total_steps), 1) if decay_every is not None else max(rest // 3, 1)
+        boundaries = tuple(range(every, rest, every))
+        main = Piecewise(boundaries, tuple(decay_factor**i for i in range(len(boundaries) + 1)))
+    else:
+        raise ValueError(f"unknown learning-rate schedule {kind!r}; choose constant, cosine or step")
+    if w == 0:
+        return None if kind == "constant" else main
+    return Join(((Linear(1.0 / w, 1.0, steps=w - 1 if w > 1 else 0), w), (main, rest)))

@@ -39,15 +39,17 @@ from cooper.multipliers import DenseMultiplier
 from cooper.optim import nuPI, nuPIInitType
 from cooper.penalty_coefficients import DensePenaltyCoefficient
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .batches import batch_size, float_fields, split_batch, to_device
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, rng_state, save_atomic, set_rng_state
 from .checkpoint import load as read_checkpoint
 from .constraints import Constraint, DeviationConstraint, GateConstraint
-from .deviation import equivariance_deviation
+from .deviation import equivariance_deviation, mean_squared_norm
 from .loggers import MetricsLog, format_table, write_json
 from .relax import equivariant, gates
+from .selection import BestCheckpoints
 from .symmetry import call_model
 
 __all__ = [
@@ -139,6 +141,13 @@ class Trainer:
         gate_schedule: if given, the gates are not learned but set to ``gate_schedule(step)`` before each
             step (the constraint-relaxation baseline ``cr``); f_eq is what gets evaluated as final.
         grad_clip: clip the gradient norm of the weights, and separately of the gates, to this value.
+        gate_max_step: largest change of a gate in one step (``None``: unbounded). A trust region: at a
+            large loss scale one plain-SGD gate step can otherwise throw a gate far past 0.
+        lr_schedule: a factor ``step -> float`` on the learning rate of every parameter group without
+            gates (e.g. cosine with warm-up, :func:`ace.schedules.lr_schedule`); the gates' plain-SGD rate
+            is left alone, since it sets the damping of the gate-multiplier pair.
+        select: the validation metric that picks each variant's best step (``"loss"``, or a metric name
+            such as ``"accuracy"``, maximised); see :mod:`ace.selection`.
         slack_lr: learning rate of the slack variables (SGD).
         eval_samples: group samples per batch for the deviation reported at evaluation.
         log_dir: run directory for ``metrics.jsonl``, ``summary.json`` and ``checkpoints/``; ``None``
@@ -173,6 +182,9 @@ class Trainer:
         metrics: dict[str, Callable] | None = None,
         gate_schedule: Callable[[int], float] | None = None,
         grad_clip: float | None = None,
+        gate_max_step: float | None = 0.1,
+        lr_schedule: Callable[[int], float] | None = None,
+        select: str = "loss",
         slack_lr: float = 1e-2,
         eval_samples: int = 4,
         log_dir: str | os.PathLike | None = None,
@@ -196,6 +208,8 @@ class Trainer:
         self.metrics = dict(metrics or {})
         self.gate_schedule = gate_schedule
         self.grad_clip = grad_clip
+        self.gate_max_step = gate_max_step
+        self.lr_schedule = lr_schedule
         self.eval_samples = eval_samples
         self.log_every = log_every
         self.progress = progress
@@ -233,6 +247,12 @@ class Trainer:
         if gate_schedule is not None:
             for g in self._gate_params:
                 g.requires_grad_(False)
+        self._scheduled_groups = [  # (param group, base lr): the groups the lr schedule scales
+            (group, group["lr"])
+            for o in self.optimizers
+            for group in o.param_groups
+            if not any(id(p) in gate_ids for p in group["params"])
+        ]
 
         # the forward pass of the loss goes through DDP (gradient averaging); the deviation's extra forward
         # passes use the bare module: autograd sums both paths into each parameter before DDP's hook fires
@@ -257,6 +277,12 @@ class Trainer:
         self.batch_in_epoch = 0
         self.tolerance_starts: dict[str, float] = {}
         self.best: dict[str, dict[str, float]] = {}
+        self.selection = BestCheckpoints(
+            self.model,
+            select,
+            self.log_dir / "checkpoints" if self.log_dir else None,
+            ("model", "eq") if self.gates else ("model",),
+        )
         self.last_eval: dict[str, float] = {}
         self.wall_time = 0.0
         self._epoch_rng: dict | None = None
@@ -298,6 +324,10 @@ class Trainer:
             raise ValueError(f"on_nan must be one of {NAN_POLICIES}, got {self.on_nan!r}")
         if self.max_multiplier is not None and not self.max_multiplier > 0:
             raise ValueError(f"max_multiplier must be > 0 or None, got {self.max_multiplier!r}")
+        if self.gate_max_step is not None and not (
+            self.gate_max_step > 0 and math.isfinite(self.gate_max_step)
+        ):
+            raise ValueError(f"gate_max_step must be a positive number or None, got {self.gate_max_step!r}")
 
     def _size(self, c: Constraint) -> int:
         return len(self.gates) if isinstance(c, GateConstraint) else 1
@@ -424,9 +454,16 @@ class Trainer:
                 for g in self._gate_params:
                     g.fill_(self.gate_schedule(self.step))
         tolerances = self._tolerances()
+        if self.lr_schedule is not None:
+            scale = self.lr_schedule(self.step) * self.rollback_lr_factor**self.rollbacks
+            for group, base in self._scheduled_groups:
+                group["lr"] = base * scale
         opt = self.cooper_optimizer
         opt.zero_grad()
-        state, task_loss, values, violations, stop = self._evaluate_problem(inputs, target, tolerances)
+        # bounded branches: one spectral normalisation per step, shared by the loss's and the deviation's
+        # forward passes (else each pass takes its own power iteration and the two see different functions)
+        with parametrize.cached():
+            state, task_loss, values, violations, stop = self._evaluate_problem(inputs, target, tolerances)
         self._checked_batch = True
         self._stop_agreed = stop
         problem = _first_nonfinite({"loss": task_loss, **{f"constraint '{k}'": v for k, v in values.items()}})
@@ -487,10 +524,13 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self._weights, self.grad_clip)
                 if self._gate_params:
                     torch.nn.utils.clip_grad_norm_(self._gate_params, self.grad_clip)
+        before = [g.detach().clone() for g in self._gate_params] if self.gate_max_step is not None else []
         self.cooper_optimizer.primal_step()
         with torch.no_grad():
             for u in self.slacks.values():
                 u.clamp_(min=0.0)
+            for g, old in zip(self._gate_params, before):  # the gates' trust region
+                g.copy_(torch.maximum(torch.minimum(g, old + self.gate_max_step), old - self.gate_max_step))
         return None
 
     def _check_multipliers(self) -> str | None:
@@ -653,8 +693,11 @@ class Trainer:
         """Loss and metrics of the relaxed model and, for gated models, of f_eq (keys ``eq/...``).
 
         With a symmetry, also the measured deviation ``deviation`` (absolute, ``eval_samples`` group
-        elements per batch from a fixed seed, so evaluations are comparable), ``relative_deviation``
-        and, for gated models, ``eq/deviation`` (0 up to rounding when f_eq is exactly equivariant).
+        elements per batch from a fixed seed, so evaluations are comparable) and ``relative_deviation``
+        (divided by the mean squared norm of the output). For gated models: ``eq/deviation`` (0 up to
+        rounding when f_eq is exactly equivariant) and, per gated layer, ``deviation/<layer>`` and
+        ``relative_deviation/<layer>``: the deviation of the model with only that layer's branch enabled,
+        the measured read-out of how much symmetry that layer gives up.
         """
         was_training = self.model.training
         self.model.eval()
@@ -665,32 +708,38 @@ class Trainer:
             inputs, target = split_batch(to_device(batch, self.device))
             n = batch_size(inputs, target)
             count += n
-            for prefix, context in self._eval_variants():
+            for prefix, suffix, context in self._eval_variants():
                 with context:
                     output = call_model(self.model, inputs)
-                    scores = {"loss": self.loss_fn(output, target)}
-                    scores.update({k: m(output, target) for k, m in self.metrics.items()})
+                    scores = {}
+                    if not suffix:
+                        scores["loss"] = self.loss_fn(output, target)
+                        scores.update({k: m(output, target) for k, m in self.metrics.items()})
                     if self.symmetry is not None:
-                        state = generator.get_state()
-                        scores["deviation"] = equivariance_deviation(
+                        deviation = equivariance_deviation(
                             self.model, inputs, self.symmetry, self.eval_samples, False, generator, output
                         )
-                        if not prefix:
-                            generator.set_state(state)  # same elements for the relative measure
-                            scores["relative_deviation"] = equivariance_deviation(
-                                self.model, inputs, self.symmetry, self.eval_samples, True, generator, output
+                        scores["deviation"] = deviation
+                        if prefix != "eq/":
+                            scores["relative_deviation"] = deviation / mean_squared_norm(
+                                self.symmetry, output
                             )
                 for key, value in scores.items():
-                    totals[prefix + key] = totals.get(prefix + key, 0.0) + float(value) * n
+                    name = prefix + key + suffix
+                    totals[name] = totals.get(name, 0.0) + float(value) * n
         self.model.train(was_training)
         if count == 0:
             raise ValueError("evaluate() got an empty loader")
         return {k: v / count for k, v in totals.items()}
 
     def _eval_variants(self):
-        yield "", contextlib.nullcontext()
+        """(key prefix, key suffix, context): the model, f_eq, and the model relaxed at one layer only."""
+        yield "", "", contextlib.nullcontext()
         if self.gates:
-            yield "eq/", equivariant(self.model)
+            yield "eq/", "", equivariant(self.model)
+            if self.symmetry is not None:
+                for name in self._gate_names:
+                    yield "", f"/{name}", equivariant(self.model, keep=[name])
 
     def _track_best(self, record: dict[str, float]) -> None:
         for key, value in record.items():
@@ -759,6 +808,9 @@ class Trainer:
             self._log_eval("val", val_loader)
         if test_loader is not None:
             self._log_eval("test", test_loader)
+        if self.is_main and val_loader is not None:
+            splits = {"val": val_loader, **({"test": test_loader} if test_loader is not None else {})}
+            self.selected = self.selection.evaluate(self.evaluate, splits, self.device)
         self.save_checkpoint()
         summary = self.summary()
         if self.log_dir:
@@ -842,6 +894,7 @@ class Trainer:
         record = {"step": self.step, "epoch": self.epoch, **{f"{split}/{k}": v for k, v in scores.items()}}
         if split == "val":
             self._track_best(record)
+            self.selection.update(record, self.step)
             self.last_eval = record
         else:
             self.test_scores = record
@@ -879,40 +932,88 @@ class Trainer:
     # ------------------------------------------------------------------ summary
 
     def summary(self) -> dict[str, Any]:
-        """Final values per constraint and gate, best and final metrics."""
+        """The final state and metrics.
+
+        ``constraints`` (one row per constraint entry) and ``layers`` (one row per gated layer) describe the
+        model as it ends, after the last update: the gates, multipliers and slacks now, the tolerance at the
+        final step, and for a deviation constraint the deviation measured on the final validation pass
+        (the last training batch's estimate when there was none). ``final`` is the last training record,
+        which (like every record) holds what its step saw before its update.
+        """
         last_train = next((r for r in reversed(self.history) if "loss" in r), {})
-        table = {}
-        for key, value in last_train.items():
-            if key.startswith("constraint/"):
-                _, entry, field = key.split("/")
-                table.setdefault(entry, {})[field] = value
+        seen = self._snapshot([c.multiplier.weight.detach() for c in self.cooper_constraints.values()])
+        tolerances = {c.name: c.tolerance_at(self.step) for c in self.constraints}
+        values, violations = {}, {}
+        for c in self.constraints:
+            if isinstance(c, GateConstraint):
+                value = c.value(torch.stack(seen["gates"]))
+            else:
+                key = "val/relative_deviation" if c.relative else "val/deviation"
+                measured = self.last_eval.get(key, last_train.get(f"constraint/{c.name}/deviation"))
+                value = torch.tensor([math.nan if measured is None else measured])
+            values[c.name] = value
+            violations[c.name] = c.violation(value, tolerances[c.name], seen["slacks"].get(c.name))
+        table = self.constraint_table(tolerances, values, violations, seen)
+        layers = {}
+        for i, name in enumerate(self._gate_names):
+            row = {"gate": seen["gates"][i].item()}
+            for c in self.constraints:
+                if isinstance(c, GateConstraint):
+                    row.update(
+                        {k: v for k, v in table[f"{c.name}.{name}"].items() if k in ("multiplier", "slack")}
+                    )
+            for key in ("deviation", "relative_deviation"):
+                if f"val/{key}/{name}" in self.last_eval:
+                    row[key] = self.last_eval[f"val/{key}/{name}"]
+            layers[name] = row
         return {
             "steps": self.step,
             "epochs": self.epoch,
             "wall_time": round(self.wall_time, 3),
             "final": last_train,
             "constraints": table,
-            "gates": {n: g.item() for n, g in zip(self._gate_names, self._gate_params)},
+            "layers": layers,
+            "gates": {name: row["gate"] for name, row in layers.items()},
             "tolerance_starts": self.tolerance_starts,
             "best": self.best,
             "val": self.last_eval,
             "test": getattr(self, "test_scores", {}),
+            "selected": getattr(self, "selected", {}),
         }
 
     @staticmethod
     def format_balance(summary: dict[str, Any]) -> str:
-        """The final gates, multipliers and slacks as a table."""
+        """The final gates, multipliers and slacks as a table, with each gated layer's measured deviation
+        (relative, that layer's branch alone, on the final validation pass)."""
+        layers = summary.get("layers", {})
         rows = []
         for entry, row in summary["constraints"].items():
             value = row.get("gate", row.get("deviation"))
-            rows.append([entry, row.get("tolerance"), value, row.get("multiplier"), row.get("slack")])
+            layer = layers.get(entry.split(".", 1)[-1], {}) if "gate" in row else {}
+            rows.append(
+                [
+                    entry,
+                    row.get("tolerance"),
+                    value,
+                    row.get("multiplier"),
+                    row.get("slack"),
+                    layer.get("relative_deviation"),
+                ]
+            )
         shown = {r[0].split(".", 1)[-1] for r in rows}
-        for name, value in summary["gates"].items():
+        for name, row in layers.items():
             if name not in shown:
-                rows.append([f"gate {name}", None, value, None, None])
+                rows.append([f"gate {name}", None, row["gate"], None, None, row.get("relative_deviation")])
         if not rows:
             return f"trained {summary['steps']} steps (no constraints, no gates)"
-        header = ["constraint", "tolerance", "gate / deviation", "multiplier", "slack"]
+        header = [
+            "constraint",
+            "tolerance",
+            "gate / deviation",
+            "multiplier",
+            "slack",
+            "layer rel. deviation",
+        ]
         return f"final balance after {summary['steps']} steps\n" + format_table(header, rows)
 
     # ------------------------------------------------------------------ checkpoints
@@ -932,6 +1033,7 @@ class Trainer:
             "rng": rng_state(self.generator),
             "epoch_rng": self._epoch_rng,
             "best": self.best,
+            "selected_steps": self.selection.steps,
             "last_eval": self.last_eval,
             "wall_time": self.wall_time,
             "rollbacks": self.rollbacks,
@@ -964,6 +1066,7 @@ class Trainer:
         set_rng_state(state["rng"], self.generator)
         self._epoch_rng = state["epoch_rng"]
         self.best, self.last_eval = state["best"], state["last_eval"]
+        self.selection.steps = state.get("selected_steps", {})
         self.wall_time = state["wall_time"]
         self.rollbacks = state.get("rollbacks", 0)
 

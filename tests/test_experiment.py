@@ -52,10 +52,8 @@ def test_cli_run_writes_the_run_directory(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8
     assert set(summary["constraints"]["deviation"]) >= {"tolerance", "deviation", "violation", "multiplier"}
-    assert (
-        summary["constraints"]["deviation"]["multiplier"] == records[-3]["constraint/deviation/multiplier"]
-        or True
-    )
+    # the summary describes the final model: its deviation is the final validation pass's (relative here)
+    assert summary["constraints"]["deviation"]["deviation"] == summary["val"]["val/relative_deviation"]
     assert "test/mse" in summary["test"]
 
 
@@ -67,10 +65,12 @@ def test_gated_run_logs_a_multiplier_and_slack_per_gate(tmp_path):
     for gate in ("layers.0", "layers.1"):
         for field in ("tolerance", "gate", "violation", "multiplier", "slack"):
             assert f"constraint/gate.{gate}/{field}" in record
-        assert (
-            summary["constraints"][f"gate.{gate}"]["multiplier"]
-            == record[f"constraint/gate.{gate}/multiplier"]
-        )
+        # one final gate everywhere: the model's gate after the last update (records hold the gate before)
+        final_gate = torch.load(out / "checkpoints" / "last.pt")["model"][f"{gate}.gate"].item()
+        assert summary["constraints"][f"gate.{gate}"]["gate"] == summary["gates"][gate] == final_gate
+        assert summary["layers"][gate]["gate"] == final_gate
+        assert summary["layers"][gate]["relative_deviation"] == summary["val"][f"val/relative_deviation/{gate}"]
+        assert record[f"constraint/gate.{gate}/gate"] != final_gate
     assert "val/eq/mse" in summary["val"] and summary["val"]["val/eq/deviation"] < 1e-8
 
 
