@@ -71,9 +71,9 @@ def bound_branch(branch: nn.Module) -> nn.Module:
         is_activation = type(m).__module__.startswith("torch.nn.modules.activation")
         if own or (is_activation and not isinstance(m, _SHRINKING)):
             raise ValueError(
-                f"cannot bound branch module {name or '<root>'!r} ({type(m).__name__}): only nn.Linear layers "
-                "and activations with |act(z)| <= |z| have a known scale; use relax(normalize='none') or "
-                "bound that module yourself"
+                f"cannot bound branch module {name or '<root>'!r} ({type(m).__name__}): only nn.Linear "
+                "layers and activations with |act(z)| <= |z| have a known scale; use "
+                "relax(normalize='none') or bound that module yourself"
             )
     for m in [m for m in branch.modules() if isinstance(m, nn.Linear)]:  # none: a fixed function, bounded
         spectral_norm(m, "weight", n_power_iterations=1)

@@ -71,8 +71,8 @@ class RelaxConfig:
     hidden: int = opt(64, "width of the default MLP branch f_neq, where the task does not supply its own")
     normalize: str = opt(
         "spectral",
-        "bound every branch: 'spectral' normalises each linear map of f_neq (operator norm 1, bias norm <= 1), "
-        "so abs(gamma_i) bounds how far layer i is from f_eq; 'none' leaves the branches free",
+        "bound every branch: 'spectral' normalises each linear map of f_neq (operator norm 1, bias norm "
+        "<= 1), so abs(gamma_i) bounds how far layer i is from f_eq; 'none' leaves the branches free",
         choices=("spectral", "none"),
     )
 

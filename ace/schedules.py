@@ -323,9 +323,9 @@ def schedule_from_config(spec: Any, total_steps: int | None = None) -> Schedule:
             ``{"type": name, **fields}`` with ``name`` in constant, linear, cosine, geometric,
             piecewise, triangular, join; or a :class:`Schedule`, returned as is. A missing or null
             ``steps`` means ``total_steps``; ``fraction: f`` (0 < f <= 1) instead of ``steps`` means
-            ``round(f * total_steps)``, so a homotopy's length is set as a share of the run. A join lists ``phases: [{type: ..., length: N}, ...]``;
-            inside a phase a missing ``steps`` means the phase's length, and the last phase's
-            missing ``length`` means the steps left of ``total_steps``.
+            ``round(f * total_steps)``, so a homotopy's length is set as a share of the run. A join
+            lists ``phases: [{type: ..., length: N}, ...]``; inside a phase a missing ``steps`` means
+            the phase's length, and the last phase's missing ``length`` the steps left of ``total_steps``.
         total_steps: the length of training, used where ``steps`` is not given.
 
     Raises:

@@ -247,10 +247,12 @@ class Trainer:
         if gate_schedule is not None:
             for g in self._gate_params:
                 g.requires_grad_(False)
-        self._scheduled_groups = [  # (param group, base lr): the groups the lr schedule scales
-            (group, group["lr"])
+        # (optimiser, group index, base lr) of the groups the lr schedule scales; by index, since
+        # Optimizer.load_state_dict replaces the group dicts
+        self._scheduled_groups = [
+            (o, i, group["lr"])
             for o in self.optimizers
-            for group in o.param_groups
+            for i, group in enumerate(o.param_groups)
             if not any(id(p) in gate_ids for p in group["params"])
         ]
 
@@ -456,8 +458,8 @@ class Trainer:
         tolerances = self._tolerances()
         if self.lr_schedule is not None:
             scale = self.lr_schedule(self.step) * self.rollback_lr_factor**self.rollbacks
-            for group, base in self._scheduled_groups:
-                group["lr"] = base * scale
+            for o, i, base in self._scheduled_groups:
+                o.param_groups[i]["lr"] = base * scale
         opt = self.cooper_optimizer
         opt.zero_grad()
         # bounded branches: one spectral normalisation per step, shared by the loss's and the deviation's

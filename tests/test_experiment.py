@@ -69,7 +69,9 @@ def test_gated_run_logs_a_multiplier_and_slack_per_gate(tmp_path):
         final_gate = torch.load(out / "checkpoints" / "last.pt")["model"][f"{gate}.gate"].item()
         assert summary["constraints"][f"gate.{gate}"]["gate"] == summary["gates"][gate] == final_gate
         assert summary["layers"][gate]["gate"] == final_gate
-        assert summary["layers"][gate]["relative_deviation"] == summary["val"][f"val/relative_deviation/{gate}"]
+        assert (
+            summary["layers"][gate]["relative_deviation"] == summary["val"][f"val/relative_deviation/{gate}"]
+        )
         assert record[f"constraint/gate.{gate}/gate"] != final_gate
     assert "val/eq/mse" in summary["val"] and summary["val"]["val/eq/deviation"] < 1e-8
 
@@ -114,8 +116,11 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_p
 
 
 def test_mid_epoch_resume_equals_uninterrupted(tmp_path):
-    """Resume from a checkpoint taken in the middle of an epoch (shuffle replayed, batches skipped)."""
-    cfg = load_config(CONFIGS / "toy_ace.yaml", ["method=ace_resilient", *SMALL])
+    """Resume from a checkpoint taken in the middle of an epoch (shuffle replayed, batches skipped), with a
+    learning-rate schedule (a pure function of the step, written into the restored optimiser)."""
+    cfg = load_config(
+        CONFIGS / "toy_ace.yaml", ["method=ace_resilient", "optim.schedule=cosine", "optim.warmup=3", *SMALL]
+    )
     trainer, loaders = prepare_run(cfg, tmp_path / "whole")
     trainer.fit(loaders["train"], max_steps=14, print_summary=False)
 
