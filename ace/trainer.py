@@ -19,6 +19,7 @@ step, so resuming needs only the step count.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import signal
@@ -903,12 +904,16 @@ class Trainer:
         self._write(record)
         return record
 
-    def _resolve_auto_tolerances(self, train_loader: Iterable) -> None:
-        """Fill ``start="auto"`` schedules with the value measured before the first step."""
+    def _resolve_auto_tolerances(self, train_loader: Iterable, batches: int = 8) -> None:
+        """Fill ``start="auto"`` schedules with the value measured before the first step.
+
+        A deviation is averaged over the first ``batches`` training batches: one batch's estimate is noisy,
+        and a start below the typical deviation makes a tightening constraint active from step 1.
+        """
         pending = [c for c in self.constraints if getattr(c.tolerance, "needs_start", False)]
         if not pending:
             return
-        inputs, _ = split_batch(to_device(next(iter(train_loader)), self.device))
+        inputs = [split_batch(to_device(b, self.device))[0] for b in itertools.islice(train_loader, batches)]
         generator = torch.Generator(device=self.device).manual_seed(self.seed + 2)
         with torch.no_grad():
             for c in pending:
@@ -916,15 +921,15 @@ class Trainer:
                     if isinstance(c, GateConstraint):
                         start = c.value(torch.stack(self._gate_params)).abs().max().item()
                     else:
-                        start = equivariance_deviation(
-                            self.model,
-                            inputs,
-                            self.symmetry,
-                            max(c.samples, self.eval_samples),
-                            c.relative,
-                            generator,
-                        ).item()
-                    if self.world_size > 1:  # every rank measured its own batch: agree on the mean
+                        samples = max(c.samples, self.eval_samples)
+                        measured = [
+                            equivariance_deviation(
+                                self.model, x, self.symmetry, samples, c.relative, generator
+                            )
+                            for x in inputs
+                        ]
+                        start = torch.stack(measured).mean().item()
+                    if self.world_size > 1:  # every rank measured its own batches: agree on the mean
                         shared = torch.tensor([start], device=self.device)
                         dist.all_reduce(shared)
                         start = shared.item() / self.world_size

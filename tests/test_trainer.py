@@ -132,3 +132,51 @@ def test_optimizer_missing_the_gates_is_refused():
 def test_resilient_equality_is_refused():
     with pytest.raises(ValueError, match="resilient"):
         ace.GateConstraint(equality=True, resilient=True)
+
+
+def test_a_gate_step_is_bounded_at_any_loss_scale():
+    # one plain-SGD gate step at loss scale 1e4 would throw the gate far past 0 (the toy task with three
+    # layers diverged this way); the trust region caps each step at gate_max_step
+    torch.manual_seed(0)
+    model = ace.relax(nn.Sequential(Zero()), where=["0"], branch=lambda name, m: One())
+    data = DataLoader(TensorDataset(torch.zeros(1, 1), torch.ones(1, 1)), batch_size=1)
+    trainer = ace.Trainer(
+        model,
+        lambda out, y: 1e4 * nn.functional.mse_loss(out, -y),
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        constraints=[ace.GateConstraint(tolerance=0.0, equality=True)],
+        gate_max_step=0.1,
+        log_every=1,
+        progress=False,
+    )
+    trainer.fit(data, max_steps=3, print_summary=False)
+    gates = [1.0] + [r["gate/0"] for r in trainer.history if "loss" in r][1:] + [model[0].gate.item()]
+    assert all(abs(a - b) <= 0.1 + 1e-6 for a, b in zip(gates, gates[1:]))
+    assert gates[-1] == pytest.approx(0.7)  # the loss pulls the gate down at the full allowed speed
+
+
+def test_auto_tolerance_start_is_the_mean_over_several_batches():
+    torch.manual_seed(0)
+    x = torch.randn(64, 2) * torch.linspace(0.1, 3.0, 64).unsqueeze(1)  # batches of very different deviation
+    loader = DataLoader(TensorDataset(x, x), batch_size=8)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+    sym = ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector")
+    constraint = ace.DeviationConstraint(tolerance=ace.schedules.Linear("auto", 0.0, steps=10))
+    trainer = ace.Trainer(
+        model,
+        nn.functional.mse_loss,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        symmetry=sym,
+        constraints=[constraint],
+        eval_samples=2,
+        progress=False,
+    )
+    per_batch = []
+    generator = torch.Generator().manual_seed(2)  # the trainer's seed (0) + 2
+    with torch.no_grad():
+        for xb, _ in loader:
+            per_batch.append(ace.equivariance_deviation(model, xb, sym, 2, False, generator).item())
+    trainer.fit(loader, max_steps=1, print_summary=False)
+    start = trainer.tolerance_starts["deviation"]
+    assert start == pytest.approx(sum(per_batch) / len(per_batch), rel=1e-5)
+    assert max(per_batch) > 3 * min(per_batch)  # one batch alone would have set a very different start
