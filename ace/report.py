@@ -3,31 +3,57 @@
 Everything here reads a run directory (``config.yaml``, ``metrics.jsonl``, ``summary.json``,
 ``checkpoints/last.pt``) and never changes what training wrote.
 
+Balance
+-------
+A finished run's balance is the final model's (``summary.json``: after the last update, one gate value
+everywhere); an unfinished run's is its last training record's. One row per constraint entry (one per gate
+for gate constraints), plus one per gated layer that no gate constraint covers.
+
 Verdicts
 --------
-Each constraint entry (one per gate for gate constraints) gets one verdict from its last logged
-training record, with value ``g`` (``|gamma|``, the signed gate for equalities, or the deviation D),
-tolerance ``eps``, slack ``u`` and violation ``v = g - eps - u``, checked in this order:
+The verdict reads the **measured** relative deviation ``D_rel``, never the gate: a gate bounds the gate, not
+the branch (``gamma f_neq`` is invariant under ``gamma -> gamma/a, f_neq -> a f_neq``). For a gated layer
+``D_rel`` is that layer's (the model with only its branch enabled, ``val/relative_deviation/<layer>`` on the
+final validation pass); for a deviation constraint it is the whole model's (``val/relative_deviation``):
 
-* **driven to equivariance**: ``|g| <= ZERO[kind]`` (``|gamma| <= 1e-2``: the branch adds at most 1%
-  of its output; ``D <= 1e-3`` in the constraint's own units, relative when ``relative: true``);
-* **kept slack**: a resilient constraint whose slack ``u > SLACK_ZERO`` is in use (``g > eps``): the
-  data were judged worth some symmetry breaking;
+* **symmetric (measured)**: ``D_rel <= SYMMETRIC`` (1e-3);
+* **breaks symmetry (measured rel. deviation X)**: ``D_rel > SYMMETRIC``;
+* **not measured**: no validation pass measured it (no symmetry, no validation set, or an older run).
+
+The report then names the layer that gives up the most symmetry (largest ``D_rel``) when any exceeds
+``SYMMETRIC``. A second column gives the constraint's state, from value ``g`` (``|gamma|``, the signed gate
+for equalities, or the deviation D), tolerance ``eps``, slack ``u`` and violation ``v = g - eps - u``,
+checked in this order:
+
+* **kept slack**: a resilient constraint whose slack ``u > SLACK_ZERO`` (1e-3) is in use (``|g| > eps``);
 * **constraint active**: an equality, or ``v > -BAND`` with ``BAND = ACTIVE_BAND * (eps + u) + ACTIVE_FLOOR``
-  (within 10% of its bound, plus 1e-3): the constraint binds (or is violated, said so: ``|v| > BAND``),
-  and its multiplier is a price;
+  (within 10% of its bound, plus 1e-3): the constraint binds (or is violated, said so: ``|v| > BAND``);
 * **constraint inactive**: satisfied with room to spare; its multiplier should decay to 0.
 
 Prices
 ------
-At a primal-dual solution, ``lambda_i = -dP*/d eps_i``: giving constraint i ``d eps`` more tolerance lowers
-the best achievable training loss by about ``lambda_i * d eps``. Entries are ranked by ``|lambda_i|``,
-the first being the one whose relaxation would gain most. It is a first-order estimate, only as good as
-the run's convergence; fixed penalty weights (method ``penalty``) are not prices.
+At a primal-dual solution, ``lambda_i = -dP*/d eps_i``: giving constraint i ``delta`` more tolerance lowers
+the best achievable training loss by about ``lambda_i * delta``. The price of an active entry is
+``|lambda_i|``, of an inactive one 0 (its multiplier is a transient). The step ``delta`` is
+``DELTA_FRACTION`` (0.1) of the constraint's natural scale: of the gate's initial value (``relax.gate_init``,
+1) for gate constraints, of the tolerance start (``summary["tolerance_starts"]``, else the measured
+deviation) for deviation constraints. A price is **material** when ``price * delta >= MATERIAL * L``
+(``MATERIAL`` = 1e-2, ``L`` the final training loss): the relaxation would gain at least 1% of the loss. The
+report names the entry with the largest material price as the one to relax, and otherwise says that no
+multiplier is material. It is a first-order estimate, only as good as the run's convergence; fixed penalty
+weights (method ``penalty``) are not prices.
+
+Test at the best validation step
+--------------------------------
+``summary["selected"]`` holds, per variant (the model as trained, and f_eq for gated models), the test metrics
+at that variant's own best validation step (the papers' protocol). The report's metrics table, ``ace compare``
+and ``benchmarks/compare.py`` show them next to the final ones; a summary without ``selected`` (older runs)
+falls back to the final values, marked.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -36,11 +62,14 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .loggers import format_table, read_metrics
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "report",
@@ -50,19 +79,26 @@ __all__ = [
     "parse_grid",
     "RunData",
     "verdict",
+    "constraint_state",
     "is_active",
+    "best_val_test",
+    "task_metrics",
     "ExportError",
 ]
 
-#: ``|g|`` below which a constraint entry counts as exactly equivariant, by entry kind.
-ZERO = {"gate": 1e-2, "deviation": 1e-3}
+#: a layer (or model) whose measured relative deviation is at most this is symmetric.
+SYMMETRIC = 1e-3
 #: a slack larger than this is "kept".
 SLACK_ZERO = 1e-3
 #: a constraint is active when its violation exceeds ``-(ACTIVE_BAND * (eps + u) + ACTIVE_FLOOR)``.
 ACTIVE_BAND = 0.1
 ACTIVE_FLOOR = 1e-3
-#: the first-order loss change is quoted for this much extra tolerance.
-PRICE_STEP = 0.01
+#: prices are quoted for ``delta`` = this fraction of the gate's initial value or of the tolerance start.
+DELTA_FRACTION = 0.1
+#: a price is material when ``price * delta >= MATERIAL * final training loss``.
+MATERIAL = 1e-2
+#: footnote marker of values that fall back to the final step (a summary without ``selected``).
+FALLBACK = "†"
 
 
 class ExportError(ValueError):
@@ -133,6 +169,36 @@ class RunData:
         pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         return [p[0] for p in pairs], [float(p[1]) for p in pairs]
 
+    def balance(self) -> tuple[int, dict[str, dict[str, float]], bool]:
+        """``(step, entries, finished)``: the final model's constraint entries from ``summary.json`` (after
+        the last update) or, while the run is unfinished, those of the last training record."""
+        if self.summary is not None and "constraints" in self.summary:
+            return self.summary["steps"], self.summary["constraints"], True
+        return self.final.get("step", 0), self.entries(), False
+
+    def layers(self) -> dict[str, dict[str, float]]:
+        """Per gated layer: ``gate`` [, ``multiplier``, ``slack``] and, when measured, ``deviation`` and
+        ``relative_deviation`` with only its branch enabled (``summary["layers"]``; else the last records)."""
+        if self.summary is not None and "layers" in self.summary:
+            return self.summary["layers"]
+        gates = (self.summary or {}).get("gates") or self.gates()
+        val = self.last("val")
+        return {
+            name: {
+                "gate": gate,
+                **{
+                    k: val[f"val/{k}/{name}"]
+                    for k in ("deviation", "relative_deviation")
+                    if f"val/{k}/{name}" in val
+                },
+            }
+            for name, gate in gates.items()
+        }
+
+    def relative_deviation(self) -> float | None:
+        """The whole model's measured relative deviation on the final validation pass."""
+        return ((self.summary or {}).get("val") or self.last("val")).get("val/relative_deviation")
+
 
 def _band(row: dict[str, float]) -> float:
     return ACTIVE_BAND * (row.get("tolerance", 0.0) + row.get("slack", 0.0)) + ACTIVE_FLOOR
@@ -143,17 +209,53 @@ def is_active(row: dict[str, float], equality: bool = False) -> bool:
     return equality or row["violation"] > -_band(row)
 
 
-def verdict(row: dict[str, float], equality: bool = False) -> str:
-    """The plain-words verdict of one constraint entry (thresholds in the module docstring)."""
-    kind = "gate" if "gate" in row else "deviation"
-    value, slack = row[kind], row.get("slack")
-    if abs(value) <= ZERO[kind]:
-        return "driven to equivariance"
+def verdict(relative_deviation: float | None) -> str:
+    """What the measured relative deviation says about symmetry (thresholds in the module docstring)."""
+    if relative_deviation is None or math.isnan(relative_deviation):
+        return "not measured"
+    if relative_deviation <= SYMMETRIC:
+        return "symmetric (measured)"
+    return f"breaks symmetry (measured rel. deviation {relative_deviation:.2g})"
+
+
+def constraint_state(row: dict[str, float], equality: bool = False) -> str:
+    """Whether one constraint entry keeps slack, binds or has room to spare (module docstring)."""
+    value, slack = row.get("gate", row.get("deviation")), row.get("slack")
     if slack is not None and slack > SLACK_ZERO and abs(value) > row.get("tolerance", 0.0):
         return "kept slack"
     if is_active(row, equality):
         return "constraint active" + (" (violated)" if abs(row["violation"]) > _band(row) else "")
     return "constraint inactive"
+
+
+def best_val_test(summary: dict[str, Any]) -> dict[str, Any]:
+    """Test metrics at each variant's best validation step, from ``summary["selected"]``.
+
+    Returns:
+        ``{"model": {metric: value}, "eq": {metric: value}, "step": s, "eq_step": s, "selected": bool}``
+        with metrics unprefixed (``"mse"``, ``"deviation"``, ...); f_eq is the model itself when the run has
+        no gates. A summary without ``selected`` (older runs, or no validation set) gives the final test
+        values instead, with ``selected`` False and no steps.
+    """
+    selected = summary.get("selected") or {}
+    if "model" in selected:
+        model, eq = selected["model"], selected.get("eq", selected["model"])
+        return {
+            "model": model.get("test", {}),
+            "eq": eq.get("test", {}),
+            "step": model["step"],
+            "eq_step": eq["step"],
+            "selected": True,
+        }
+    test = {k.removeprefix("test/"): v for k, v in summary.get("test", {}).items() if k.startswith("test/")}
+    model = {k: v for k, v in test.items() if not k.startswith("eq/")}
+    eq = {k.removeprefix("eq/"): v for k, v in test.items() if k.startswith("eq/")} or model
+    return {"model": model, "eq": eq, "step": None, "eq_step": None, "selected": False}
+
+
+def _per_layer(metric: str) -> bool:
+    """Whether an unprefixed metric name is a per-layer measurement (``deviation/<layer>``)."""
+    return "/" in metric.removeprefix("eq/")
 
 
 # --------------------------------------------------------------------------- report
@@ -162,51 +264,14 @@ def verdict(row: dict[str, float], equality: bool = False) -> str:
 def report(run_dir: str | Path, plots: bool = True) -> str:
     """Write ``RUN/report.md`` (and PNG plots in ``RUN/``) for a run and return the markdown.
 
-    Sections: the balance table (tolerance, measured deviation or gate, multiplier, slack, verdict per
-    constraint entry), the multipliers read as prices, f_eq against the relaxed model on the last
-    validation and test records, the best validation metrics, and the plots.
+    Sections: the balance table (tolerance, gate or deviation, violation, multiplier, slack, measured relative
+    deviation, verdict and constraint state per constraint entry and gated layer), the multipliers read as
+    prices, f_eq against the relaxed model (last validation and test records, and test at the best
+    validation step), the best validation values, and the plots.
     """
     run = RunData(run_dir)
-    equality = _is_equality(run)
     lines = [f"# Run report: {run.path}", "", _header(run), ""]
-    entries = run.entries()
-    if entries:
-        step = run.final["step"]
-        rows = []
-        for entry, row in entries.items():
-            value_kind = "gate" if "gate" in row else "deviation"
-            rows.append(
-                [
-                    entry,
-                    row.get("tolerance"),
-                    row.get(value_kind),
-                    row.get("violation"),
-                    row.get("multiplier"),
-                    row.get("slack"),
-                    verdict(row, equality),
-                ]
-            )
-        header = [
-            "constraint",
-            "tolerance",
-            "deviation / gate",
-            "violation",
-            "multiplier",
-            "slack",
-            "verdict",
-        ]
-        lines += [
-            f"## Balance at step {step} (last logged training step)",
-            "",
-            format_table(header, rows),
-            "",
-        ]
-        lines += _prices(run, entries, equality)
-    elif run.gates():
-        rows = [[name, value] for name, value in run.gates().items()]
-        lines += ["## Gates (no constraint on them)", "", format_table(["gate", "value"], rows), ""]
-    else:
-        lines += ["No constraints and no gates: nothing to balance.", ""]
+    lines += _balance(run)
     lines += _gap(run)
     lines += _best(run)
     if plots:
@@ -233,45 +298,158 @@ def _header(run: RunData) -> str:
     return ", ".join(parts) + "."
 
 
+def _balance(run: RunData) -> list[str]:
+    """The balance table, the layer giving up the most symmetry, and the prices."""
+    step, entries, finished = run.balance()
+    layers = run.layers()
+    if not entries and not layers:
+        return ["No constraints and no gates: nothing to balance.", ""]
+    equality = _is_equality(run)
+    rows, covered = [], set()
+    for entry, row in entries.items():
+        if "gate" in row:
+            layer = entry.split(".", 1)[-1]
+            covered.add(layer)
+            measured = layers.get(layer, {}).get("relative_deviation")
+        else:
+            measured = run.relative_deviation()
+        kind = "gate" if "gate" in row else "deviation"
+        rows.append(
+            [
+                entry,
+                row.get("tolerance"),
+                row.get(kind),
+                row.get("violation"),
+                row.get("multiplier"),
+                row.get("slack"),
+                measured,
+                verdict(measured),
+                constraint_state(row, equality),
+            ]
+        )
+    for name, row in layers.items():
+        if name not in covered:
+            measured = row.get("relative_deviation")
+            rows.append(
+                [f"gate {name}", None, row["gate"], *[None] * 3, measured, verdict(measured), "no constraint"]
+            )
+    header = [
+        "constraint",
+        "tolerance",
+        "deviation / gate",
+        "violation",
+        "multiplier",
+        "slack",
+        "measured rel. deviation",
+        "verdict",
+        "constraint state",
+    ]
+    when = "after the last update" if finished else "last logged training step; the run is unfinished"
+    lines = [
+        f"## Balance at step {step} ({when})",
+        "",
+        "measured rel. deviation: of the model with only that layer's branch enabled (gate rows), or of the "
+        "whole model (deviation constraints), on the final validation pass, relative to mean ||f(x)||^2. "
+        f"The verdict reads it (symmetric when <= {SYMMETRIC:g}), never the gate.",
+        "",
+        format_table(header, rows),
+        "",
+    ]
+    measured = {
+        n: r["relative_deviation"] for n, r in layers.items() if r.get("relative_deviation") is not None
+    }
+    worst = max(measured, key=measured.get, default=None)
+    if worst is not None and measured[worst] > SYMMETRIC:
+        lines += [
+            f"`{worst}` gives up the most symmetry: with only its branch enabled the measured relative "
+            f"deviation is {measured[worst]:.3g}.",
+            "",
+        ]
+    elif measured and len(measured) == len(layers):
+        lines += [
+            f"Every gated layer is symmetric as measured: relative deviation <= {SYMMETRIC:g} with its "
+            "branch alone.",
+            "",
+        ]
+    return lines + (_prices(run, entries, equality) if entries else [])
+
+
+def _deltas(run: RunData, entries: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The tolerance step each price is quoted for (module docstring)."""
+    starts = (run.summary or {}).get("tolerance_starts") or {}
+    gate_init = float((run.config.get("relax") or {}).get("gate_init", 1.0))
+    return {
+        entry: DELTA_FRACTION * abs(gate_init if "gate" in row else starts.get(entry, row["deviation"]))
+        for entry, row in entries.items()
+    }
+
+
 def _prices(run: RunData, entries: dict[str, dict[str, float]], equality: bool) -> list[str]:
     if run.method == "penalty":
         return ["The multipliers are fixed penalty weights (method `penalty`), not learned prices.", ""]
+    loss = run.final.get("loss", math.nan)
+    deltas = _deltas(run, entries)
     prices = {e: abs(row["multiplier"]) if is_active(row, equality) else 0.0 for e, row in entries.items()}
+    falls = {e: prices[e] * deltas[e] for e in entries}
+    material = {e: falls[e] > 0 and falls[e] >= MATERIAL * abs(loss) for e in entries}
     ranked = sorted(entries, key=lambda e: -prices[e])
     rows = [
-        [rank, e, entries[e]["multiplier"], prices[e], PRICE_STEP * prices[e]]
+        [rank, e, entries[e]["multiplier"], prices[e], deltas[e], falls[e], "yes" if material[e] else "no"]
         for rank, e in enumerate(ranked, 1)
     ]
     header = [
         "rank",
         "constraint",
         "multiplier",
-        "loss fall per unit tolerance",
-        f"loss fall per +{PRICE_STEP:g} tolerance",
+        "price",
+        "delta",
+        "loss fall for +delta",
+        "material",
     ]
     lines = [
         "## Multipliers as prices",
         "",
         "lambda = -dP*/d eps: the estimated fall in the best training loss per unit of tolerance given to "
         "a constraint (first order, as good as the run's convergence). An inactive constraint has price 0: "
-        "its remaining multiplier is a transient that dual ascent is still draining.",
+        "its remaining multiplier is a transient that dual ascent is still draining. delta is a tenth of the "
+        "gate's initial value (gate constraints) or of the tolerance start (deviation constraints); a price "
+        f"is material when price * delta >= {MATERIAL:g} x the final training loss ({loss:.4g}).",
         "",
         format_table(header, rows),
         "",
     ]
-    top = ranked[0]
-    if prices[top] > 0:
+    chosen = [e for e in ranked if material[e]]
+    if chosen:
+        top = chosen[0]
         lines.append(
-            f"Relaxing `{top}` would gain most: about {PRICE_STEP * prices[top]:.3g} of training loss per "
-            f"{PRICE_STEP:g} of extra tolerance."
+            f"Relaxing `{top}` would gain most: to first order, {deltas[top]:.3g} more tolerance lowers the "
+            f"training loss by about {falls[top]:.3g} (final training loss {loss:.4g})."
         )
         if equality and entries[top]["multiplier"] < 0:
             lines.append(
                 "(A negative multiplier of an equality: the gain comes from letting the gate go negative.)"
             )
+    elif prices[ranked[0]] > 0:
+        top = ranked[0]
+        lines.append(
+            f"No multiplier is material: all prices are negligible. The largest, `{top}`'s, would lower the "
+            f"training loss by about {falls[top]:.3g} for {deltas[top]:.3g} more tolerance, under "
+            f"{100 * MATERIAL:g}% of the final training loss."
+        )
     else:
-        lines.append("No constraint binds at the end: to first order, relaxing any of them gains nothing.")
+        lines.append(
+            "No multiplier is material: no constraint binds at the end, so every price is 0 and relaxing "
+            "any of them gains nothing to first order."
+        )
     return [*lines, ""]
+
+
+def _versus(value: float, eq: float | None) -> list[Any]:
+    """``[value, eq, eq - value, relative]`` cells of one f_eq-against-the-model row."""
+    gap = None if eq is None else eq - value
+    pct = None if eq is None or value == 0 else 100 * (eq - value) / abs(value)
+    rel = None if pct is None else f"{pct:+.0f}%" if abs(pct) >= 100 else f"{pct:+.3g}%"
+    return [value, eq, gap, rel]
 
 
 def _gap(run: RunData) -> list[str]:
@@ -280,29 +458,48 @@ def _gap(run: RunData) -> list[str]:
         record = run.last(split)
         prefix = split + "/"
         for key, value in record.items():
-            if not key.startswith(prefix) or key.startswith(prefix + "eq/"):
-                continue
             metric = key.removeprefix(prefix)
-            eq = record.get(f"{prefix}eq/{metric}")
-            gap = None if eq is None else eq - value
-            pct = None if eq is None or value == 0 else 100 * (eq - value) / abs(value)
-            rel = None if pct is None else f"{pct:+.0f}%" if abs(pct) >= 100 else f"{pct:+.3g}%"
-            rows.append([f"{split} (step {record['step']})", metric, value, eq, gap, rel])
+            if key.startswith(prefix) and not metric.startswith("eq/") and not _per_layer(metric):
+                rows.append(
+                    [
+                        f"{split} (final, step {record['step']})",
+                        metric,
+                        *_versus(value, record.get(f"{prefix}eq/{metric}")),
+                    ]
+                )
+    gated = bool(run.layers())
+    best = best_val_test(run.summary) if run.summary is not None else None
+    if best is not None and best["selected"]:
+        label = f"test (best val, step {best['step']}" + (f"; f_eq step {best['eq_step']})" if gated else ")")
+        for metric, value in best["model"].items():
+            if not _per_layer(metric):
+                rows.append([label, metric, *_versus(value, best["eq"].get(metric) if gated else None)])
     if not rows:
         return []
     header = ["split", "metric", "relaxed", "f_eq", "f_eq - relaxed", "relative"]
     note = (
         "f_eq is the model with every gated branch dropped (what `ace export --equivariant` saves)."
-        if run.gates()
+        if gated
         else "The model has no gates, so f_eq is not defined; deviations are measured on the model itself."
     )
+    if best is not None and best["selected"]:
+        note += (
+            " test (best val): the test metrics at the best validation step, each variant selected on its "
+            "own validation metric (the papers' protocol)."
+        )
+    elif run.summary is not None:
+        note += " No test at the best validation step in summary.json (an older run, or no validation set)."
     return ["## f_eq against the relaxed model", "", note, "", format_table(header, rows), ""]
 
 
 def _best(run: RunData) -> list[str]:
     if not run.summary or not run.summary.get("best"):
         return []
-    rows = [[key, best["value"], best["step"]] for key, best in run.summary["best"].items()]
+    rows = [
+        [key, best["value"], best["step"]]
+        for key, best in run.summary["best"].items()
+        if not _per_layer(key.partition("/")[2])
+    ]
     return ["## Best validation values", "", format_table(["metric", "best", "step"], rows), ""]
 
 
@@ -442,21 +639,49 @@ def _compare_columns(runs: Sequence[RunData]) -> list[str]:
     return sorted(keys, key=lambda k: (k.startswith("test/"), "/eq/" in k))
 
 
-def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> str:
-    """Side-by-side table of runs: final and best validation metrics, test metrics, deviation, wall time.
+def task_metrics(names: Iterable[str]) -> list[str]:
+    """The task metrics (``mse``, ``accuracy``, ...) among unprefixed metric names, in first-seen order: not
+    the loss, the deviations, f_eq's or per-layer ones; ``["loss"]`` when nothing else is left."""
+    skip = ("loss", "deviation", "relative_deviation")
+    found = [
+        m for m in dict.fromkeys(names) if m not in skip and not m.startswith("eq/") and not _per_layer(m)
+    ]
+    return found or ["loss"]
 
-    Returns the markdown table. With ``out``, also writes ``compare.md``, ``compare.csv`` (every final
-    and best value) and the overlaid curves ``compare_loss.png`` and ``compare_deviation.png`` there.
+
+def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> str:
+    """Side-by-side table of runs: test at the best validation step, final metrics, best validation values.
+
+    The markdown table shows, per run, the step each variant was selected at (model / f_eq), the test task
+    metrics there for the model and f_eq (f_eq = the model for runs without gates; marked with a dagger and
+    taken from the final step for summaries without ``selected``), the final validation and test values
+    and the best validation loss. Returns it (with the dagger's footnote when one is used). With ``out``, also
+    writes ``compare.md``, ``compare.csv`` (every value) and the overlaid curves ``compare_loss.png`` and
+    ``compare_deviation.png`` there.
     """
     runs = [RunData(d) for d in run_dirs]
     if not runs:
         raise ValueError("compare needs at least one run directory")
     labels = _labels(runs)
+    chosen = [best_val_test(r.summary or {"test": r.last("test")}) for r in runs]
+    every = [m for m in dict.fromkeys(m for c in chosen for m in c["model"]) if not _per_layer(m)]
     finals = _compare_columns(runs)
     bests = [k for k in dict.fromkeys(k for r in runs for k in (r.summary or {}).get("best", {}))]
-    header = ["run", "method", "steps", "wall time (s)", *finals, *(f"best {k}" for k in bests)]
+    header = [
+        "run",
+        "method",
+        "steps",
+        "wall time (s)",
+        "selected",
+        "best val step",
+        "f_eq best val step",
+        *(f"test/{m} at best val" for m in every),
+        *(f"test/eq/{m} at best val" for m in every),
+        *finals,
+        *(f"best {k}" for k in bests),
+    ]
     rows = []
-    for label, r in zip(labels, runs):
+    for label, r, c in zip(labels, runs, chosen):
         summary = r.summary or {}
         values = {**r.last("val"), **r.last("test")}
         rows.append(
@@ -465,18 +690,16 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> st
                 r.method,
                 summary.get("steps", r.final.get("step")),
                 summary.get("wall_time"),
+                c["selected"],
+                c["step"],
+                c["eq_step"],
+                *(c["model"].get(m) for m in every),
+                *(c["eq"].get(m) for m in every),
                 *(values.get(k) for k in finals),
                 *((summary.get("best", {}).get(k) or {}).get("value") for k in bests),
             ]
         )
-    # markdown: final values, f_eq's val loss and the best val loss; the CSV has every final and best value
-    shown = [
-        i
-        for i, h in enumerate(header)
-        if h in ("val/eq/loss", "best val/loss")
-        or not ("/eq/" in h or "relative_deviation" in h or h.startswith("best "))
-    ]
-    table = format_table([header[i] for i in shown], [[row[i] for i in shown] for row in rows])
+    table = _compare_markdown(runs, labels, chosen, finals)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -488,6 +711,54 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> st
         made = _plot_compare(runs, labels, out)
         text = "\n".join(["# Comparison", "", table, "", *(f"![{p.stem}]({p.name})" for p in made), ""])
         (out / "compare.md").write_text(text, encoding="utf-8")
+    return table
+
+
+def _compare_markdown(
+    runs: Sequence[RunData], labels: Sequence[str], chosen: Sequence[dict[str, Any]], finals: Sequence[str]
+) -> str:
+    """The markdown of :func:`compare`: test at best validation first, then final values (the CSV has all)."""
+    metrics = task_metrics(m for c in chosen for m in c["model"])
+    finals = [
+        k
+        for k in finals
+        if k == "val/eq/loss"
+        or not ("/eq/" in k or "relative_deviation" in k or _per_layer(k.partition("/")[2]))
+    ]
+    header = [
+        "run",
+        "method",
+        "steps",
+        "wall time (s)",
+        "best val step (model / f_eq)",
+        *(h for m in metrics for h in (f"test {m} (best val)", f"test {m} f_eq (best val)")),
+        *(f"{k} (final)" for k in finals),
+        "best val/loss",
+    ]
+    rows = []
+    for label, r, c in zip(labels, runs, chosen):
+        summary = r.summary or {}
+        values = {**r.last("val"), **r.last("test")}
+        mark = "" if c["selected"] else f" {FALLBACK}"
+        best = [c[variant].get(m) for m in metrics for variant in ("model", "eq")]
+        rows.append(
+            [
+                label,
+                r.method,
+                summary.get("steps", r.final.get("step")),
+                summary.get("wall_time"),
+                f"{c['step']} / {c['eq_step']}" if c["selected"] else "-",
+                *(v if v is None or not mark else f"{v:.4g}{mark}" for v in best),
+                *(values.get(k) for k in finals),
+                (summary.get("best", {}).get("val/loss") or {}).get("value"),
+            ]
+        )
+    table = format_table(header, rows)
+    if any(not c["selected"] for c in chosen):
+        table += (
+            f"\n\n{FALLBACK} no `selected` in summary.json (an older or unfinished run, or one without a "
+            "validation set): the final test values stand in."
+        )
     return table
 
 
@@ -589,6 +860,19 @@ def sweep(config: str | Path, grid: dict[str, Sequence[str]] | Sequence[str], ou
 # --------------------------------------------------------------------------- export
 
 
+def _bake(model: nn.Module) -> nn.Module:
+    """Replace every parametrization of ``model`` (the bounded branches' spectral norm) by its current value,
+    in place: torch cannot pickle a parametrized module. (In place because removing a parametrization from a
+    deep copy also strips the original, whose class the copy shares.)"""
+    from torch.nn.utils import parametrize
+
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            for name in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    return model
+
+
 def export(
     run_dir: str | Path, out_path: str | Path, equivariant: bool = False, batches: int = 3, samples: int = 4
 ) -> dict[str, float]:
@@ -596,15 +880,14 @@ def export(
 
     Rebuilds the model from the run's config, loads ``checkpoints/last.pt`` and, with ``equivariant``,
     strips it to f_eq. Writes the whole module to ``out_path`` (load with
-    ``torch.load(path, weights_only=False)``, ace importable) and its ``state_dict`` next to it
+    ``torch.load(path, weights_only=False)``, ace importable), with the bounded branches' spectral norm
+    baked into plain weights (torch cannot pickle parametrized modules), and its ``state_dict`` next to it
     (``<stem>.state_dict.pt``, loads with ``weights_only=True``). The error is measured on the first
     ``batches`` validation batches with ``samples`` group elements each.
 
     Returns:
         ``{"max_abs_error": max |f(g.x) - rho(g) f(x)|, "deviation": D, "relative_deviation": D_rel}``.
     """
-    import copy
-
     import torch
 
     from .batches import split_batch
@@ -633,7 +916,7 @@ def export(
                 "export; export it without --equivariant"
             )
         model = strip(model)
-    model.eval()
+    model = _bake(model.eval())  # a model built for this export only
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model, out_path)

@@ -14,11 +14,17 @@ a run whose ``summary.json`` exists is read, not trained again, and an interrupt
 last checkpoint. ``--jobs N`` > 1 runs N trainings at once, each in its own process; every training
 uses ``--threads`` torch threads.
 
-The table (stdout and ``OUT/table.md``) has one row per config: mean +- std over seeds (sample std,
-ddof = 1) of each test metric found in the summaries (``mse``, ``accuracy``, ...) for the relaxed model
-and for f_eq (the relaxed model with every gate at 0; the same model for strict runs), the measured
-equivariance deviation of the final relaxed model on the test set, the largest final ``|gamma|``, and the
-training wall time. ``OUT/results.json`` holds every run's numbers.
+The table (stdout and ``OUT/table.md``) has one row per config: mean ± std over seeds (sample std,
+ddof = 1) of each test metric found in the summaries (``mse``, ``accuracy``, ...) AT THE BEST VALIDATION
+STEP (``summary.json["selected"]``, the papers' protocol), for the relaxed model and for f_eq (the relaxed
+model with every gate at 0; the same model for runs without gates), each variant selected on its own
+validation metric; the median over seeds of each variant's best step; the same metrics at the final step
+(columns "(final)"); the measured equivariance deviation of the final relaxed model on the test set, the
+largest final ``|gamma|`` and slack, and the training wall time. A run whose summary has no ``selected``
+(older runs) contributes its final values to the best-validation columns, marked † with a footnote.
+``OUT/results.json`` holds every run's numbers: ``<metric>`` and ``eq/<metric>`` at the best validation step,
+``final/<metric>`` and ``final/eq/<metric>``, ``best_step`` and ``eq/best_step``, and ``selected`` (False for
+a fallback run).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import math
 import multiprocessing
 import shlex
+import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -35,8 +42,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-#: keys of a test record that are not task metrics
-NOT_METRICS = {"loss", "deviation", "relative_deviation", "step", "epoch"}
 #: overrides of --quick: a smoke test of the whole pipeline, not a measurement
 QUICK = [
     "train.epochs=1",
@@ -123,14 +128,11 @@ def run_all(
 
 
 def _metric_names(summaries: dict[str, list[dict[str, Any]]]) -> list[str]:
-    names: list[str] = []
-    for runs in summaries.values():
-        for s in runs:
-            for key in s.get("test", {}):
-                name = key.removeprefix("test/")
-                if "/" not in name and name not in NOT_METRICS and name not in names:
-                    names.append(name)
-    return names
+    from ace.report import best_val_test, task_metrics
+
+    return task_metrics(
+        name for runs in summaries.values() for s in runs for name in best_val_test(s)["model"]
+    )
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -143,14 +145,24 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def run_values(summary: dict[str, Any], metrics: list[str]) -> dict[str, float | None]:
-    """The numbers of one run that enter the table."""
+def run_values(summary: dict[str, Any], metrics: list[str]) -> dict[str, Any]:
+    """The numbers of one run that enter the table (keys in the module docstring)."""
+    from ace.report import best_val_test
+
+    best = best_val_test(summary)
     test = summary.get("test", {})
-    values: dict[str, float | None] = {}
+    values: dict[str, Any] = {
+        "selected": best["selected"],
+        "best_step": best["step"],
+        "eq/best_step": best["eq_step"],
+    }
     for m in metrics:
-        relaxed = test.get(f"test/{m}")
-        values[f"{m}"] = relaxed
-        values[f"eq/{m}"] = test.get(f"test/eq/{m}", relaxed)  # no gates: f_eq is the model itself
+        values[m] = best["model"].get(m)
+        values[f"eq/{m}"] = best["eq"].get(m)
+    for m in metrics:
+        final = test.get(f"test/{m}")
+        values[f"final/{m}"] = final
+        values[f"final/eq/{m}"] = test.get(f"test/eq/{m}", final)  # no gates: f_eq is the model itself
     values["deviation"] = test.get("test/deviation")
     gates = summary.get("gates") or {}
     values["max_abs_gate"] = max((abs(g) for g in gates.values()), default=None)
@@ -161,14 +173,24 @@ def run_values(summary: dict[str, Any], metrics: list[str]) -> dict[str, float |
 
 
 def aggregate(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """``(metric names, rows)``: per config, mean and std over seeds of each value of :func:`run_values`."""
+    """``(metric names, rows)``: per config, mean and std over seeds of each number of :func:`run_values`,
+    the median best steps, and ``fallback``, the number of seeds without ``selected``."""
     metrics = _metric_names(summaries)
     rows = []
     for name, runs in summaries.items():
         per_run = [run_values(s, metrics) for s in runs]
-        row: dict[str, Any] = {"config": name, "seeds": len(runs)}
+        row: dict[str, Any] = {
+            "config": name,
+            "seeds": len(runs),
+            "fallback": sum(not v["selected"] for v in per_run),
+        }
         for key in per_run[0] if per_run else []:
-            row[key] = _mean_std([v[key] for v in per_run])
+            column = [v[key] for v in per_run]
+            if key.endswith("best_step"):
+                steps = [s for s in column if s is not None]
+                row[key] = statistics.median(steps) if steps else None
+            elif key != "selected":
+                row[key] = _mean_std(column)
         rows.append(row)
     return metrics, rows
 
@@ -182,24 +204,49 @@ def _fmt(mean_std: tuple[float, float], digits: int = 3) -> str:
     return f"{mean:.{digits}g} ± {std:.{digits - 1}g}"
 
 
+def _steps(row: dict[str, Any]) -> str:
+    steps = [row.get("best_step"), row.get("eq/best_step")]
+    return " / ".join("-" if s is None else f"{s:g}" for s in steps)
+
+
 def format_markdown(metrics: list[str], rows: list[dict[str, Any]]) -> str:
-    """The comparison as a markdown table."""
+    """The comparison as a markdown table (and the fallback footnote when a row needs it)."""
+    nothing = (math.nan, math.nan)
     header = ["config", "seeds"]
     for m in metrics:
         header += [f"test {m} (relaxed)", f"test {m} (f_eq)"]
-    header += ["deviation (relaxed)", "max abs gate", "max slack", "wall time (s)"]
+    header.append("median best step (relaxed / f_eq)")
+    for m in metrics:
+        header += [f"test {m} (relaxed, final)", f"test {m} (f_eq, final)"]
+    header += ["deviation (relaxed, final)", "max abs gate", "max slack", "wall time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        mark = " †" if row["fallback"] else ""
         cells = [f"`{row['config']}`", str(row["seeds"])]
         for m in metrics:
-            cells += [_fmt(row.get(m, (math.nan,) * 2)), _fmt(row.get(f"eq/{m}", (math.nan,) * 2))]
+            cells += [_fmt(row.get(k, nothing)) + mark for k in (m, f"eq/{m}")]
+        cells.append(_steps(row))
+        for m in metrics:
+            cells += [_fmt(row.get(k, nothing)) for k in (f"final/{m}", f"final/eq/{m}")]
         cells += [
-            _fmt(row.get("deviation", (math.nan,) * 2), 2),
-            _fmt(row.get("max_abs_gate", (math.nan,) * 2), 2),
-            _fmt(row.get("max_slack", (math.nan,) * 2), 2),
-            _fmt(row.get("wall_time", (math.nan,) * 2), 3),
+            _fmt(row.get("deviation", nothing), 2),
+            _fmt(row.get("max_abs_gate", nothing), 2),
+            _fmt(row.get("max_slack", nothing), 2),
+            _fmt(row.get("wall_time", nothing), 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "test (relaxed) and (f_eq): at each variant's own best validation step (summary.json `selected`); "
+        "(final): at the last step.",
+    ]
+    fallbacks = [f"`{row['config']}` {row['fallback']} of {row['seeds']}" for row in rows if row["fallback"]]
+    if fallbacks:
+        lines.append(
+            "† seeds without `selected` in summary.json (older runs), whose final test values stand in: "
+            + ", ".join(fallbacks)
+            + "."
+        )
     return "\n".join(lines)
 
 

@@ -78,41 +78,86 @@ def test_issue_short_run_from_the_cli(name, tmp_path, cache_dir, capsys):
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
 
 
-def _fake_summary(mse, eq_mse=None, gates=(), slack=None, wall=10.0, metric="mse"):
-    test = {"step": 5, "epoch": 1, "test/loss": mse, f"test/{metric}": mse, "test/deviation": 0.5}
+def _fake_summary(mse, eq_mse=None, gates=(), slack=None, wall=10.0, metric="mse", best=None, step=7):
+    """A summary.json: final test values ``mse``/``eq_mse``; with ``best = (mse, eq_mse)`` also the test
+    values at the best validation step (``selected``, model at ``step``, f_eq at ``step + 1``)."""
+    test = {"step": 9, "epoch": 1, "test/loss": mse, f"test/{metric}": mse, "test/deviation": 0.5}
     if eq_mse is not None:
         test[f"test/eq/{metric}"] = eq_mse
         test["test/eq/deviation"] = 0.0
     constraints = {f"gate.g{i}": {"gate": g, "slack": slack} for i, g in enumerate(gates)} if slack else {}
-    return {
+    summary = {
         "test": test,
         "gates": {f"g{i}": g for i, g in enumerate(gates)},
         "constraints": constraints,
         "wall_time": wall,
     }
+    if best is not None:
+        model = {"step": step, "selected_on": "val/loss", "test": {"loss": best[0], metric: best[0]}}
+        summary["selected"] = {"model": model}
+        if best[1] is not None:
+            summary["selected"]["eq"] = {
+                "step": step + 1,
+                "selected_on": "val/eq/loss",
+                "test": {metric: best[1]},
+            }
+    return summary
 
 
 def test_compare_aggregates_mean_and_sample_std():
     compare = _compare()
     summaries = {
-        "strict": [_fake_summary(1.0), _fake_summary(3.0, wall=20.0)],
+        "strict": [
+            _fake_summary(9.0, best=(1.0, None)),
+            _fake_summary(9.0, wall=20.0, best=(3.0, None), step=9),
+        ],
         "ace": [
-            _fake_summary(2.0, 1.0, gates=(0.5, -1.0), slack=0.25),
-            _fake_summary(4.0, 3.0, gates=(0.0,), slack=0.75),
+            _fake_summary(2.0, 1.0, gates=(0.5, -1.0), slack=0.25, best=(1.5, 0.5)),
+            _fake_summary(4.0, 3.0, gates=(0.0,), slack=0.75, best=(3.5, 2.5), step=20),
         ],
     }
     metrics, rows = compare.aggregate(summaries)
     assert metrics == ["mse"]
     strict, ace = rows
-    assert strict["mse"] == strict["eq/mse"] == (2.0, pytest.approx(math.sqrt(2.0)))
+    assert strict["mse"] == strict["eq/mse"] == (2.0, pytest.approx(math.sqrt(2.0)))  # no gates: f_eq = model
+    assert strict["final/mse"] == strict["final/eq/mse"] == (9.0, 0.0)
     assert strict["wall_time"] == (15.0, pytest.approx(math.sqrt(50.0)))
+    assert (strict["best_step"], strict["eq/best_step"], strict["fallback"]) == (8, 8, 0)
     assert math.isnan(strict["max_abs_gate"][0])
-    assert ace["eq/mse"][0] == 2.0 and ace["max_abs_gate"][0] == 0.5 and ace["max_slack"][0] == 0.5
+    assert ace["mse"][0] == 2.5 and ace["eq/mse"][0] == 1.5 and ace["final/eq/mse"][0] == 2.0
+    assert (ace["best_step"], ace["eq/best_step"]) == (13.5, 14.5)
+    assert ace["max_abs_gate"][0] == 0.5 and ace["max_slack"][0] == 0.5
     table = compare.format_markdown(metrics, rows)
-    assert "test mse (f_eq)" in table.splitlines()[0] and "| `strict` | 2 | 2 ± 1.4 |" in table
-    accuracy = {"a": [_fake_summary(0.9, 0.8, metric="accuracy")]}
+    header = table.splitlines()[0]
+    assert "test mse (f_eq)" in header and "test mse (f_eq, final)" in header and "median best step" in header
+    assert "| `strict` | 2 | 2 ± 1.4 | 2 ± 1.4 | 8 / 8 | 9 ± 0 |" in table
+    assert "| `ace` | 2 | 2.5 ± 1.4 | 1.5 ± 1.4 | 13.5 / 14.5 | 3 ± 1.4 |" in table and "†" not in table
+    accuracy = {"a": [_fake_summary(0.9, 0.8, metric="accuracy", best=(0.95, 0.85))]}
     assert compare.aggregate(accuracy)[0] == ["accuracy"]
     assert "test accuracy (relaxed)" in compare.format_markdown(*compare.aggregate(accuracy))
+
+
+def test_compare_falls_back_to_final_values_for_older_summaries():
+    compare = _compare()
+    older = _fake_summary(2.0, 1.0, gates=(0.5,))  # no "selected": written before test at best validation
+    assert compare.run_values(older, ["mse"]) | {"max_abs_gate": None} == {
+        "selected": False,
+        "best_step": None,
+        "eq/best_step": None,
+        "mse": 2.0,
+        "eq/mse": 1.0,
+        "final/mse": 2.0,
+        "final/eq/mse": 1.0,
+        "deviation": 0.5,
+        "max_abs_gate": None,
+        "max_slack": None,
+        "wall_time": 10.0,
+    }
+    metrics, rows = compare.aggregate({"ace": [older, _fake_summary(4.0, 3.0, best=(3.0, 2.0))]})
+    assert rows[0]["fallback"] == 1 and rows[0]["mse"][0] == 2.5 and rows[0]["best_step"] == 7
+    table = compare.format_markdown(metrics, rows)
+    assert "| `ace` | 2 | 2.5 ± 0.71 † | 1.5 ± 0.71 † | 7 / 8 |" in table
+    assert table.splitlines()[-1].startswith("† seeds without `selected`") and "`ace` 1 of 2" in table
 
 
 def test_compare_resolves_families():
@@ -141,4 +186,6 @@ def test_compare_quick_run_writes_the_table_and_resumes(tmp_path, capsys):
     assert compare.main(argv) == 0
     assert "training" not in capsys.readouterr().err
     assert summary.stat().st_mtime_ns == stamp
-    assert json.loads((tmp_path / "results.json").read_text())["toy_ace"][1]["mse"] is not None
+    result = json.loads((tmp_path / "results.json").read_text())["toy_ace"][1]
+    assert result["selected"] is True and result["mse"] is not None and result["final/mse"] is not None
+    assert 1 <= result["best_step"] <= 3 and "†" not in first.out

@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from ace import experiment
 from ace.cli import main
 from ace.config import load_config
 from ace.experiment import run
-from ace.loggers import read_metrics
-from ace.report import compare, export, parse_grid, report, sweep, verdict
+from ace.report import best_val_test, compare, constraint_state, export, parse_grid, report, sweep, verdict
 from ace.testing import assert_equivariant
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -59,28 +59,38 @@ def test_report_numbers_equal_the_logs(runs):
         text = report(path)
         assert (path / "report.md").read_text() == text
         summary = json.loads((path / "summary.json").read_text())
-        last_train = [r for r in read_metrics(path / "metrics.jsonl") if "loss" in r][-1]
         found = tables(text)
         balance = next(rows for title, rows in found.items() if title.startswith("Balance"))
         header, *rows = balance
         assert len(rows) == len(summary["constraints"]) >= 1
-        for row in rows:
+        for row in rows:  # the final model, after the last update: summary.json's numbers
             entry = summary["constraints"][row[0]]
             cells = dict(zip(header, row))
             assert same(cells["tolerance"], entry["tolerance"])
             assert same(cells["deviation / gate"], entry.get("gate", entry.get("deviation")))
-            assert same(cells["multiplier"], last_train[f"constraint/{row[0]}/multiplier"])
+            assert same(cells["multiplier"], entry["multiplier"])
             assert same(cells["violation"], entry["violation"])
             assert cells["slack"] == "-" if "slack" not in entry else same(cells["slack"], entry["slack"])
+            layer = summary["layers"].get(row[0].split(".", 1)[-1])
+            measured = layer["relative_deviation"] if layer else summary["val"]["val/relative_deviation"]
+            assert same(cells["measured rel. deviation"], measured)
+            assert cells["verdict"] == verdict(measured)
         header, *rows = found["f_eq against the relaxed model"]
+        assert {r[0].split(" (")[1].split(",")[0] for r in rows} == {"final", "best val"}
         for row in rows:
             split = row[0].split()[0]
+            if "(best val" in row[0]:
+                best = best_val_test(summary)
+                assert same(row[2], best["model"][row[1]])
+                eq = best["eq"].get(row[1]) if summary["layers"] else None
+                assert row[3] == "-" if eq is None else same(row[3], eq)
+                continue
             record = summary[split]
             assert same(row[2], record[f"{split}/{row[1]}"])
             eq = record.get(f"{split}/eq/{row[1]}")
             assert row[3] == "-" if eq is None else same(row[3], eq)
         header, *rows = found["Best validation values"]
-        assert {r[0] for r in rows} == set(summary["best"])
+        assert {r[0] for r in rows} == {k for k in summary["best"] if k.count("/") == 1 or "/eq/" in k}
         for name, best, step in rows:
             assert same(best, summary["best"][name]["value"]) and int(step) == summary["best"][name]["step"]
         header, *rows = found["Multipliers as prices"]
@@ -106,17 +116,165 @@ def test_report_plots_are_real_images(runs):
 
 
 def test_verdicts_follow_the_documented_thresholds():
-    assert verdict({"tolerance": 0.0, "gate": 0.004, "violation": 0.004, "multiplier": 1.0}) == (
-        "driven to equivariance"
-    )
+    assert verdict(1e-3) == "symmetric (measured)" and verdict(0.0) == "symmetric (measured)"
+    assert verdict(0.0123) == "breaks symmetry (measured rel. deviation 0.012)"
+    assert verdict(None) == verdict(float("nan")) == "not measured"
     kept = {"tolerance": 0.0, "gate": 0.07, "violation": -0.006, "multiplier": 0.06, "slack": 0.07}
-    assert verdict(kept) == "kept slack"
+    assert constraint_state(kept) == "kept slack"
+    assert constraint_state({**kept, "gate": 0.0}) == "constraint active"  # slack unused: not kept
     active = {"tolerance": 0.01, "deviation": 0.0115, "violation": 0.0015, "multiplier": 2.0}
-    assert verdict(active) == "constraint active"
-    assert verdict({**active, "deviation": 0.05, "violation": 0.04}) == "constraint active (violated)"
-    assert verdict({**active, "deviation": 0.005, "violation": -0.005}) == "constraint inactive"
-    assert verdict({"tolerance": 0.0, "gate": -0.3, "violation": -0.3, "multiplier": 0.1}, equality=True) == (
-        "constraint active (violated)"
+    assert constraint_state(active) == "constraint active"
+    assert (
+        constraint_state({**active, "deviation": 0.05, "violation": 0.04}) == "constraint active (violated)"
+    )
+    assert constraint_state({**active, "deviation": 0.005, "violation": -0.005}) == "constraint inactive"
+    equality = {"tolerance": 0.0, "gate": -0.3, "violation": -0.3, "multiplier": 0.1}
+    assert constraint_state(equality, equality=True) == "constraint active (violated)"
+
+
+def fake_run(path, summary, method="ace_resilient", loss=1.0, **config):
+    """A hand-built run directory: config, one training record with final loss ``loss``, and ``summary``."""
+    path.mkdir()
+    (path / "config.yaml").write_text(yaml.safe_dump({"method": method, "task": {"name": "toy"}, **config}))
+    (path / "metrics.jsonl").write_text(json.dumps({"step": 100, "epoch": 5, "loss": loss}) + "\n")
+    base = {
+        "steps": 100,
+        "epochs": 5,
+        "wall_time": 1.0,
+        "final": {"loss": loss},
+        "constraints": {},
+        "layers": {},
+    }
+    (path / "summary.json").write_text(json.dumps({**base, **summary}))
+    return path
+
+
+def gate_summary(multipliers, deviations, gates=(0.2, 0.2)):
+    """Two active resilient gate constraints (violation 0) with the given multipliers, and per layer the
+    measured relative deviation of its branch alone."""
+    constraints, layers = {}, {}
+    for i, (lam, dev, gate) in enumerate(zip(multipliers, deviations, gates)):
+        row = {"gate": gate, "multiplier": lam, "slack": gate}
+        constraints[f"gate.layers.{i}"] = {"tolerance": 0.0, "gate": gate, "violation": 0.0, **row}
+        layers[f"layers.{i}"] = {**row, "deviation": dev, "relative_deviation": dev}
+    return {"constraints": constraints, "layers": layers, "gates": {n: r["gate"] for n, r in layers.items()}}
+
+
+def test_report_relaxes_only_a_material_multiplier_and_judges_the_measured_deviation(tmp_path):
+    # delta = 0.1 for gates: 0.5 * 0.1 = 0.05 >= 1e-2 * loss 1 is material, 0.05 * 0.1 = 0.005 is not
+    text = report(fake_run(tmp_path / "a", gate_summary([0.05, 0.5], [2e-2, 1e-4])), plots=False)
+    header, *rows = tables(text)["Balance at step 100 (after the last update)"]
+    cells = [dict(zip(header, r)) for r in rows]
+    assert [c["verdict"] for c in cells] == [
+        "breaks symmetry (measured rel. deviation 0.02)",
+        "symmetric (measured)",
+    ]
+    assert [c["constraint state"] for c in cells] == ["kept slack", "kept slack"]
+    header, *rows = tables(text)["Multipliers as prices"]
+    assert [(r[1], r[4], r[6]) for r in rows] == [
+        ("gate.layers.1", "0.1", "yes"),
+        ("gate.layers.0", "0.1", "no"),
+    ]
+    assert (
+        "Relaxing `gate.layers.1` would gain most: to first order, 0.1 more tolerance lowers the training "
+        "loss by about 0.05 (final training loss 1)." in text
+    )
+    assert (
+        "`layers.0` gives up the most symmetry: with only its branch enabled the measured relative "
+        "deviation is 0.02." in text
+    )
+
+    # the same multipliers against a final loss of 10: every price is negligible; a large gate whose branch
+    # measures symmetric is called symmetric
+    summary = gate_summary([0.05, 0.5], [1e-3, 1e-4], gates=(0.9, 0.2))
+    text = report(fake_run(tmp_path / "b", summary, loss=10.0), plots=False)
+    assert "Relaxing" not in text and "No multiplier is material: all prices are negligible." in text
+    assert "Every gated layer is symmetric as measured" in text and "gives up the most" not in text
+    header, *rows = tables(text)["Balance at step 100 (after the last update)"]
+    assert [dict(zip(header, r))["verdict"] for r in rows] == ["symmetric (measured)"] * 2
+
+    inactive = gate_summary([0.5, 0.5], [1e-4, 1e-4])
+    for row in inactive["constraints"].values():
+        row["violation"] = -0.2
+    text = report(fake_run(tmp_path / "c", inactive), plots=False)
+    assert "No multiplier is material: no constraint binds at the end" in text
+
+
+def test_deviation_prices_are_quoted_for_a_tenth_of_the_tolerance_start(tmp_path):
+    row = {"tolerance": 0.05, "deviation": 0.05, "violation": 0.0, "multiplier": 0.1}
+    summary = {"constraints": {"deviation": row}, "val": {"val/relative_deviation": 0.05}}
+    # delta = 0.1 * start 2.0 = 0.2: 0.1 * 0.2 = 0.02 >= 1e-2 * loss 1
+    text = report(fake_run(tmp_path / "a", {**summary, "tolerance_starts": {"deviation": 2.0}}), plots=False)
+    assert (
+        "`deviation` would gain most: to first order, 0.2 more tolerance lowers the training loss by about "
+        "0.02 (final" in text
+    )
+    header, *rows = tables(text)["Balance at step 100 (after the last update)"]
+    assert dict(zip(header, rows[0]))["verdict"] == "breaks symmetry (measured rel. deviation 0.05)"
+    # no start: delta = 0.1 * the measured deviation 0.05, so 0.1 * 0.005 = 5e-4 is negligible
+    text = report(fake_run(tmp_path / "b", summary), plots=False)
+    assert "No multiplier is material" in text
+    assert tables(text)["Multipliers as prices"][1][4] == "0.005"
+
+
+def test_report_shows_test_at_the_best_validation_step(tmp_path):
+    selected = {
+        "model": {"step": 60, "selected_on": "val/loss", "val": {"mse": 0.5}, "test": {"mse": 0.4}},
+        "eq": {"step": 80, "selected_on": "val/eq/loss", "val": {"mse": 0.7}, "test": {"mse": 0.6}},
+    }
+    test = {"step": 100, "test/mse": 0.45, "test/eq/mse": 0.65}
+    summary = {**gate_summary([0.0, 0.0], [1e-4, 1e-4]), "selected": selected, "test": test}
+    path = fake_run(tmp_path / "a", summary)
+    (path / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in [{"step": 100, "epoch": 5, "loss": 1.0}, test]) + "\n"
+    )
+    header, *rows = tables(report(path, plots=False))["f_eq against the relaxed model"]
+    assert rows == [
+        ["test (final, step 100)", "mse", "0.45", "0.65", "0.2", "+44.4%"],
+        ["test (best val, step 60; f_eq step 80)", "mse", "0.4", "0.6", "0.2", "+50%"],
+    ]
+
+
+def test_compare_takes_test_at_best_validation_and_marks_older_runs(tmp_path):
+    selected = {
+        "model": {"step": 60, "selected_on": "val/loss", "test": {"mse": 0.4, "loss": 0.4}},
+        "eq": {"step": 80, "selected_on": "val/eq/loss", "test": {"mse": 0.6, "loss": 0.6}},
+    }
+    test = {"test/mse": 0.45, "test/eq/mse": 0.65, "test/loss": 0.45}
+    new = fake_run(tmp_path / "new", {"selected": selected, "test": test})
+    old = fake_run(tmp_path / "old", {"test": test})  # before summary["selected"]
+    strict = fake_run(tmp_path / "strict", {"selected": {"model": selected["model"]}, "test": test}, "strict")
+    for path in (new, old, strict):  # the final test record, as training writes it
+        (path / "metrics.jsonl").write_text(
+            json.dumps({"step": 100, "loss": 1.0}) + "\n" + json.dumps({"step": 100, **test}) + "\n"
+        )
+    table = compare([new, old, strict], out=tmp_path / "cmp")
+    header, *rows = tables("## t\n" + table)["t"]
+    cells = {r[0]: dict(zip(header, r)) for r in rows}
+    assert cells["new"]["test mse (best val)"] == "0.4" and cells["new"]["test mse f_eq (best val)"] == "0.6"
+    assert (
+        cells["new"]["best val step (model / f_eq)"] == "60 / 80"
+        and cells["new"]["test/mse (final)"] == "0.45"
+    )
+    assert (
+        cells["old"]["test mse (best val)"] == "0.45 †"
+        and cells["old"]["test mse f_eq (best val)"] == "0.65 †"
+    )
+    assert cells["old"]["best val step (model / f_eq)"] == "-"
+    assert cells["strict"]["test mse f_eq (best val)"] == "0.4"  # no gates: f_eq is the model
+    assert "† no `selected` in summary.json (an older or unfinished run" in table
+    lines = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
+    csv_header = lines[0].split(",")
+    new_row, old_row = (dict(zip(csv_header, line.split(","))) for line in lines[1:3])
+    assert (new_row["selected"], new_row["test/eq/mse at best val"], new_row["f_eq best val step"]) == (
+        "True",
+        "0.6",
+        "80",
+    )
+    assert (old_row["selected"], old_row["test/mse at best val"], old_row["best val step"]) == (
+        "False",
+        "0.45",
+        "",
     )
 
 
@@ -128,6 +286,10 @@ def test_compare_lists_both_runs(runs, tmp_path):
     summary = json.loads((runs[0] / "summary.json").read_text())
     header, gated = lines[0].split(","), lines[1].split(",")
     assert float(gated[header.index("val/loss")]) == summary["val"]["val/loss"]
+    selected = summary["selected"]
+    assert float(gated[header.index("test/mse at best val")]) == selected["model"]["test"]["mse"]
+    assert float(gated[header.index("test/eq/mse at best val")]) == selected["eq"]["test"]["mse"]
+    assert "test mse f_eq (best val)" in table.splitlines()[0] and "†" not in table
     for name in ("compare_loss", "compare_deviation"):
         assert np.asarray(Image.open(tmp_path / f"{name}.png").convert("L"), dtype=float).std() > 10
 
