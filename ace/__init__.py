@@ -7,7 +7,7 @@ trainer.fit(train_loader, val_loader, epochs=10)
 exact = ace.strip(model)                                  # the exactly equivariant f_eq
 """
 
-from . import groups, schedules, testing
+from . import bound, groups, schedules, testing
 from .constraints import DeviationConstraint, GateConstraint
 from .deviation import equivariance_deviation
 from .relax import GatedLayer, equivariant, gates, relax, strip
@@ -17,6 +17,7 @@ from .trainer import DualSettings, Trainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "bound",
     "DeviationConstraint",
     "DualSettings",
     "GateConstraint",

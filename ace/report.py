@@ -38,7 +38,7 @@ the best achievable training loss by about ``lambda_i * delta``. The price of an
 ``DELTA_FRACTION`` (0.1) of the constraint's natural scale: of the gate's initial value (``relax.gate_init``,
 1) for gate constraints, of the tolerance start (``summary["tolerance_starts"]``, else the measured
 deviation) for deviation constraints. A price is **material** when ``price * delta >= MATERIAL * L``
-(``MATERIAL`` = 1e-2, ``L`` the final training loss): the relaxation would gain at least 1% of the loss. The
+(``MATERIAL`` = 0.1, ``L`` the final training loss): the relaxation would gain at least 10% of the loss. The
 report names the entry with the largest material price as the one to relax, and otherwise says that no
 multiplier is material. It is a first-order estimate, only as good as the run's convergence; fixed penalty
 weights (method ``penalty``) are not prices.
@@ -96,7 +96,7 @@ ACTIVE_FLOOR = 1e-3
 #: prices are quoted for ``delta`` = this fraction of the gate's initial value or of the tolerance start.
 DELTA_FRACTION = 0.1
 #: a price is material when ``price * delta >= MATERIAL * final training loss``.
-MATERIAL = 1e-2
+MATERIAL = 0.1
 #: footnote marker of values that fall back to the final step (a summary without ``selected``).
 FALLBACK = "†"
 

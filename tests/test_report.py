@@ -161,8 +161,8 @@ def gate_summary(multipliers, deviations, gates=(0.2, 0.2)):
 
 
 def test_report_relaxes_only_a_material_multiplier_and_judges_the_measured_deviation(tmp_path):
-    # delta = 0.1 for gates: 0.5 * 0.1 = 0.05 >= 1e-2 * loss 1 is material, 0.05 * 0.1 = 0.005 is not
-    text = report(fake_run(tmp_path / "a", gate_summary([0.05, 0.5], [2e-2, 1e-4])), plots=False)
+    # delta = 0.1 for gates: 2 * 0.1 = 0.2 >= 0.1 * loss 1 is material, 0.05 * 0.1 = 0.005 is not
+    text = report(fake_run(tmp_path / "a", gate_summary([0.05, 2.0], [2e-2, 1e-4])), plots=False)
     header, *rows = tables(text)["Balance at step 100 (after the last update)"]
     cells = [dict(zip(header, r)) for r in rows]
     assert [c["verdict"] for c in cells] == [
@@ -177,7 +177,7 @@ def test_report_relaxes_only_a_material_multiplier_and_judges_the_measured_devia
     ]
     assert (
         "Relaxing `gate.layers.1` would gain most: to first order, 0.1 more tolerance lowers the training "
-        "loss by about 0.05 (final training loss 1)." in text
+        "loss by about 0.2 (final training loss 1)." in text
     )
     assert (
         "`layers.0` gives up the most symmetry: with only its branch enabled the measured relative "
@@ -186,7 +186,7 @@ def test_report_relaxes_only_a_material_multiplier_and_judges_the_measured_devia
 
     # the same multipliers against a final loss of 10: every price is negligible; a large gate whose branch
     # measures symmetric is called symmetric
-    summary = gate_summary([0.05, 0.5], [1e-3, 1e-4], gates=(0.9, 0.2))
+    summary = gate_summary([0.05, 2.0], [1e-3, 1e-4], gates=(0.9, 0.2))
     text = report(fake_run(tmp_path / "b", summary, loss=10.0), plots=False)
     assert "Relaxing" not in text and "No multiplier is material: all prices are negligible." in text
     assert "Every gated layer is symmetric as measured" in text and "gives up the most" not in text
@@ -201,17 +201,17 @@ def test_report_relaxes_only_a_material_multiplier_and_judges_the_measured_devia
 
 
 def test_deviation_prices_are_quoted_for_a_tenth_of_the_tolerance_start(tmp_path):
-    row = {"tolerance": 0.05, "deviation": 0.05, "violation": 0.0, "multiplier": 0.1}
+    row = {"tolerance": 0.05, "deviation": 0.05, "violation": 0.0, "multiplier": 1.0}
     summary = {"constraints": {"deviation": row}, "val": {"val/relative_deviation": 0.05}}
-    # delta = 0.1 * start 2.0 = 0.2: 0.1 * 0.2 = 0.02 >= 1e-2 * loss 1
+    # delta = 0.1 * start 2.0 = 0.2: 1 * 0.2 = 0.2 >= 0.1 * loss 1
     text = report(fake_run(tmp_path / "a", {**summary, "tolerance_starts": {"deviation": 2.0}}), plots=False)
     assert (
         "`deviation` would gain most: to first order, 0.2 more tolerance lowers the training loss by about "
-        "0.02 (final" in text
+        "0.2 (final" in text
     )
     header, *rows = tables(text)["Balance at step 100 (after the last update)"]
     assert dict(zip(header, rows[0]))["verdict"] == "breaks symmetry (measured rel. deviation 0.05)"
-    # no start: delta = 0.1 * the measured deviation 0.05, so 0.1 * 0.005 = 5e-4 is negligible
+    # no start: delta = 0.1 * the measured deviation 0.05, so 1 * 0.005 = 0.005 is negligible
     text = report(fake_run(tmp_path / "b", summary), plots=False)
     assert "No multiplier is material" in text
     assert tables(text)["Multipliers as prices"][1][4] == "0.005"
