@@ -66,7 +66,9 @@ T.Trainer._primal_step = patched_primal_step
 
 save, replace = torch.save, os.replace
 def patched_save(obj, f, *args, **kwargs):
-    saving["step"] = obj.get("step") if isinstance(obj, dict) else None
+    if not (isinstance(obj, dict) and "format" in obj):  # best_*.pt weights: not the trainer checkpoint
+        return save(obj, f, *args, **kwargs)
+    saving["step"] = obj.get("step")
     if point == "save" and saving["step"] == at:
         f.write(b"PK\x03\x04 torn checkpoint")
         f.flush()
