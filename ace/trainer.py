@@ -146,7 +146,10 @@ class Trainer:
             large loss scale one plain-SGD gate step can otherwise throw a gate far past 0.
         lr_schedule: a factor ``step -> float`` on the learning rate of every parameter group without
             gates (e.g. cosine with warm-up, :func:`ace.schedules.lr_schedule`); the gates' plain-SGD rate
-            is left alone, since it sets the damping of the gate-multiplier pair.
+            is left alone (it sets the damping of the gate-multiplier pair) unless ``schedule_gates``.
+        schedule_gates: scale the gates' learning rate by ``lr_schedule`` too: a gate's batch-to-batch
+            noise around its equilibrium scales with the square root of its learning rate, so a decaying rate
+            lets an equality-constrained gate settle at 0 by the end of the run.
         select: the validation metric that picks each variant's best step (``"loss"``, or a metric name
             such as ``"accuracy"``, maximised); see :mod:`ace.selection`.
         slack_lr: learning rate of the slack variables (SGD).
@@ -185,6 +188,7 @@ class Trainer:
         grad_clip: float | None = None,
         gate_max_step: float | None = 0.1,
         lr_schedule: Callable[[int], float] | None = None,
+        schedule_gates: bool = False,
         select: str = "loss",
         slack_lr: float = 1e-2,
         eval_samples: int = 4,
@@ -254,7 +258,7 @@ class Trainer:
             (o, i, group["lr"])
             for o in self.optimizers
             for i, group in enumerate(o.param_groups)
-            if not any(id(p) in gate_ids for p in group["params"])
+            if schedule_gates or not any(id(p) in gate_ids for p in group["params"])
         ]
 
         # the forward pass of the loss goes through DDP (gradient averaging); the deviation's extra forward

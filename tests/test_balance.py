@@ -54,9 +54,9 @@ def branch(name: str, module: nn.Module) -> nn.Module:
 
 def train(seed: int, breaking: float) -> dict:
     torch.manual_seed(seed)
-    x = torch.randn(512, 2)
+    x = torch.randn(256, 2)
     y = x * x.norm(dim=-1, keepdim=True) + breaking * torch.tensor([1.0, 0.0])  # equivariant + constant field
-    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     model = ace.relax(Net(), where=["s0", "s1", "out"], branch=branch)
     gate_params = list(ace.gates(model).values())
     weights = [p for p in model.parameters() if all(p is not g for g in gate_params)]
