@@ -537,7 +537,7 @@ class Trainer:
             for u in self.slacks.values():
                 u.clamp_(min=0.0)
             for g, old in zip(self._gate_params, before):  # the gates' trust region
-                g.copy_(torch.maximum(torch.minimum(g, old + self.gate_max_step), old - self.gate_max_step))
+                g.copy_(torch.clamp(g, old - self.gate_max_step, old + self.gate_max_step))
         return None
 
     def _check_multipliers(self) -> str | None:
