@@ -90,9 +90,17 @@ def _train_one(config: str, overrides: list[str], out: str, threads: int) -> dic
 
 
 def run_all(
-    paths: list[Path], seeds: int, overrides: list[str], out: Path, jobs: int = 1, threads: int = 1
+    paths: list[Path],
+    seeds: int,
+    overrides: list[str],
+    out: Path,
+    jobs: int = 1,
+    threads: int = 1,
+    train: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Train (or read back) every config for seeds 0 .. seeds-1; returns config name -> summaries."""
+    """Train (or read back) every config for seeds 0 .. seeds-1; returns config name -> summaries.
+
+    With ``train=False`` only finished runs are read (the table then counts the seeds it found)."""
     tasks, summaries = [], {p.stem: [] for p in paths}
     for seed in range(seeds):  # seed-major: a run cut short still has every config at the first seeds
         for path in paths:
@@ -102,6 +110,9 @@ def run_all(
                 summaries[path.stem].append(json.loads(done.read_text()))
             else:
                 tasks.append((path, [*overrides, f"seed={seed}", "log.progress=false"], run_dir))
+    if tasks and not train:
+        print(f"compare: {len(tasks)} unfinished run(s) left out of the table", file=sys.stderr, flush=True)
+        tasks = []
     if tasks:
         print(f"compare: training {len(tasks)} run(s), {jobs} at a time", file=sys.stderr, flush=True)
     if jobs == 1:  # in this process: no start-up cost
@@ -259,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 3 steps: a smoke test")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1)")
+    parser.add_argument(
+        "--table-only", action="store_true", help="train nothing: tabulate the finished runs found in --out"
+    )
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1 or args.jobs < 1 or args.threads < 1:
         parser.error("--seeds, --jobs and --threads must be >= 1")
@@ -272,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*QUICK, *overrides]
     paths = resolve_targets(targets)
     out = Path(args.out)
-    summaries = run_all(paths, args.seeds, overrides, out, jobs=args.jobs, threads=args.threads)
+    summaries = run_all(
+        paths, args.seeds, overrides, out, jobs=args.jobs, threads=args.threads, train=not args.table_only
+    )
     metrics, rows = aggregate(summaries)
     table = format_markdown(metrics, rows)
     command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

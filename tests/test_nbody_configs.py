@@ -189,3 +189,8 @@ def test_compare_quick_run_writes_the_table_and_resumes(tmp_path, capsys):
     result = json.loads((tmp_path / "results.json").read_text())["toy_ace"][1]
     assert result["selected"] is True and result["mse"] is not None and result["final/mse"] is not None
     assert 1 <= result["best_step"] <= 3 and "†" not in first.out
+    # --table-only trains nothing: a third seed is missing, so it is left out and the table keeps two
+    assert compare.main([*argv[:-4], "--seeds", "3", "--out", str(tmp_path), "--table-only"]) == 0
+    third = capsys.readouterr()
+    assert "| `toy_ace` | 2 |" in third.out and "1 unfinished run(s) left out" in third.err
+    assert not (tmp_path / "toy_ace" / "seed2").exists()
