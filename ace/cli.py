@@ -73,7 +73,14 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .experiment import OutputError, check_writable
     from .report import export
+
+    if Path(args.out).is_dir():
+        raise OutputError(f"cannot write the model to {args.out}: it is a directory")
+    check_writable(Path(args.out).parent, "folder of the exported model")
 
     errors = export(args.run_dir, args.out, equivariant=args.equivariant)
     kind = "equivariant f_eq" if args.equivariant else "relaxed model"
@@ -125,12 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ace: interrupted: {err}" if str(err) else "ace: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, ValueError, OSError) as err:
-        from .experiment import RunDirError
+        from .experiment import OutputError, RunDirError
         from .report import ExportError
         from .trainer import CheckpointError, NonFiniteError
 
+        if isinstance(err, OutputError):  # a bad --out, found before any work: a usage error
+            print(f"ace: error: {err}", file=sys.stderr)
+            return 2
         if isinstance(err, (RunDirError, CheckpointError, NonFiniteError, ExportError, FileNotFoundError)):
             print(f"ace: error: {err}", file=sys.stderr)
+            return 1
+        if isinstance(err, OSError) and err.filename is not None:  # e.g. an unwritable output path
+            print(f"ace: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
             return 1
         raise
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+#: seeds go to torch.manual_seed (and seed + small offsets): keep them in [0, 2**63)
+MAX_SEED = 2**63 - 1
 
 METHODS = ("strict", "unconstrained", "penalty", "ace", "ace_resilient", "scheduled", "cr")
 
@@ -250,12 +254,38 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from err
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as err:  # one line: where, and what
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(apply_overrides(raw, overrides))
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (not: the last wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _DuplicateKey(None, None, f"duplicate key {key!r} in a mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -266,7 +296,9 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text else ""
+        except _DuplicateKey as err:
+            raise ConfigError(f"override {item!r}: {err.problem}") from err
         except yaml.YAMLError:
             value = text
         node = raw
@@ -298,6 +330,8 @@ def config_from_dict(raw: dict) -> Config:
             f"schema: this config is for schema {schema}, newer than this ace supports ({SCHEMA_VERSION}); "
             "upgrade ace"
         )
+    if isinstance(schema, int) and not isinstance(schema, bool) and schema < SCHEMA_VERSION:
+        raise ConfigError(f"schema: {schema} is not a schema of ace; this ace reads schema {SCHEMA_VERSION}")
     task = raw.get("task") or {}
     if isinstance(task, str):  # `task: toy` as a shorthand
         raw["task"] = task = {"name": task}
@@ -374,13 +408,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value) if not isinstance(value, int) or abs(value) < 2**1000 else math.inf
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # an inf or nan would only surface as a non-finite loss later
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -424,6 +463,7 @@ def _validate(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.eval_samples": cfg.train.eval_samples,
         "log.every": cfg.log.every,
+        "relax.hidden": cfg.relax.hidden,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -434,10 +474,16 @@ def _validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs,
         "optim.warmup": cfg.optim.warmup,
         "optim.min_lr_factor": cfg.optim.min_lr_factor,
+        "optim.momentum": cfg.optim.momentum,
+        "dual.kp": cfg.dual.kp,
+        "dual.ki": cfg.dual.ki,
+        "seed": cfg.seed,
     }
     for key, value in nonnegative.items():
         if not value >= 0:
             raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+    if cfg.seed > MAX_SEED:
+        raise ConfigError(f"seed: must be < 2**63, got {cfg.seed!r}")
     if cfg.dual.max_multiplier is not None and not cfg.dual.max_multiplier > 0:
         raise ConfigError(f"dual.max_multiplier: must be > 0 or null, got {cfg.dual.max_multiplier!r}")
     if cfg.train.threads is not None and not cfg.train.threads > 0:
@@ -459,7 +505,15 @@ def _validate(cfg: Config) -> None:
             schedule = schedule_from_config(getattr(cfg.constraint, key), 1000)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"constraint.{key}: {err}") from err
-        if key == "tolerance" and cfg.method == "scheduled" and not getattr(schedule, "needs_start", False):
+        auto = getattr(schedule, "needs_start", False)
+        resolved = (
+            schedule.resolve(start=1.0) if auto else schedule
+        )  # any start >= 0 shows the sign of the rest
+        if key == "tolerance" and min(resolved(t) for t in range(1001)) < 0:
+            raise ConfigError(
+                "constraint.tolerance: a tolerance must be >= 0, but this schedule goes below 0"
+            )
+        if key == "tolerance" and cfg.method == "scheduled" and not auto:
             if not is_nonincreasing(schedule, 1000):
                 raise ConfigError(
                     "constraint.tolerance: method 'scheduled' tightens the tolerance, "

@@ -17,8 +17,17 @@ cr              scheduled  none: gates follow ``constraint.cr_schedule``, f_eq i
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import re
 import warnings
+from collections.abc import Iterator
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no lock there
+    fcntl = None
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +43,16 @@ from .schedules import lr_schedule, schedule_from_config
 from .tasks.base import Task
 from .trainer import CHECKPOINT_FORMAT, CheckpointError, DualSettings, Trainer
 
-__all__ = ["build_task", "make_loader", "method_setup", "make_optimizer", "prepare_run", "run", "RunDirError"]
+__all__ = [
+    "build_task",
+    "make_loader",
+    "method_setup",
+    "make_optimizer",
+    "prepare_run",
+    "run",
+    "RunDirError",
+    "OutputError",
+]
 
 #: keys that may differ between a run and its resumption (extending a run, quieter output)
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "max_steps"), ("log", "progress")}
@@ -42,6 +60,10 @@ RESUMABLE_CHANGES = {("train", "epochs"), ("train", "max_steps"), ("log", "progr
 
 class RunDirError(RuntimeError):
     """A run directory that would be overwritten, or cannot be resumed."""
+
+
+class OutputError(RunDirError):
+    """An ``--out`` that cannot be a run directory: a file, under a file, or not writable."""
 
 
 def build_task(cfg: Config) -> Task:
@@ -150,18 +172,60 @@ def _device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and dist.is_available() and dist.is_initialized():
         name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"train.device: {name!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name!r} asked for, but CUDA is not available")
     return device
 
 
 def prepare_run(cfg: Config, out: str | Path | None) -> tuple[Trainer, dict[str, DataLoader]]:
-    """Build the task, the (relaxed) model, the constraints and the trainer for ``cfg``."""
+    """Build the task, the (relaxed) model, the constraints and the trainer for ``cfg``.
+
+    The trainer appends to a run already in ``out``: checking the directory is the caller's part (see
+    :func:`run`).
+    """
+    return _make_trainer(cfg, _build_parts(cfg), out)
+
+
+def _size_keys(cfg: Config) -> list[str]:
+    """``key=value (default d)`` of every integer of data, model and relax set above its default."""
+    found = []
+    for section in ("data", "model", "relax"):
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value, default = getattr(obj, f.name), f.default
+            if isinstance(value, int) and isinstance(default, int) and value > default:
+                found.append(f"{section}.{f.name}={value} (default {default})")
+    return found
+
+
+def _build_task_and_model(cfg: Config) -> Task:
+    """:func:`build_task`, with an allocation failure reported as a config error naming the sizes."""
+    try:
+        return build_task(cfg)
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "alloc" not in str(err) and "memory" not in str(err):
+            raise
+        asked = re.search(r"allocate (\d+) bytes", str(err))
+        amount = f"{int(asked.group(1)) / 2**30:.3g} GiB" if asked else "more memory than there is"
+        sizes = "; ".join(_size_keys(cfg)) or "no size above its default"
+        raise ConfigError(
+            f"task '{cfg.task.name}' cannot be built: it asked for {amount}; sizes set above default: {sizes}"
+        ) from err
+
+
+def _build_parts(cfg: Config) -> dict[str, Any]:
+    """Everything of a run but the trainer (which opens the log): config errors needing the task end here."""
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    task = build_task(cfg)
+    device = _device(cfg.train.device)
+    task = _build_task_and_model(cfg)
     loaders = {
         "train": make_loader(
             task.train, cfg.train.batch_size, shuffle=True, distributed=distributed, seed=cfg.seed
@@ -190,18 +254,30 @@ def prepare_run(cfg: Config, out: str | Path | None) -> tuple[Trainer, dict[str,
             example=task.example,
             normalize=cfg.relax.normalize,
         )
+    return {
+        "task": task,
+        "loaders": loaders,
+        "constraints": constraints,
+        "gate_schedule": gate_schedule,
+        "total": total,
+        "device": device,
+    }
+
+
+def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) -> tuple[Trainer, dict]:
+    task, total, model = parts["task"], parts["total"], parts["task"].model
     d, o = cfg.dual, cfg.optim
     trainer = Trainer(
         model,
         task.loss,
         make_optimizer(cfg, model),
         symmetry=task.symmetry,
-        constraints=constraints,
+        constraints=parts["constraints"],
         dual=DualSettings(
             d.formulation, d.optimizer, d.lr, d.update, d.penalty_coefficient, d.kp, d.ki, d.init
         ),
         metrics=task.metrics,
-        gate_schedule=gate_schedule,
+        gate_schedule=parts["gate_schedule"],
         grad_clip=cfg.optim.grad_clip,
         gate_max_step=cfg.optim.gate_max_step,
         lr_schedule=lr_schedule(o.schedule, total, o.warmup, o.min_lr_factor, o.decay_every, o.decay_factor),
@@ -214,13 +290,26 @@ def prepare_run(cfg: Config, out: str | Path | None) -> tuple[Trainer, dict[str,
         progress=cfg.log.progress,
         tensorboard=cfg.log.tensorboard,
         seed=cfg.seed,
-        device=_device(cfg.train.device),
+        device=parts["device"],
         config=config_to_dict(cfg),
         on_nan=cfg.train.on_nan,
         max_multiplier=cfg.dual.max_multiplier,
+        resume=True,  # the caller has checked or cleared the directory
     )
     trainer.total_steps = total
-    return trainer, loaders
+    return trainer, parts["loaders"]
+
+
+def check_writable(out: Path, what: str = "run directory") -> None:
+    """Refuse a folder ``out`` that is a file, lies under a file, or cannot be written (before any work)."""
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        where = "is a file" if folder == out else f"lies under {folder}, which is a file"
+        raise OutputError(f"cannot use {out} as the {what}: it {where}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the {what} {out}: {folder} is not writable")
 
 
 def _holds_run(out: Path) -> bool:
@@ -267,36 +356,68 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
         raise RunDirError(
             f"{out} already holds a run; pass --resume to continue it or --overwrite to start again"
         )
+    check_writable(out)
+    parts = _build_parts(cfg)  # config errors that need the task or the model: before anything is written
     if distributed:
         dist.barrier()  # every rank has read the directory before rank 0 changes it
-    if main:
-        if holds_run and overwrite and not resume:
-            for name in ("metrics.jsonl", "summary.json", "config.yaml", "report.md"):
-                (out / name).unlink(missing_ok=True)
-            for path in out.glob("*.png"):  # plots of `ace report`
-                path.unlink()
-            for path in (out / "checkpoints").glob("*"):
-                path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "config.yaml.tmp"  # atomic: a torn config.yaml would block --resume
-        tmp.write_text(dump_config(cfg), encoding="utf-8")
-        os.replace(tmp, out / "config.yaml")
-    trainer, loaders = prepare_run(cfg, out)
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
-    trainer.truncate_records()  # records written after the checkpoint will be written again
+    with _locked(out, holds_run) if main else contextlib.nullcontext():
+        if main:
+            if holds_run and overwrite and not resume:
+                for name in ("metrics.jsonl", "summary.json", "config.yaml", "report.md"):
+                    (out / name).unlink(missing_ok=True)
+                for path in out.glob("*.png"):  # plots of `ace report`
+                    path.unlink()
+                for path in (out / "checkpoints").glob("*"):
+                    path.unlink()
+            tmp = out / "config.yaml.tmp"  # atomic: a torn config.yaml would block --resume
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(dump_config(cfg), encoding="utf-8")
+                os.replace(tmp, out / "config.yaml")
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise OutputError(f"cannot write the run directory {out}: {err.strerror or err}") from err
+        trainer, loaders = _make_trainer(cfg, parts, out)
+        if checkpoint is not None:
+            trainer.load_checkpoint(checkpoint)
+        trainer.truncate_records()  # records written after the checkpoint will be written again
+        try:
+            return trainer.fit(
+                loaders["train"],
+                loaders["val"],
+                epochs=cfg.train.epochs or None,  # 0 epochs with train.max_steps: the steps decide
+                max_steps=cfg.train.max_steps,
+                eval_every=cfg.train.eval_every,
+                checkpoint_every=cfg.train.checkpoint_every,
+                test_loader=loaders["test"],
+            )
+        finally:
+            trainer.close()
+
+
+@contextlib.contextmanager
+def _locked(out: Path, held: bool) -> Iterator[None]:
+    """Hold ``out/.lock`` (an advisory ``flock``, freed by the kernel even after SIGKILL) for the whole run,
+    so that two ``ace train`` processes never write one directory; ``held``: whether ``out`` held a run when
+    it was checked, before the lock was taken."""
     try:
-        return trainer.fit(
-            loaders["train"],
-            loaders["val"],
-            epochs=cfg.train.epochs,
-            max_steps=cfg.train.max_steps,
-            eval_every=cfg.train.eval_every,
-            checkpoint_every=cfg.train.checkpoint_every,
-            test_loader=loaders["test"],
-        )
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OutputError(f"cannot write the run directory {out}: {err.strerror or err}") from err
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise RunDirError(
+                    f"{out} is in use by another ace process; wait for it to end, or use another --out"
+                ) from None
+        if _holds_run(out) != held:  # another process wrote it since it was checked
+            raise RunDirError(f"{out} was changed by another process while this run was being prepared")
+        yield
     finally:
-        trainer.close()
+        os.close(fd)
 
 
 def _last_good_checkpoint(out: Path) -> Path | None:

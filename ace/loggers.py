@@ -86,18 +86,24 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete records of a ``metrics.jsonl``; a torn last line is dropped."""
+    """All complete records of a ``metrics.jsonl``.
+
+    A torn last line (a kill mid-write) is dropped silently; any other line that is not a JSON object
+    (damaged from outside) is skipped with a warning naming its number, so the valid records still read.
+    """
     records = []
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    lines = Path(path).read_bytes().split(b"\n")
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):  # a kill mid-write: the only line allowed to be broken
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON") from None
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number < len(lines):  # the last line, without its newline, is the one a kill may tear
+            warnings.warn(f"{path}: skipping line {number}: not a JSON record", stacklevel=2)
     return records
 
 

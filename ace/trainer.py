@@ -117,6 +117,9 @@ class DualSettings:
             raise ValueError(f"dual.lr must be > 0, got {self.lr!r}")
         if not self.penalty_coefficient > 0:
             raise ValueError(f"dual.penalty_coefficient must be > 0, got {self.penalty_coefficient!r}")
+        for key in ("lr", "penalty_coefficient", "kp", "ki", "init"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"dual.{key} must be a finite number, got {getattr(self, key)!r}")
 
 
 class _Problem(cooper.ConstrainedMinimizationProblem):
@@ -155,7 +158,11 @@ class Trainer:
         slack_lr: learning rate of the slack variables (SGD).
         eval_samples: group samples per batch for the deviation reported at evaluation.
         log_dir: run directory for ``metrics.jsonl``, ``summary.json`` and ``checkpoints/``; ``None``
-            keeps records in ``trainer.history`` only.
+            keeps records in ``trainer.history`` only. A directory that already holds a run (records,
+            checkpoints or a summary) is refused unless ``resume`` or ``overwrite``.
+        resume: continue the run in ``log_dir``: append to its records (then :meth:`load_checkpoint` and
+            :meth:`truncate_records`, as ``ace train --resume`` does).
+        overwrite: start again in ``log_dir``: its records, summary and checkpoints are deleted.
         log_every: steps between training records.
         progress: show a tqdm bar (``None``: only when stderr is a terminal).
         tensorboard: mirror records to TensorBoard in ``log_dir/tensorboard``.
@@ -203,6 +210,8 @@ class Trainer:
         max_multiplier: float | None = 1e6,
         max_rollbacks: int = 3,
         rollback_lr_factor: float = 0.5,
+        resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
         self.model = model
         self.loss_fn = loss
@@ -274,6 +283,8 @@ class Trainer:
 
         self.run_dir = Path(log_dir) if log_dir is not None else None  # read by every rank
         self.log_dir = self.run_dir if self.is_main else None  # written by rank 0 only
+        if self.log_dir is not None and not resume:
+            _claim_run_dir(self.log_dir, overwrite)
         self.log = MetricsLog(
             self.log_dir / "metrics.jsonl" if self.log_dir else None,
             self.log_dir / "tensorboard" if (self.log_dir and tensorboard) else None,
@@ -317,6 +328,12 @@ class Trainer:
         if self.gate_schedule is not None and any(isinstance(c, GateConstraint) for c in self.constraints):
             raise ValueError("gate_schedule fixes the gates; it cannot be combined with a GateConstraint")
         in_optimizer = {id(p) for o in self.optimizers for group in o.param_groups for p in group["params"]}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if trainable and not any(id(p) in in_optimizer for p in trainable):
+            raise ValueError(
+                "the optimizer holds none of the model's parameters, so training would move no weight: "
+                "build it from model.parameters() of this model"
+            )
         missing = [n for n, g in self.gates.items() if id(g) not in in_optimizer]
         if missing and self.gate_schedule is None:
             raise ValueError(
@@ -399,7 +416,9 @@ class Trainer:
         output = call_model(self.forward_model, inputs)
         if not self._checked_batch:
             self._check_output(inputs, output)
-        task_loss = self.loss_fn(output, target)
+            task_loss = self._first_loss(output, target)
+        else:
+            task_loss = self.loss_fn(output, target)
         raw = {}
         for c in self.constraints:
             if isinstance(c, GateConstraint):
@@ -570,15 +589,17 @@ class Trainer:
                     w.clamp_(-self.max_multiplier, self.max_multiplier)
         return None
 
-    def _handle_nonfinite(self, quantity: str) -> None:
-        step = self.step + 1
+    def _handle_nonfinite(self, quantity: str, evaluated: bool = False, final: bool = False) -> None:
+        """Apply ``on_nan`` to a non-finite ``quantity`` of the step in progress or, when ``evaluated``, of
+        the evaluation after step ``self.step`` (``final``: the run's last one, which always stops)."""
+        step = self.step if evaluated else self.step + 1
         self._write({"step": step, "event": "non_finite", "quantity": quantity, "policy": self.on_nan})
         self.cooper_optimizer.zero_grad()
-        if self.on_nan == "skip":
+        if self.on_nan == "skip" and not final:
             return
         checkpoint = self._checkpoint_path()
         saved = checkpoint is not None and checkpoint.exists()
-        if self.on_nan == "rollback" and saved and self.rollbacks < self.max_rollbacks:
+        if self.on_nan == "rollback" and saved and self.rollbacks < self.max_rollbacks and not final:
             rollbacks = self.rollbacks + 1
             lrs = [[group["lr"] for group in o.param_groups] for o in self.optimizers]
             self.load_checkpoint(checkpoint)  # restores the checkpoint's lr: scale the lr in use instead
@@ -590,14 +611,17 @@ class Trainer:
             raise _RolledBack
         where = f"the last good checkpoint is {checkpoint}" if saved else "no checkpoint was written yet"
         reason = f"train.on_nan={self.on_nan}"
-        if self.on_nan == "rollback":
+        if final:
+            reason = "at the end of the run: it is not finished"
+        elif self.on_nan == "rollback":
             reason = (
                 f"rollback gave up after {self.rollbacks} rollbacks"
                 if saved
                 else "rollback needs a checkpoint"
             )
         raise NonFiniteError(
-            f"non-finite {quantity} in step {step} ({reason}); {where}. Lower the learning rates, clip "
+            f"non-finite {quantity} {'after' if evaluated else 'in'} step {step} ({reason}); {where}. "
+            "Lower the learning rates, clip "
             "gradients (optim.grad_clip), or set train.on_nan to skip or rollback"
         )
 
@@ -625,6 +649,28 @@ class Trainer:
                     f"input field '{name}' has dtype {tensor.dtype}, but the model's parameters are {dtype}"
                 )
         self._check_output(inputs, None)  # missing fields and wrong shapes, before the model trips on them
+
+    def _first_loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        """The loss of the first batch, with clear errors for a target that does not fit the model's output
+        and for a loss that is not a scalar."""
+        try:
+            loss = self.loss_fn(output, target)
+        except (RuntimeError, ValueError) as err:
+            if (
+                isinstance(output, torch.Tensor)
+                and target.is_floating_point()
+                and output.shape != target.shape
+            ):
+                lead = output.dim() > 0 and target.dim() > 0 and output.shape[0] == target.shape[0]
+                shape = lambda t: str(("B", *t.shape[1:]) if lead else tuple(t.shape)).replace("'", "")  # noqa: E731
+                raise ValueError(
+                    f"target shape {shape(target)} does not match model output {shape(output)}"
+                ) from err
+            raise
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"the loss must return a scalar tensor, got {got}: reduce it (e.g. .mean())")
+        return loss
 
     def _check_output(self, inputs: Any, output: Any) -> None:
         """Named fields present with the right shapes, output (unless None) fitting its representation."""
@@ -780,6 +826,9 @@ class Trainer:
         """
         if epochs is None and max_steps is None:
             raise ValueError("fit() needs epochs or max_steps")
+        for name, count in (("epochs", epochs), ("max_steps", max_steps)):
+            if count is not None and not (isinstance(count, int) and count >= 1):
+                raise ValueError(f"fit(): {name} must be an integer >= 1 (or None), got {count!r}")
         per_epoch = len(train_loader)
         if per_epoch == 0:
             raise ValueError("the training loader is empty")
@@ -794,27 +843,28 @@ class Trainer:
             while self.step < total:
                 try:
                     epoch_done = self._run_epoch(train_loader, total, bar)
+                    self.wall_time = time.perf_counter() - started
+                    if not epoch_done:
+                        break
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    last = self.step >= total
+                    good = True  # a checkpoint after a non-finite validation would not be a good state
+                    if val_loader is not None and (self.epoch % eval_every == 0 or last):
+                        good = self._log_eval("val", val_loader).get("finite", True)
                 except _RolledBack:
                     bar.n = self.step
                     continue
-                self.wall_time = time.perf_counter() - started
-                if not epoch_done:
-                    break
-                self.epoch += 1
-                self.batch_in_epoch = 0
-                last = self.step >= total
-                if val_loader is not None and (self.epoch % eval_every == 0 or last):
-                    self._log_eval("val", val_loader)
-                if self.epoch % checkpoint_every == 0 or last:
+                if good and (self.epoch % checkpoint_every == 0 or last):
                     self.save_checkpoint()
         finally:
             restore_signals()
             bar.close()
         self.wall_time = time.perf_counter() - started
         if val_loader is not None and self.last_eval.get("step") != self.step:
-            self._log_eval("val", val_loader)
+            self._log_eval("val", val_loader, final=True)
         if test_loader is not None:
-            self._log_eval("test", test_loader)
+            self._log_eval("test", test_loader, final=True)
         if self.is_main and val_loader is not None:
             splits = {"val": val_loader, **({"test": test_loader} if test_loader is not None else {})}
             self.selected = self.selection.evaluate(self.evaluate, splits, self.device)
@@ -894,18 +944,39 @@ class Trainer:
             post["eps"] = f"{tols[0]:.3g}"
         return post
 
-    def _log_eval(self, split: str, loader: Iterable) -> dict[str, float]:
-        if not self.is_main:  # evaluation needs no collective: rank 0 does it while the others wait
-            return {}
-        scores = self.evaluate(loader)
-        record = {"step": self.step, "epoch": self.epoch, **{f"{split}/{k}": v for k, v in scores.items()}}
-        if split == "val":
-            self._track_best(record)
-            self.selection.update(record, self.step)
-            self.last_eval = record
-        else:
-            self.test_scores = record
-        self._write(record)
+    def _log_eval(self, split: str, loader: Iterable, final: bool = False) -> dict[str, Any]:
+        """Evaluate and log ``split``. Non-finite losses or weights are handled by ``on_nan`` (``skip``: this
+        evaluation is not tracked and its checkpoint not written); at the end of a run (``final``) they
+        always raise: a run that ends non-finite is not finished. Returns the record, with ``finite: False``
+        (not logged) after a skipped one."""
+        record, problem = {}, None
+        if self.is_main:  # evaluation needs no collective: rank 0 does it while the others wait
+            scores = self.evaluate(loader)
+            record = {
+                "step": self.step,
+                "epoch": self.epoch,
+                **{f"{split}/{k}": v for k, v in scores.items()},
+            }
+            losses = [k for k, v in scores.items() if k.split("/")[-1] == "loss" and not math.isfinite(v)]
+            weights = [p.detach().reshape(-1) for p in self.model.parameters()]
+            if losses:
+                problem = f"{split} {losses[0]}"
+            elif weights and not torch.isfinite(torch.cat(weights)).all():
+                problem = "weights"
+            if problem is None and split == "val":
+                self._track_best(record)
+                self.selection.update(record, self.step)
+                self.last_eval = record
+            elif problem is None:
+                self.test_scores = record
+            self._write(record)
+        if self.world_size > 1:  # every rank takes the same way out of a non-finite evaluation
+            flag = torch.tensor([float(problem is not None)], device=self.device)
+            dist.broadcast(flag, 0)
+            problem = problem or ("evaluation (rank 0)" if flag.item() else None)
+        if problem is not None:
+            self._handle_nonfinite(problem, evaluated=True, final=final)
+            return {**record, "finite": False}
         return record
 
     def _resolve_auto_tolerances(self, train_loader: Iterable, batches: int = 8) -> None:
@@ -1110,6 +1181,23 @@ class Trainer:
 def _module_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _claim_run_dir(folder: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds a run (records, checkpoints, summary), or clear it when ``overwrite``."""
+    metrics, checkpoints = folder / "metrics.jsonl", folder / "checkpoints"
+    held = [
+        p
+        for p in (metrics, folder / "summary.json", *checkpoints.glob("*.pt"))
+        if p.exists() and (p != metrics or p.stat().st_size > 0)
+    ]
+    if held and not overwrite:
+        raise ValueError(
+            f"{folder} already holds a run ({', '.join(p.name for p in held)}); pass resume=True to continue "
+            "it or overwrite=True to start again"
+        )
+    for path in held:
+        path.unlink()
 
 
 def _first_nonfinite(values: dict[str, torch.Tensor]) -> str | None:

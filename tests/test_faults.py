@@ -423,13 +423,74 @@ def test_nan_through_a_config(tmp_path, capsys, policy):
     code = cli(
         "train", TOY, "--out", str(out), *ARGS, "optim.name=sgd", "optim.lr=1.0e30", f"train.on_nan={policy}"
     )
-    if policy == "stop":
-        assert code == 1
-        assert "ace: error: non-finite" in capsys.readouterr().err
-        assert read_metrics(out / "metrics.jsonl")[-1]["event"] == "non_finite"
-    else:
-        assert code == 0
+    assert code == 1  # skip drops the non-finite steps, but the weights are gone: the run is not finished
+    assert "ace: error: non-finite" in capsys.readouterr().err
+    assert read_metrics(out / "metrics.jsonl")[-1]["event"] == "non_finite"
+    assert not (out / "summary.json").exists() and not (out / "checkpoints" / "last.pt").exists()
+    if policy == "skip":
         assert any(r.get("policy") == "skip" for r in read_metrics(out / "metrics.jsonl"))
+
+
+class FailingEval:
+    """``trainer.evaluate`` with a NaN loss at the evaluations after the steps in ``steps``."""
+
+    def __init__(self, trainer, *steps):
+        self.evaluate, self.steps, self.trainer = trainer.evaluate, list(steps), trainer
+        trainer.evaluate = self
+
+    def __call__(self, loader):
+        scores = self.evaluate(loader)
+        if self.trainer.step in self.steps:
+            self.steps.remove(self.trainer.step)
+            scores["loss"] = float("nan")
+        return scores
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip", "rollback"])
+def test_a_non_finite_validation_writes_no_checkpoint(tmp_path, policy):
+    trainer = make_trainer(tmp_path, on_nan=policy)
+    FailingEval(trainer, 8)
+    if policy == "rollback":  # back to the step-4 checkpoint with half the learning rate, then on to the end
+        summary = trainer.fit(loader(), loader(), epochs=3, print_summary=False)
+        assert summary["steps"] == 12 and trainer.rollbacks == 1
+        assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
+        assert [e["quantity"] for e in events(trainer)] == ["val loss"]
+        return
+    saved = []
+    save = trainer.save_checkpoint
+    trainer.save_checkpoint = lambda path=None: (saved.append(trainer.step), save(path))[1]
+    if policy == "stop":
+        with pytest.raises(NonFiniteError, match=r"non-finite val loss after step 8 .*last.pt"):
+            trainer.fit(loader(), loader(), epochs=3, print_summary=False)
+        assert saved == [4]
+    else:  # skip: no checkpoint of that epoch, the run goes on and ends well
+        trainer.fit(loader(), loader(), epochs=3, print_summary=False)
+        assert saved == [4, 12, 12]
+        assert trainer.best["val/loss"]["step"] != 8
+    assert events(trainer)[0] == {"step": 8, "event": "non_finite", "quantity": "val loss", "policy": policy}
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip", "rollback"])
+def test_weights_that_become_non_finite_without_a_non_finite_loss(tmp_path, policy):
+    # an infinite learning rate: the one step sees finite weights, the model after it is NaN
+    model = Net()
+    trainer = make_trainer(tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=math.inf))
+    trainer.on_nan = policy
+    with pytest.raises(
+        NonFiniteError,
+        match=r"non-finite (val loss|weights) after step 1 \((train.on_nan|rollback needs|at the end)",
+    ):
+        trainer.fit(loader(n=8), loader(n=8), epochs=1, print_summary=False)
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_a_non_finite_test_evaluation_is_not_a_finished_run(tmp_path):
+    trainer = make_trainer(tmp_path, on_nan="skip")
+    FailingEval(trainer, 8)  # the last step's evaluations are the final validation and the test
+    trainer.evaluate.steps = [8, 8]
+    with pytest.raises(NonFiniteError, match="non-finite val loss after step 8 .at the end of the run"):
+        trainer.fit(loader(), loader(), epochs=2, test_loader=loader(), print_summary=False)
+    assert not (tmp_path / "summary.json").exists()
 
 
 # --------------------------------------------------------------------------------------- multiplier ceiling
@@ -520,6 +581,7 @@ def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.filterwarnings("ignore:skipping")  # the CLI's resume warns for each damaged file, as it should
 @pytest.mark.parametrize("damage", ["truncated", "pickle", "no_format"])
 def test_resume_refuses_when_no_checkpoint_is_good_and_touches_nothing(tmp_path, damage):
     out = tmp_path / "run"
@@ -578,9 +640,20 @@ def test_metrics_with_a_torn_tail_and_a_corrupt_middle(tmp_path):
     log.write({"step": 3})
     log.close()
     assert read_metrics(path) == [{"step": 1}, {"step": 2}, {"step": 3}]
-    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
-        read_metrics(path)
+    # damaged from outside: every line that is not a JSON record is skipped by number, the rest still reads
+    path.write_bytes(b'{"step": 1}\n{"st\n[1, 2]\n\xff\xfe\n7\n{"step": 3}\n{"step": 4}')
+    with pytest.warns(UserWarning) as caught:
+        assert read_metrics(path) == [{"step": 1}, {"step": 3}, {"step": 4}]
+    assert [str(w.message).split(": ", 1)[1] for w in caught] == [
+        f"skipping line {n}: not a JSON record" for n in (2, 3, 4, 5)
+    ]
+    log = MetricsLog(path)  # resume: rewriting keeps every valid record (the unterminated last one is cut)
+    with pytest.warns(UserWarning) as caught:
+        log.truncate(lambda r: True)
+    assert len(caught) == 4 and "skipping line 2" in str(caught[0].message)
+    log.write({"step": 4})
+    log.close()
+    assert read_metrics(path) == [{"step": 1}, {"step": 3}, {"step": 4}]
 
 
 def test_a_failed_metrics_rewrite_keeps_the_old_file(tmp_path, monkeypatch):
@@ -717,6 +790,19 @@ def test_missing_config_file_and_cli_exit_codes(tmp_path, capsys):
     assert cli("train", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run")) == 2
     assert cli("train", TOY, "--out", str(tmp_path / "run"), "optim.lrr=0.1") == 2
     assert "optim.lrr" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # as a second `ace train` holds it for its whole run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            assert cli("train", TOY, "--out", str(out), *ARGS, *extra) == 1
+            assert "is in use by another ace process" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [".lock"]
 
 
 def test_resume_of_a_run_dir_with_a_changed_config_is_refused_untouched(tmp_path):

@@ -18,13 +18,33 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
+
 __all__ = ["cache_path", "read_cache", "write_cache"]
 
 
 def cache_path(cache_dir: str, prefix: str, params: dict[str, Any]) -> Path:
-    """``cache_dir/<prefix><16 hex digits of the parameters' hash>.pt``."""
+    """``cache_dir/<prefix><16 hex digits of the parameters' hash>.pt``.
+
+    Raises:
+        ConfigError: naming ``data.cache_dir`` when that folder is a file, lies under one or is not writable,
+            or the cache file's name is taken by a folder.
+    """
     key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"{prefix}{key}.pt"
+    path = Path(cache_dir) / f"{prefix}{key}.pt"
+    folder = Path(cache_dir)  # refuse an unusable folder now, not after generating the data
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    problem = None
+    if not folder.is_dir():
+        problem = f"{folder} is a file, not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"{folder} is not writable"
+    elif path.is_dir():
+        problem = f"{path} is a folder where the cache file should be"
+    if problem:
+        raise ConfigError(f"data.cache_dir: cannot cache data in {cache_dir}: {problem}; use '' for no cache")
+    return path
 
 
 def read_cache(path: Path, params: dict[str, Any], check: Callable[[dict[str, Any]], None]) -> dict | None:
@@ -47,8 +67,21 @@ def read_cache(path: Path, params: dict[str, Any], check: Callable[[dict[str, An
 
 
 def write_cache(path: Path, params: dict[str, Any], content: dict[str, Any]) -> None:
-    """Store ``content`` with its parameters, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Store ``content`` with its parameters, atomically.
+
+    Raises:
+        ConfigError: naming ``data.cache_dir`` when the folder or the file cannot be written.
+    """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save({"params": params, **content}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"params": params, **content}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's writer reports some OS errors as RuntimeError
+        if tmp.exists() and tmp.is_file():
+            tmp.unlink()
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise ConfigError(
+            f"data.cache_dir: cannot write the data cache {path}: {reason}; "
+            "use a writable folder, or '' for no cache"
+        ) from err

@@ -66,6 +66,8 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ValueError(f"data.{key} must be > 0, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"data.seed must be in [0, 2**63), got {self.seed}")
 
 
 def categories(root: str) -> list[str]:

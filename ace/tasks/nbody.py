@@ -71,7 +71,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         for key in ("train_size", "val_size", "test_size", "num_particles", "sample_freq", "frame_out"):
             _check_int(self, key, minimum=2 if key == "num_particles" else 1)
-        _check_int(self, "seed", minimum=None)
+        _check_int(self, "seed", minimum=0)
         _check_int(self, "frame_in", minimum=0)
         if self.frame_out <= self.frame_in:
             raise ValueError(

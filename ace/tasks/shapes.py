@@ -249,6 +249,8 @@ class DataConfig:
                 raise ValueError(f"data.{key} must be > 0, got {getattr(self, key)}")
         if self.noise < 0:
             raise ValueError(f"data.noise must be >= 0, got {self.noise}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"data.seed must be in [0, 2**63), got {self.seed}")
 
 
 def _generate(cfg: DataConfig) -> dict[str, tuple[Tensor, Tensor]]:
