@@ -116,7 +116,8 @@ def test_report_plots_are_real_images(runs):
 
 
 def test_verdicts_follow_the_documented_thresholds():
-    assert verdict(1e-3) == "symmetric (measured)" and verdict(0.0) == "symmetric (measured)"
+    assert verdict(1e-5) == "symmetric (measured)" and verdict(0.0) == "symmetric (measured)"
+    assert verdict(2e-5) == "breaks symmetry (measured rel. deviation 2e-05)"
     assert verdict(0.0123) == "breaks symmetry (measured rel. deviation 0.012)"
     assert verdict(None) == verdict(float("nan")) == "not measured"
     kept = {"tolerance": 0.0, "gate": 0.07, "violation": -0.006, "multiplier": 0.06, "slack": 0.07}
@@ -162,7 +163,7 @@ def gate_summary(multipliers, deviations, gates=(0.2, 0.2)):
 
 def test_report_relaxes_only_a_material_multiplier_and_judges_the_measured_deviation(tmp_path):
     # delta = 0.1 for gates: 2 * 0.1 = 0.2 >= 0.1 * loss 1 is material, 0.05 * 0.1 = 0.005 is not
-    text = report(fake_run(tmp_path / "a", gate_summary([0.05, 2.0], [2e-2, 1e-4])), plots=False)
+    text = report(fake_run(tmp_path / "a", gate_summary([0.05, 2.0], [2e-2, 1e-6])), plots=False)
     header, *rows = tables(text)["Balance at step 100 (after the last update)"]
     cells = [dict(zip(header, r)) for r in rows]
     assert [c["verdict"] for c in cells] == [
@@ -186,7 +187,7 @@ def test_report_relaxes_only_a_material_multiplier_and_judges_the_measured_devia
 
     # the same multipliers against a final loss of 10: every price is negligible; a large gate whose branch
     # measures symmetric is called symmetric
-    summary = gate_summary([0.05, 2.0], [1e-3, 1e-4], gates=(0.9, 0.2))
+    summary = gate_summary([0.05, 2.0], [1e-5, 1e-6], gates=(0.9, 0.2))
     text = report(fake_run(tmp_path / "b", summary, loss=10.0), plots=False)
     assert "Relaxing" not in text and "No multiplier is material: all prices are negligible." in text
     assert "Every gated layer is symmetric as measured" in text and "gives up the most" not in text
