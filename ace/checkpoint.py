@@ -35,7 +35,7 @@ def save_atomic(obj: Any, path: str | os.PathLike, previous: str | None = "previ
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as err:  # e.g. a full disk: drop the partial file, keep the last good checkpoints
+    except (OSError, RuntimeError) as err:  # a full disk (torch's writer raises RuntimeError): keep the rest
         tmp.unlink(missing_ok=True)
         kept = f"{path} is unchanged" if path.exists() else "no earlier checkpoint exists"
         raise CheckpointError(f"cannot write checkpoint {path}: {err}; {kept}") from err

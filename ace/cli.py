@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, (RunDirError, CheckpointError, NonFiniteError, ExportError, FileNotFoundError)):
             print(f"ace: error: {err}", file=sys.stderr)
             return 1
-        if isinstance(err, OSError) and err.filename is not None:  # e.g. an unwritable output path
-            print(f"ace: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        if isinstance(err, OSError):  # an unwritable output path, a full disk: one line, not a traceback
+            where = f"{err.filename}: " if err.filename is not None else ""
+            print(f"ace: error: {where}{err.strerror or err}", file=sys.stderr)
             return 1
         raise
     finally:

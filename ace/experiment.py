@@ -380,7 +380,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
         trainer, loaders = _make_trainer(cfg, parts, out)
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
-        trainer.truncate_records()  # records written after the checkpoint will be written again
+        trainer.truncate_records(events=False)  # records after the checkpoint will be written again
         try:
             return trainer.fit(
                 loaders["train"],

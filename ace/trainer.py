@@ -628,9 +628,16 @@ class Trainer:
     def _checkpoint_path(self) -> Path | None:
         return self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None
 
-    def truncate_records(self) -> None:
-        """Forget records of steps after ``self.step`` (they will be run again after a rollback or resume)."""
-        keep = lambda r: r.get("step", 0) <= self.step or "event" in r  # noqa: E731
+    def truncate_records(self, events: bool = True) -> None:
+        """Forget records of steps after ``self.step`` (they will be run again after a rollback or resume) and
+        test records (``fit`` writes them again at its end). ``events``: keep the event records of later steps
+        (after a rollback they say why; a resume replays them, so it passes False)."""
+
+        def keep(r: dict[str, Any]) -> bool:
+            if any(k.startswith("test/") for k in r):
+                return False
+            return r.get("step", 0) <= self.step or (events and "event" in r)
+
         self.history = [r for r in self.history if keep(r)]
         self.log.truncate(keep)
 
@@ -857,17 +864,20 @@ class Trainer:
                     continue
                 if good and (self.epoch % checkpoint_every == 0 or last):
                     self.save_checkpoint()
+            bar.close()
+            self.wall_time = time.perf_counter() - started
+            if val_loader is not None and self.last_eval.get("step") != self.step:
+                self._log_eval("val", val_loader, final=True)
+            if test_loader is not None:
+                self._stop_if_signalled()
+                self._log_eval("test", test_loader, final=True)
+            if self.is_main and val_loader is not None:
+                splits = {"val": val_loader, **({"test": test_loader} if test_loader is not None else {})}
+                self.selected = self.selection.evaluate(self.evaluate, splits, self.device)
+            self._stop_if_signalled()
         finally:
             restore_signals()
             bar.close()
-        self.wall_time = time.perf_counter() - started
-        if val_loader is not None and self.last_eval.get("step") != self.step:
-            self._log_eval("val", val_loader, final=True)
-        if test_loader is not None:
-            self._log_eval("test", test_loader, final=True)
-        if self.is_main and val_loader is not None:
-            splits = {"val": val_loader, **({"test": test_loader} if test_loader is not None else {})}
-            self.selected = self.selection.evaluate(self.evaluate, splits, self.device)
         self.save_checkpoint()
         summary = self.summary()
         if self.log_dir:
@@ -875,6 +885,17 @@ class Trainer:
         if print_summary and self.is_main:
             print(self.format_balance(summary))
         return summary
+
+    def _stop_if_signalled(self) -> None:
+        """A signal that arrived during the final evaluations: save and stop before the run is marked
+        finished (``--resume`` evaluates again). One process only: ranks would not agree on it."""
+        if self.world_size == 1 and self._stop_signal is not None:
+            path = self.save_checkpoint()
+            where = f"checkpoint saved to {path}" if path is not None else "no log_dir: no checkpoint saved"
+            raise Interrupted(
+                f"stopped by a signal during the final evaluation after step {self.step}; {where}; "
+                "continue with `ace train CONFIG --out DIR --resume`"
+            )
 
     def _catch_signals(self) -> Callable[[], None]:
         """SIGINT/SIGTERM set a flag read after each step; a second signal acts as usual."""
@@ -1119,6 +1140,7 @@ class Trainer:
             "last_eval": self.last_eval,
             "wall_time": self.wall_time,
             "rollbacks": self.rollbacks,
+            "ceiling_warned": sorted(self._ceiling_warned),
             "config": self.config,
         }
 
@@ -1151,6 +1173,7 @@ class Trainer:
         self.selection.steps = state.get("selected_steps", {})
         self.wall_time = state["wall_time"]
         self.rollbacks = state.get("rollbacks", 0)
+        self._ceiling_warned |= set(state.get("ceiling_warned", ()))  # a rollback keeps its own warnings
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
         """Write ``checkpoints/last.pt`` atomically, keeping the one before as ``previous.pt``.

@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,10 +285,77 @@ def test_sigint_in_the_python_api_without_a_run_directory():
     assert signal.getsignal(signal.SIGINT) is handler  # restored
 
 
+class SignalDuring:
+    """A loader that sends ``sig`` to this process while it is read (say, during the final test pass)."""
+
+    def __init__(self, data, sig):
+        self.data, self.sig = data, sig
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        if self.sig is not None:
+            os.kill(os.getpid(), self.sig)
+            self.sig = None
+        return iter(self.data)
+
+
+def test_sigterm_during_the_final_test_pass_saves_stops_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(signal, "SIGTERM", signal.SIGTERM)
+    fallback = signal.signal(signal.SIGTERM, lambda *a: None)  # before the fix the signal lands here, unseen
+    try:
+        trainer = make_trainer(tmp_path)
+        with pytest.raises(Interrupted, match="during the final evaluation after step 8; checkpoint saved"):
+            trainer.fit(loader(), loader(), epochs=2, test_loader=SignalDuring(loader(), signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, fallback)
+    trainer.close()
+    assert (
+        not (tmp_path / "summary.json").exists()
+        and checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 8
+    )
+    resumed = make_trainer(tmp_path, resume=True)
+    resumed.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    resumed.truncate_records(events=False)
+    resumed.fit(loader(), loader(), epochs=2, test_loader=loader(), print_summary=False)
+    resumed.close()
+    tests = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "test/loss" in r]
+    assert len(tests) == 1 and (tmp_path / "summary.json").exists()
+
+
+def test_resuming_a_finished_run_writes_no_record_twice(tmp_path, reference):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    assert resume(out) == 0  # nothing left to train: the test pass runs again and replaces its record
+    assert records(out) == records(reference)
+
+
+def test_multiplier_ceiling_events_are_not_written_again_after_a_resume(tmp_path):
+    def ceiling_trainer(**kw):
+        return make_trainer(
+            tmp_path, model=ConstantField(), dual=ace.DualSettings(lr=1.0), max_multiplier=2.0, **kw
+        )
+
+    with pytest.warns(UserWarning, match="reached the ceiling"):
+        ceiling_trainer().fit(loader(), epochs=1, print_summary=False)  # the ceiling comes before step 4
+    for kill_at in (4, 8):  # resumed twice from a checkpoint written after the event
+        trainer = ceiling_trainer(resume=True)
+        trainer.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+        trainer.truncate_records(events=False)
+        trainer.fit(loader(), max_steps=kill_at + 4, print_summary=False)
+        trainer.close()
+    logged = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "multiplier_ceiling"]
+    assert len(logged) == 1
+
+
 # --------------------------------------------------------------------------------------- disk full
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_good_ones(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "raised", ["OSError", "RuntimeError"]
+)  # torch's writer says RuntimeError at some sizes
+def test_disk_full_during_a_checkpoint_keeps_the_good_ones(tmp_path, monkeypatch, raised):
     trainer = make_trainer(tmp_path)
     trainer.fit(loader(), epochs=2, print_summary=False)
     folder = tmp_path / "checkpoints"
@@ -296,6 +364,10 @@ def test_disk_full_during_a_checkpoint_keeps_the_good_ones(tmp_path, monkeypatch
 
     def full_disk(obj, f, *args, **kwargs):
         f.write(b"\0" * 100)
+        if raised == "RuntimeError":
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0 No space left"
+            )
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", full_disk)
@@ -323,6 +395,20 @@ def test_disk_full_in_a_cli_run_exits_1_and_resume_completes(tmp_path, reference
     assert checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
     assert resume(out) == 0
     assert_same_run(out, reference)
+
+
+def test_disk_full_while_appending_records_is_one_line(tmp_path, monkeypatch, capsys):
+    write = MetricsLog.write
+
+    def full_at_step_6(self, record):
+        if record.get("step") == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", full_at_step_6)
+    assert cli("train", TOY, "--out", str(tmp_path / "run"), *ARGS) == 1
+    assert capsys.readouterr().err == "ace: error: No space left on device\n"
+    assert checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
 
 
 # --------------------------------------------------------------------------------------- NaN policies
@@ -575,6 +661,27 @@ def test_hostile_and_broken_checkpoints_fail_clearly_and_run_no_code(tmp_path):
         if name != "other_model":  # a readable but foreign file changes nothing
             assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items()), name
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_data_cache_with_a_flipped_bit_is_regenerated(tmp_path):
+    from ace.tasks.cache import read_cache, write_cache
+
+    path, params = tmp_path / "data.pt", {"size": 4}
+    content = {
+        "x": torch.arange(8.0).reshape(4, 2),
+        "splits": (torch.ones(4), torch.zeros(4, dtype=torch.long)),
+    }
+    write_cache(path, params, content)
+    assert read_cache(path, params, lambda c: None)["splits"][1].dtype == torch.long
+    stored = torch.load(path, weights_only=True)
+    stored["x"].view(torch.int32)[3, 1] ^= 1  # the lowest bit of one number: same shapes, same parameters
+    torch.save(stored, path)
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        assert read_cache(path, params, lambda c: None) is None
+    del stored["sha256"]  # a file of an older ace, or written by hand
+    torch.save(stored, path)
+    with pytest.warns(UserWarning, match="regenerating data"):
+        assert read_cache(path, params, lambda c: None) is None
 
 
 def snapshot(folder):

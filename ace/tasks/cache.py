@@ -1,8 +1,9 @@
 """On-disk cache of generated data sets, keyed by every parameter that changes their content.
 
-A file is named ``<prefix><hash of params>.pt`` and stores ``{"params": params, **tensors}``. Reading uses
-``torch.load(weights_only=True)``; a file that cannot be read, holds other parameters or fails the caller's
-check is reported with a warning and regenerated, never trusted. Writing goes through a temporary file and a
+A file is named ``<prefix><hash of params>.pt`` and stores ``{"params": params, "sha256": sum, **tensors}``.
+Reading uses ``torch.load(weights_only=True)``; a file that cannot be read, holds other parameters, does not
+match its content checksum (or has none) or fails the caller's check is reported with a warning and
+regenerated, never trusted. Writing goes through a temporary file and a
 rename, so an interrupted write never leaves a truncated cache.
 """
 
@@ -47,6 +48,29 @@ def cache_path(cache_dir: str, prefix: str, params: dict[str, Any]) -> Path:
     return path
 
 
+def checksum(content: Any) -> str:
+    """SHA-256 of the tensors (dtype, shape and bytes) and plain values in ``content``, keys sorted."""
+    digest = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{t.dtype}{tuple(obj.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                digest.update(str(key).encode())
+                feed(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                feed(item)
+        else:
+            digest.update(repr(obj).encode())
+
+    feed(content)
+    return digest.hexdigest()
+
+
 def read_cache(path: Path, params: dict[str, Any], check: Callable[[dict[str, Any]], None]) -> dict | None:
     """The stored tensors, or None (with a warning when the file exists but is unusable).
 
@@ -58,7 +82,9 @@ def read_cache(path: Path, params: dict[str, Any], check: Callable[[dict[str, An
         stored = torch.load(path, weights_only=True)
         if not isinstance(stored, dict) or stored.get("params") != params:
             raise ValueError("it holds other parameters")
-        content = {k: v for k, v in stored.items() if k != "params"}
+        content = {k: v for k, v in stored.items() if k not in ("params", "sha256")}
+        if stored.get("sha256") != checksum(content):  # a flipped bit keeps shapes and parameters
+            raise ValueError("its content does not match its checksum")
         check(content)
         return content
     except Exception as err:  # truncated, corrupt, foreign or inconsistent: all mean "regenerate"
@@ -75,7 +101,7 @@ def write_cache(path: Path, params: dict[str, Any], content: dict[str, Any]) -> 
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"params": params, **content}, tmp)
+        torch.save({"params": params, "sha256": checksum(content), **content}, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch's writer reports some OS errors as RuntimeError
         if tmp.exists() and tmp.is_file():
