@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, task_module
 from .constraints import Constraint, DeviationConstraint, GateConstraint
 from .relax import gates, relax
-from .schedules import lr_schedule, schedule_from_config
+from .schedules import Schedule, is_nonincreasing, lr_schedule, schedule_from_config
 from .tasks.base import Task
 from .trainer import CHECKPOINT_FORMAT, CheckpointError, DualSettings, Trainer
 
@@ -133,6 +133,8 @@ def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[
     if method in ("strict", "unconstrained", "cr"):
         return relaxed, [], gate_schedule
     tolerance = schedule_from_config(c.tolerance, total_steps) if method in ("scheduled", "penalty") else 0.0
+    if method == "scheduled" and tolerance.needs_start:
+        tolerance = _Tightening(tolerance, total_steps)
     options = dict(
         tolerance=tolerance,
         equality=method == "ace" and kind == "gate",
@@ -143,6 +145,27 @@ def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[
     if kind == "gate":
         return relaxed, [GateConstraint(**options)], None
     return relaxed, [DeviationConstraint(samples=c.samples, relative=c.relative, **options)], None
+
+
+class _Tightening(Schedule):
+    """The tolerance of method 'scheduled' with ``start: auto``: checked not to grow once the start is known
+    (the config check can only look at schedules with a number as start)."""
+
+    def __init__(self, schedule: Schedule, total_steps: int) -> None:
+        self.schedule, self.total_steps = schedule, total_steps
+
+    @property
+    def needs_start(self) -> bool:
+        return self.schedule.needs_start
+
+    def resolve(self, start: float) -> Schedule:
+        resolved = self.schedule.resolve(start=start)
+        if not is_nonincreasing(resolved, self.total_steps):
+            raise ConfigError(
+                "constraint.tolerance: method 'scheduled' tightens the tolerance, but from the measured "
+                f"start {start:.4g} this schedule grows; make end smaller, or give start a number"
+            )
+        return resolved
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> list[torch.optim.Optimizer]:
@@ -360,6 +383,9 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
     parts = _build_parts(cfg)  # config errors that need the task or the model: before anything is written
     if distributed:
         dist.barrier()  # every rank has read the directory before rank 0 changes it
+    created = [
+        p for p in (out, *out.parents) if not p.exists()
+    ]  # the folders this run makes, innermost first
     with _locked(out, holds_run) if main else contextlib.nullcontext():
         if main:
             if holds_run and overwrite and not resume:
@@ -391,6 +417,15 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
                 checkpoint_every=cfg.train.checkpoint_every,
                 test_loader=loaders["test"],
             )
+        except ConfigError:  # found before the first step (a measured tolerance start): no half-made run
+            if main and not holds_run and trainer.step == 0:
+                trainer.close()
+                for name in ("config.yaml", "metrics.jsonl", ".lock"):
+                    (out / name).unlink(missing_ok=True)
+                for folder in [out / "checkpoints", *created]:
+                    with contextlib.suppress(OSError):  # kept if anything else is in it
+                        folder.rmdir()
+            raise
         finally:
             trainer.close()
 

@@ -179,6 +179,18 @@ def test_config_errors_found_with_the_task_leave_no_run_directory(tmp_path, caps
     assert not (tmp_path / "new").exists()
 
 
+def test_a_growing_tolerance_from_a_measured_start_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    tolerance = "constraint.tolerance={type: linear, start: auto, end: 10.0}"  # the start measures ~1
+    args = [*SMALL, "method=scheduled", "constraint.kind=deviation", tolerance]
+    assert main(["train", TOY, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "constraint.tolerance: method 'scheduled' tightens the tolerance, but from the measured start" in err
+    )
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_bad_config_with_overwrite_keeps_the_old_run(tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)

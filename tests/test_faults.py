@@ -763,6 +763,20 @@ def test_metrics_with_a_torn_tail_and_a_corrupt_middle(tmp_path):
     assert read_metrics(path) == [{"step": 1}, {"step": 3}, {"step": 4}]
 
 
+def test_report_and_resume_read_past_a_damaged_line(tmp_path, reference, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    lines = (out / "metrics.jsonl").read_text().split("\n")
+    lines[4] = lines[4][:15]  # a line damaged in the middle of the file
+    (out / "metrics.jsonl").write_text("\n".join(lines))
+    with pytest.warns(UserWarning, match="metrics.jsonl: skipping line 5: not a JSON record"):
+        assert cli("report", str(out)) == 0
+    with pytest.warns(UserWarning, match="skipping line 5"):
+        assert resume(out) == 0
+    kept = records(out)
+    assert kept == [r for i, r in enumerate(records(reference)) if i != 4]  # only the damaged record is gone
+
+
 def test_a_failed_metrics_rewrite_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     log = MetricsLog(path)
