@@ -52,6 +52,7 @@ __all__ = [
     "run",
     "RunDirError",
     "OutputError",
+    "config_changes",
 ]
 
 #: keys that may differ between a run and its resumption (extending a run, quieter output)
@@ -341,7 +342,17 @@ def _holds_run(out: Path) -> bool:
     )
 
 
-def _check_same_run(saved: dict, cfg: Config) -> None:
+def config_changes(out: str | Path, cfg: Config) -> list[str]:
+    """``key: old -> new`` for every key where ``cfg`` differs from the config saved in the run directory
+    ``out``, apart from those a resume may change (the run length, the progress bar). ``ace sweep`` can
+    tell from it that a finished run was trained with other fixed overrides."""
+    path = Path(out) / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise RunDirError(f"cannot read the config of the run {path}: {str(err).splitlines()[0]}") from err
+    if not isinstance(saved, dict):
+        raise RunDirError(f"{path} is not a config (a mapping of sections)")
     new = config_to_dict(cfg)
     diffs = [
         f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
@@ -355,8 +366,7 @@ def _check_same_run(saved: dict, cfg: Config) -> None:
         for k, v in new.items()
         if not isinstance(v, dict) and saved.get(k) != v
     ]
-    if diffs:
-        raise RunDirError("--resume with a different config; changed keys: " + "; ".join(diffs))
+    return diffs
 
 
 def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -372,8 +382,9 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
     checkpoint = None
     holds_run = _holds_run(out)
     if holds_run and resume:
-        if (out / "config.yaml").exists():
-            _check_same_run(yaml.safe_load((out / "config.yaml").read_text()), cfg)
+        changed = config_changes(out, cfg) if (out / "config.yaml").exists() else []
+        if changed:
+            raise RunDirError("--resume with a different config; changed keys: " + "; ".join(changed))
         checkpoint = _last_good_checkpoint(out)
     elif holds_run and not overwrite:
         raise RunDirError(

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import ace
 from ace.cli import main
 from ace.config import ConfigError, load_config
-from ace.experiment import RunDirError, run
+from ace.experiment import RunDirError, config_changes, run
 from ace.loggers import MetricsLog, read_metrics
 from ace.trainer import CheckpointError, Interrupted, NonFiniteError, Trainer
 
@@ -924,6 +924,21 @@ def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, capsys):
             assert cli("train", TOY, "--out", str(out), *ARGS, *extra) == 1
             assert "is in use by another ace process" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_a_damaged_saved_config_stops_resume_with_one_line(tmp_path, reference, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for damage in (b"train: [1,\n", b"\xff\xfe", b"- a list\n"):
+        (out / "config.yaml").write_bytes(damage)
+        before = snapshot(out)
+        assert resume(out) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("ace: error: ") and "config.yaml" in err and err.count("\n") == 1
+        assert snapshot(out) == before
+    assert config_changes(reference, load_config(TOY, [*ARGS, "train.epochs=5", "seed=1"])) == [
+        "seed: 0 -> 1"
+    ]
 
 
 def test_resume_of_a_run_dir_with_a_changed_config_is_refused_untouched(tmp_path):
