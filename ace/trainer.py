@@ -302,6 +302,7 @@ class Trainer:
             ("model", "eq") if self.gates else ("model",),
         )
         self.last_eval: dict[str, float] = {}
+        self._val_step: int | None = None  # the step of the last finite validation
         self.wall_time = 0.0
         self._epoch_rng: dict | None = None
         self.rollbacks = 0
@@ -866,7 +867,7 @@ class Trainer:
                     self.save_checkpoint()
             bar.close()
             self.wall_time = time.perf_counter() - started
-            if val_loader is not None and self.last_eval.get("step") != self.step:
+            if val_loader is not None and self._val_step != self.step:
                 self._log_eval("val", val_loader, final=True)
             if test_loader is not None:
                 self._stop_if_signalled()
@@ -998,6 +999,8 @@ class Trainer:
         if problem is not None:
             self._handle_nonfinite(problem, evaluated=True, final=final)
             return {**record, "finite": False}
+        if split == "val":
+            self._val_step = self.step  # on every rank (last_eval is rank 0's): the final pass agrees on it
         return record
 
     def _resolve_auto_tolerances(self, train_loader: Iterable, batches: int = 8) -> None:
@@ -1170,6 +1173,7 @@ class Trainer:
         set_rng_state(state["rng"], self.generator)
         self._epoch_rng = state["epoch_rng"]
         self.best, self.last_eval = state["best"], state["last_eval"]
+        self._val_step = self.last_eval.get("step")
         self.selection.steps = state.get("selected_steps", {})
         self.wall_time = state["wall_time"]
         self.rollbacks = state.get("rollbacks", 0)
