@@ -506,13 +506,12 @@ def _validate(cfg: Config) -> None:
         except (ValueError, TypeError) as err:
             raise ConfigError(f"constraint.{key}: {err}") from err
         auto = getattr(schedule, "needs_start", False)
-        resolved = (
-            schedule.resolve(start=1.0) if auto else schedule
-        )  # any start >= 0 shows the sign of the rest
-        if key == "tolerance" and min(resolved(t) for t in range(1001)) < 0:
-            raise ConfigError(
-                "constraint.tolerance: a tolerance must be >= 0, but this schedule goes below 0"
-            )
+        if key == "tolerance":  # any start >= 0 shows the sign of the rest; 10**9: after explicit step counts
+            resolved = schedule.resolve(start=1.0) if auto else schedule
+            if min(resolved(t) for t in (*range(1001), 10**9)) < 0:
+                raise ConfigError(
+                    "constraint.tolerance: a tolerance must be >= 0, but this schedule goes below 0"
+                )
         if key == "tolerance" and cfg.method == "scheduled" and not auto:
             if not is_nonincreasing(schedule, 1000):
                 raise ConfigError(
