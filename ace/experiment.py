@@ -346,13 +346,7 @@ def config_changes(out: str | Path, cfg: Config) -> list[str]:
     """``key: old -> new`` for every key where ``cfg`` differs from the config saved in the run directory
     ``out``, apart from those a resume may change (the run length, the progress bar). ``ace sweep`` can
     tell from it that a finished run was trained with other fixed overrides."""
-    path = Path(out) / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise RunDirError(f"cannot read the config of the run {path}: {str(err).splitlines()[0]}") from err
-    if not isinstance(saved, dict):
-        raise RunDirError(f"{path} is not a config (a mapping of sections)")
+    saved = _saved_config(Path(out) / "config.yaml")
     new = config_to_dict(cfg)
     diffs = [
         f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
@@ -493,4 +487,15 @@ def load_run_config(out: str | Path) -> Config:
     path = Path(out) / "config.yaml"
     if not path.exists():
         raise RunDirError(f"{out} is not a run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+    return config_from_dict(_saved_config(path))
+
+
+def _saved_config(path: Path) -> dict:
+    """The plain dict of a run's ``config.yaml``; a damaged file is a :class:`RunDirError` naming it."""
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise RunDirError(f"cannot read the config of the run {path}: {str(err).splitlines()[0]}") from err
+    if not isinstance(saved, dict):
+        raise RunDirError(f"{path} is not a config (a mapping of sections)")
+    return saved

@@ -926,15 +926,19 @@ def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == [".lock"]
 
 
-def test_a_damaged_saved_config_stops_resume_with_one_line(tmp_path, reference, capsys):
+def test_a_damaged_saved_config_stops_resume_and_export_with_one_line(
+    tmp_path, reference, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     for damage in (b"train: [1,\n", b"\xff\xfe", b"- a list\n"):
         (out / "config.yaml").write_bytes(damage)
         before = snapshot(out)
-        assert resume(out) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("ace: error: ") and "config.yaml" in err and err.count("\n") == 1
+        for command in (["train", TOY, "--out", str(out), "--resume", *ARGS], ["export", str(out), "m.pt"]):
+            assert cli(*command) == 1
+            err = capsys.readouterr().err
+            assert err.startswith("ace: error: ") and "config.yaml" in err and err.count("\n") == 1
         assert snapshot(out) == before
     assert config_changes(reference, load_config(TOY, [*ARGS, "train.epochs=5", "seed=1"])) == [
         "seed: 0 -> 1"
