@@ -833,8 +833,9 @@ def sweep(config: str | Path, grid: dict[str, Sequence[str]] | Sequence[str], ou
 
     Each run goes to ``out_dir/<key=value_...>`` (only the keys with several values name it). Finished
     runs (with ``summary.json``) are skipped and unfinished ones resumed, so calling again after an
-    interruption finishes the sweep. Every config is checked before the first run starts. Returns the
-    :func:`compare` table of all the grid's runs, also written to ``out_dir``.
+    interruption finishes the sweep. Every config is checked before the first run starts, and a run
+    directory whose saved config differs (e.g. other fixed overrides) stops the sweep before it trains.
+    Returns the :func:`compare` table of all the grid's runs, also written to ``out_dir``.
     """
     from . import experiment
     from .config import load_config
@@ -848,6 +849,16 @@ def sweep(config: str | Path, grid: dict[str, Sequence[str]] | Sequence[str], ou
     varying = {k for k, vs in grid.items() if len(vs) > 1}
     combos = [[f"{k}={v}" for k, v in zip(grid, values)] for values in itertools.product(*grid.values())]
     plan = [(out_dir / _run_name(overrides, varying), load_config(config, overrides)) for overrides in combos]
+    stale = [
+        f"{path.name} ({'; '.join(changes)})"
+        for path, cfg in plan
+        if (path / "config.yaml").exists() and (changes := experiment.config_changes(path, cfg))
+    ]
+    if stale:  # a finished run of another config would be shown as this sweep's result
+        raise experiment.RunDirError(
+            f"{out_dir}: runs trained with another config: {', '.join(stale)}; remove them or sweep into "
+            "another --out"
+        )
     for i, (path, cfg) in enumerate(plan, 1):
         if (path / "summary.json").exists():
             print(f"[{i}/{len(plan)}] {path.name}: finished, skipped")

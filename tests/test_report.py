@@ -328,6 +328,11 @@ def test_sweep_runs_the_grid_once_and_resumes(tmp_path, monkeypatch):
     assert calls == [(names[0], True)]
     assert (tmp_path / names[0] / "summary.json").exists()
 
+    calls.clear()  # other fixed overrides: the finished runs are not this sweep's results
+    with pytest.raises(experiment.RunDirError, match="runs trained with another config.*optim.lr"):
+        sweep(CONFIGS / "toy_ace.yaml", [*grid, "optim.lr=0.01"], tmp_path)
+    assert calls == []
+
 
 def test_parse_grid_keeps_yaml_values_whole():
     grid = parse_grid(["dual.lr=0.1,1.0", "constraint.tolerance={type: linear, start: 1, end: 0},0.5"])
