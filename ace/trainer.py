@@ -50,7 +50,7 @@ from .constraints import Constraint, DeviationConstraint, GateConstraint
 from .deviation import equivariance_deviation, mean_squared_norm
 from .loggers import MetricsLog, format_table, write_json
 from .relax import equivariant, gates
-from .selection import BestCheckpoints
+from .selection import BestCheckpoints, higher_is_better
 from .symmetry import call_model
 
 __all__ = [
@@ -806,7 +806,7 @@ class Trainer:
         for key, value in record.items():
             if key in ("step", "epoch") or not isinstance(value, float) or math.isnan(value):
                 continue
-            higher = "accuracy" in key
+            higher = higher_is_better(key)
             best = self.best.get(key)
             if best is None or (value > best["value"] if higher else value < best["value"]):
                 self.best[key] = {"value": value, "step": self.step}
