@@ -10,9 +10,10 @@ exact = ace.strip(model)                                  # the exactly equivari
 from . import bound, groups, schedules, testing
 from .constraints import DeviationConstraint, GateConstraint
 from .deviation import equivariance_deviation
+from .primal_dual import DualSettings, PrimalDual, StepResult
 from .relax import GatedLayer, equivariant, gates, relax, strip
 from .symmetry import Symmetry, call_model
-from .trainer import DualSettings, Trainer
+from .trainer import Trainer
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ __all__ = [
     "DualSettings",
     "GateConstraint",
     "GatedLayer",
+    "PrimalDual",
+    "StepResult",
     "Symmetry",
     "Trainer",
     "call_model",

@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["Constraint", "GateConstraint", "DeviationConstraint", "Tolerance"]
+__all__ = ["Constraint", "GateConstraint", "DeviationConstraint", "Tolerance", "check_setup"]
 
 Tolerance = float | Callable[[int], float]
 
@@ -113,3 +114,41 @@ class DeviationConstraint(Constraint):
             raise ValueError(
                 f"constraint '{self.name}': samples must be an integer >= 1, got {self.samples!r}"
             )
+
+
+def check_setup(
+    constraints: list[Constraint],
+    gates: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    symmetry: Any,
+    gate_schedule: Callable[[int], float] | None,
+) -> None:
+    """Clear errors for constraints that cannot work with this model, symmetry and optimisers."""
+    names = [c.name for c in constraints]
+    if len(set(names)) != len(names):
+        raise ValueError(f"constraint names must be unique, got {names}")
+    if any(isinstance(c, GateConstraint) for c in constraints) and not gates:
+        raise ValueError(
+            "GateConstraint needs a relaxed model with gates: call ace.relax(model, where=...) first, "
+            "or use a DeviationConstraint"
+        )
+    if any(isinstance(c, DeviationConstraint) for c in constraints) and symmetry is None:
+        raise ValueError("DeviationConstraint needs symmetry=ace.Symmetry(...) to measure the deviation")
+    if gate_schedule is not None and not gates:
+        raise ValueError("gate_schedule needs a relaxed model with gates (ace.relax)")
+    if gate_schedule is not None and any(isinstance(c, GateConstraint) for c in constraints):
+        raise ValueError("gate_schedule fixes the gates; it cannot be combined with a GateConstraint")
+    in_optimizer = {id(p) for o in optimizers for group in o.param_groups for p in group["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable and not any(id(p) in in_optimizer for p in trainable):
+        raise ValueError(
+            "the optimizer holds none of the model's parameters, so training would move no weight: "
+            "build it from model.parameters() of this model"
+        )
+    missing = [n for n, g in gates.items() if id(g) not in in_optimizer]
+    if missing and gate_schedule is None:
+        raise ValueError(
+            f"the optimizer does not hold the gates {missing}: build it from model.parameters() "
+            "after ace.relax(model, ...)"
+        )

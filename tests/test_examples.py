@@ -13,7 +13,12 @@ def test_readme_shows_the_wrap_example_verbatim():
     assert code in (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["wrap_model.py", "relax_model.py"])
+def test_readme_shows_the_own_loop_verbatim():
+    code = (ROOT / "examples" / "own_loop.py").read_text().split("\n", 2)[2].strip()
+    assert code in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["wrap_model.py", "relax_model.py", "own_loop.py"])
 def test_example_runs(name, capsys):
     runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")
     assert "multiplier" in capsys.readouterr().out

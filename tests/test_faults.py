@@ -46,7 +46,7 @@ ARGS = [
 RUNNER = r"""
 import os, signal, sys, time
 import torch
-from ace import trainer as T
+from ace import primal_dual as T
 from ace.cli import main
 
 point, at = sys.argv[1], int(sys.argv[2])
@@ -55,15 +55,15 @@ saving = {}
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-primal_step = T.Trainer._primal_step
+primal_step = T.PrimalDual._primal_step
 def patched_primal_step(self):
     problem = primal_step(self)  # the parameters have moved: the step is half done
     if point == "slow":
         time.sleep(0.1)
-    if point == "step" and self.step + 1 == at:
+    if point == "step" and self.step_count + 1 == at:
         die()
     return problem
-T.Trainer._primal_step = patched_primal_step
+T.PrimalDual._primal_step = patched_primal_step
 
 save, replace = torch.save, os.replace
 def patched_save(obj, f, *args, **kwargs):
@@ -434,9 +434,9 @@ def test_nan_stop_names_quantity_and_step_and_keeps_the_checkpoint(tmp_path):
 def test_nan_stop_detects_each_quantity(monkeypatch, quantity, setup):
     loss = nn.functional.mse_loss
     if setup == "deviation":
-        deviation = ace.trainer.equivariance_deviation
+        deviation = ace.primal_dual.equivariance_deviation
         monkeypatch.setattr(
-            ace.trainer, "equivariance_deviation", lambda *a, **k: deviation(*a, **k) * float("inf")
+            ace.primal_dual, "equivariance_deviation", lambda *a, **k: deviation(*a, **k) * float("inf")
         )
     elif setup == "gradient":  # d sqrt(s)/ds = inf at s = 0, times ds/dout = 0: a NaN gradient
         loss = lambda out, y: nn.functional.mse_loss(out, y) + (out * 0).sum().sqrt()  # noqa: E731
@@ -449,15 +449,15 @@ def test_nan_stop_detects_each_quantity(monkeypatch, quantity, setup):
 
 def poison_dual_step(trainer, at):
     """The dual step of the steps in ``at`` (counted from 1) leaves an Inf multiplier."""
-    dual_step = trainer.cooper_optimizer.dual_step
+    dual_step = trainer.core.cooper_optimizer.dual_step
 
     def poisoned():
         dual_step()
         if trainer.step + 1 in at:
-            for c in trainer.cooper_constraints.values():
+            for c in trainer.core.cooper_constraints.values():
                 c.multiplier.weight.data.fill_(float("inf"))
 
-    trainer.cooper_optimizer.dual_step = poisoned
+    trainer.core.cooper_optimizer.dual_step = poisoned
 
 
 def test_nan_skip_drops_the_step_and_goes_on(tmp_path):

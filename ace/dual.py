@@ -1,0 +1,112 @@
+"""The dual side: how multipliers are updated (:class:`DualSettings`) and the cooper objects holding them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import cooper
+import torch
+from cooper.formulations import AugmentedLagrangian, Lagrangian
+from cooper.multipliers import DenseMultiplier
+from cooper.optim import nuPI, nuPIInitType
+from cooper.penalty_coefficients import DensePenaltyCoefficient
+
+from .constraints import Constraint
+
+__all__ = ["DualSettings", "make_problem", "make_optimizer"]
+
+
+@dataclass(frozen=True)
+class DualSettings:
+    """How the multipliers are updated.
+
+    Attributes:
+        formulation: ``"lagrangian"`` or ``"augmented"`` (adds ``c/2 * relu(g)^2``, and ``c/2 g^2`` for
+            equalities, to the primal Lagrangian).
+        optimizer: ``"sgd"`` (plain ascent, no momentum), ``"nupi"`` (PI control, Kp/Ki) or ``"adam"``.
+        lr: dual step size eta_lambda. With the augmented Lagrangian, set it equal to
+            ``penalty_coefficient`` for the method of multipliers (cooper does not couple them).
+        update: ``"simultaneous"`` (primal and dual steps from one evaluation) or ``"alternating"``
+            (dual step first, then the primal step with the updated multipliers; no extra forward).
+        penalty_coefficient: c of the augmented Lagrangian.
+        kp, ki: nuPI gains.
+        init: initial multiplier value.
+    """
+
+    formulation: str = "lagrangian"
+    optimizer: str = "sgd"
+    lr: float = 1e-2
+    update: str = "simultaneous"
+    penalty_coefficient: float = 1.0
+    kp: float = 0.0
+    ki: float = 1.0
+    init: float = 0.0
+
+    def __post_init__(self) -> None:
+        choices = {
+            "formulation": ("lagrangian", "augmented"),
+            "optimizer": ("sgd", "nupi", "adam"),
+            "update": ("simultaneous", "alternating"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"dual.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"dual.lr must be > 0, got {self.lr!r}")
+        if not self.penalty_coefficient > 0:
+            raise ValueError(f"dual.penalty_coefficient must be > 0, got {self.penalty_coefficient!r}")
+        for key in ("lr", "penalty_coefficient", "kp", "ki", "init"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"dual.{key} must be a finite number, got {getattr(self, key)!r}")
+
+
+class _Problem(cooper.ConstrainedMinimizationProblem):
+    """The cooper problem; :class:`ace.PrimalDual` computes its state, this class holds the constraints."""
+
+    def compute_cmp_state(self, *args: Any, **kwargs: Any) -> cooper.CMPState:  # pragma: no cover
+        raise NotImplementedError("ace.PrimalDual evaluates the problem itself")
+
+
+def make_problem(
+    constraints: list[Constraint], sizes: dict[str, int], dual: DualSettings, device: torch.device
+) -> tuple[_Problem, dict[str, cooper.Constraint]]:
+    """The cooper problem and, by name, a cooper constraint with ``sizes[name]`` multipliers for every
+    constraint that has multipliers (fixed-penalty constraints have none)."""
+    cmp = _Problem()
+    made = {}
+    augmented = dual.formulation == "augmented"
+    for c in constraints:
+        if not c.dual:
+            continue
+        n = sizes[c.name]
+        kind = cooper.ConstraintType.EQUALITY if c.equality else cooper.ConstraintType.INEQUALITY
+        made[c.name] = cooper.Constraint(
+            constraint_type=kind,
+            formulation_type=AugmentedLagrangian if augmented else Lagrangian,
+            multiplier=DenseMultiplier(init=torch.full((n,), float(dual.init), device=device)),
+            penalty_coefficient=(
+                DensePenaltyCoefficient(torch.full((n,), dual.penalty_coefficient, device=device))
+                if augmented
+                else None
+            ),
+        )
+        setattr(cmp, c.name, made[c.name])
+    return cmp, made
+
+
+def make_optimizer(cmp: _Problem, primal: list[torch.optim.Optimizer], dual: DualSettings) -> Any:
+    """cooper's constrained optimiser: the primal optimisers and the dual one (ascent on the multipliers)."""
+    if not list(cmp.dual_parameters()):
+        return cooper.optim.UnconstrainedOptimizer(cmp, primal)
+    params = list(cmp.dual_parameters())
+    if dual.optimizer == "sgd":
+        dual_opt = torch.optim.SGD(params, lr=dual.lr, maximize=True)
+    elif dual.optimizer == "adam":
+        dual_opt = torch.optim.Adam(params, lr=dual.lr, maximize=True)
+    else:  # ZEROS init: cooper 1.0.1's default init takes a wrong second step when Kp != 0
+        dual_opt = nuPI(
+            params, lr=dual.lr, Kp=dual.kp, Ki=dual.ki, init_type=nuPIInitType.ZEROS, maximize=True
+        )
+    return cooper.optim.SimultaneousOptimizer(cmp, primal, dual_opt)

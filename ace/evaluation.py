@@ -1,0 +1,94 @@
+"""Evaluation of a (relaxed) model: loss, metrics and measured deviation, of the model and of f_eq."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import batch_size, split_batch, to_device
+from .deviation import equivariance_deviation, mean_squared_norm
+from .relax import equivariant
+from .selection import higher_is_better
+from .symmetry import call_model
+
+__all__ = ["evaluate", "track_best"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    loss: Callable[[Any, torch.Tensor], torch.Tensor],
+    *,
+    metrics: dict[str, Callable] | None = None,
+    symmetry: Any = None,
+    gate_names: list[str] = (),
+    samples: int = 4,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Loss and metrics of the model and, for gated models, of f_eq (keys ``eq/...``), averaged over samples.
+
+    With a symmetry, also the measured deviation ``deviation`` (absolute, ``samples`` group elements per
+    batch from a generator seeded with ``seed``, so evaluations are comparable) and ``relative_deviation``
+    (divided by the mean squared norm of the output). For gated models (``gate_names``): ``eq/deviation``
+    (0 up to rounding when f_eq is exactly equivariant) and, per gated layer, ``deviation/<layer>`` and
+    ``relative_deviation/<layer>``: the deviation of the model with only that layer's branch enabled, the
+    measured read-out of how much symmetry that layer gives up.
+    """
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        inputs, target = split_batch(to_device(batch, device))
+        n = batch_size(inputs, target)
+        count += n
+        for prefix, suffix, context in _variants(model, gate_names, symmetry is not None):
+            with context:
+                output = call_model(model, inputs)
+                scores = {}
+                if not suffix:
+                    scores["loss"] = loss(output, target)
+                    scores.update({k: m(output, target) for k, m in (metrics or {}).items()})
+                if symmetry is not None:
+                    deviation = equivariance_deviation(
+                        model, inputs, symmetry, samples, False, generator, output
+                    )
+                    scores["deviation"] = deviation
+                    if prefix != "eq/":
+                        scores["relative_deviation"] = deviation / mean_squared_norm(symmetry, output)
+            for key, value in scores.items():
+                name = prefix + key + suffix
+                totals[name] = totals.get(name, 0.0) + float(value) * n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate() got an empty loader")
+    return {k: v / count for k, v in totals.items()}
+
+
+def _variants(model: nn.Module, gate_names: list[str], per_layer: bool):
+    """(key prefix, key suffix, context): the model, f_eq, and the model relaxed at one layer only."""
+    yield "", "", contextlib.nullcontext()
+    if gate_names:
+        yield "eq/", "", equivariant(model)
+        if per_layer:
+            for name in gate_names:
+                yield "", f"/{name}", equivariant(model, keep=[name])
+
+
+def track_best(best: dict[str, dict[str, float]], record: dict[str, Any], step: int) -> None:
+    """Update ``best[key] = {value, step}`` with each metric of ``record`` that improved."""
+    for key, value in record.items():
+        if key in ("step", "epoch") or not isinstance(value, float) or math.isnan(value):
+            continue
+        higher = higher_is_better(key)
+        old = best.get(key)
+        if old is None or (value > old["value"] if higher else value < old["value"]):
+            best[key] = {"value": value, "step": step}

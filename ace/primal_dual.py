@@ -1,0 +1,466 @@
+"""The constrained step: multipliers, slacks and one primal-dual update, for any training loop.
+
+For constraints ``g_i(theta) <= eps_i(t)`` (or ``= eps_i(t)``) with multipliers ``lambda_i``, slacks
+``u_i >= 0`` (resilient constraints only) and the task loss ``l``, one step on a batch is
+
+.. math::
+    L(\\theta, u, \\lambda) = \\ell(\\theta) + \\sum_i \\tfrac{\\rho_i}{2} u_i^2
+        + \\sum_i \\lambda_i \\, (g_i(\\theta) - \\epsilon_i(t) - u_i)
+        \\; [+ \\tfrac{c}{2} \\textstyle\\sum_i \\max(g_i - \\epsilon_i - u_i, 0)^2 \\text{ (augmented)}]
+
+    \\lambda_i \\leftarrow [\\lambda_i + \\eta_\\lambda (g_i - \\epsilon_i(t) - u_i)]_+
+    \\quad (\\text{no } [\\cdot]_+ \\text{ for equalities; first when alternating})
+
+    \\theta, \\gamma, u \\leftarrow \\text{primal step on } \\nabla_{\\theta, \\gamma, u} L, \\quad
+    u \\leftarrow \\max(u, 0), \\quad |\\Delta \\gamma_i| \\le \\delta_{\\max}
+
+Fixed-penalty constraints add ``w * relu(g - eps)`` to the loss and have no multiplier. The tolerance
+``eps(t)`` and the learning-rate factor are pure functions of the step, so resuming needs only the state
+dict. :class:`PrimalDual` is the whole of it; :class:`ace.Trainer` is a loop around it, and a plain PyTorch
+loop uses it the same way::
+
+    core = ace.PrimalDual(model, optimizer, [ace.GateConstraint(equality=True)], symmetry=sym)
+    for x, y in loader:
+        with core.cached():                       # bounded branches: one normalisation per step
+            out = model(x)
+            result = core.step(loss_fn(out, y), inputs=x, output=out)
+        if result.step % 100 == 0:
+            print(result.log())
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cooper
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .constraints import Constraint, GateConstraint, check_setup
+from .deviation import equivariance_deviation
+from .dual import DualSettings, make_optimizer, make_problem
+from .relax import gates as find_gates
+from .step_result import StepResult, constraint_table
+
+__all__ = ["DualSettings", "PrimalDual", "StepResult"]
+
+
+@dataclass
+class _Measured:
+    """A batch's constrained problem: cooper's state (differentiable) and the detached, rank-averaged
+    loss, values and violations."""
+
+    state: cooper.CMPState
+    loss: torch.Tensor
+    values: dict[str, torch.Tensor]
+    violations: dict[str, torch.Tensor]
+    tolerances: dict[str, float]
+    stop: bool
+
+
+class PrimalDual:
+    """The constrained problem of ``model`` and one primal-dual update per batch (see the module docstring).
+
+    Args:
+        model: the model (relaxed with :func:`ace.relax` for gate constraints); the bare module, not a
+            DistributedDataParallel wrapper.
+        optimizer: the primal optimiser over the model's parameters (gates included), or a list of them.
+        constraints: :class:`ace.GateConstraint` / :class:`ace.DeviationConstraint` objects.
+        symmetry: the :class:`ace.Symmetry` deviation constraints are measured under.
+        dual: :class:`DualSettings`.
+        slack_lr: learning rate of the slacks (SGD).
+        grad_clip: clip the gradient norm of the weights, and separately of the gates, to this value.
+        gate_max_step: largest change of a gate in one step (``None``: unbounded), a trust region: at a large
+            loss scale one plain-SGD gate step can otherwise throw a gate far past 0.
+        lr_schedule: a factor ``step -> float`` on the learning rate of every parameter group without gates;
+            the gates' plain-SGD rate (it sets the damping of the gate-multiplier pair) only with
+            ``schedule_gates``: a gate's batch noise around its equilibrium scales with the square root of its
+            rate, so a decaying rate lets an equality-constrained gate settle.
+        gate_schedule: the gates are not learned but set to ``gate_schedule(step)`` before each step (the
+            constraint-relaxation baseline ``cr``).
+        max_multiplier: multipliers are clamped to ``[-max, max]`` (warning once per constraint).
+        seed: seeds the generator of the group elements that deviation constraints sample.
+        device: where the multipliers and slacks live (default: the model's device).
+
+    Under ``torch.distributed`` the loss and constraint values are all-reduced (one collective per step) so
+    that every rank applies the same dual update.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        constraints: Sequence[Constraint] = (),
+        *,
+        symmetry: Any = None,
+        dual: DualSettings = DualSettings(),
+        slack_lr: float = 1e-2,
+        grad_clip: float | None = None,
+        gate_max_step: float | None = 0.1,
+        lr_schedule: Callable[[int], float] | None = None,
+        schedule_gates: bool = False,
+        gate_schedule: Callable[[int], float] | None = None,
+        max_multiplier: float | None = 1e6,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+        self.constraints = list(constraints)
+        self.symmetry = symmetry
+        self.dual = dual
+        self.grad_clip = grad_clip
+        self.gate_max_step = gate_max_step
+        self.lr_schedule = lr_schedule
+        self.gate_schedule = gate_schedule
+        self.max_multiplier = max_multiplier
+        self.device = torch.device(device) if device is not None else module_device(model)
+        self.gates = find_gates(model)
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        check_setup(self.constraints, self.gates, model, self.optimizers, symmetry, gate_schedule)
+        if max_multiplier is not None and not max_multiplier > 0:
+            raise ValueError(f"max_multiplier must be > 0 or None, got {max_multiplier!r}")
+        if gate_max_step is not None and not (gate_max_step > 0 and math.isfinite(gate_max_step)):
+            raise ValueError(f"gate_max_step must be a positive number or None, got {gate_max_step!r}")
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.slacks = {
+            c.name: nn.Parameter(torch.zeros(self._size(c), device=self.device))
+            for c in self.constraints
+            if c.resilient
+        }
+        self.slack_optimizer = (
+            torch.optim.SGD(list(self.slacks.values()), lr=slack_lr) if self.slacks else None
+        )
+        sizes = {c.name: self._size(c) for c in self.constraints}
+        self.cmp, self.cooper_constraints = make_problem(self.constraints, sizes, dual, self.device)
+        primal = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
+        self.cooper_optimizer = make_optimizer(self.cmp, primal, dual)
+        self._gate_params = list(self.gates.values())
+        gate_ids = {id(g) for g in self._gate_params}
+        self._weights = [  # the primal parameters other than the gates, listed once for the hot path
+            p
+            for o in self.optimizers
+            for group in o.param_groups
+            for p in group["params"]
+            if id(p) not in gate_ids
+        ]
+        if gate_schedule is not None:
+            for g in self._gate_params:
+                g.requires_grad_(False)
+        # (optimiser, group index, base lr) of the groups the lr schedule scales; by index, since
+        # Optimizer.load_state_dict replaces the group dicts
+        self._scheduled_groups = [
+            (o, i, group["lr"])
+            for o in self.optimizers
+            for i, group in enumerate(o.param_groups)
+            if schedule_gates or not any(id(p) in gate_ids for p in group["params"])
+        ]
+        self.lr_factor = 1.0  # on top of lr_schedule: a loop's rollbacks lower it
+        self.step_count = 0
+        self.tolerance_starts: dict[str, float] = {}
+        self._ceiling_warned: set[str] = set()
+        self._set_scheduled_gates()
+
+    # ------------------------------------------------------------------ setup
+
+    def _size(self, c: Constraint) -> int:
+        return len(self.gates) if isinstance(c, GateConstraint) else 1
+
+    def resolve_tolerances(self, measure: Callable[[Constraint], float]) -> None:
+        """Fill ``start="auto"`` tolerances with ``measure(constraint)`` (once; kept in the state)."""
+        for c in self.constraints:
+            if getattr(c.tolerance, "needs_start", False):
+                if c.name not in self.tolerance_starts:
+                    self.tolerance_starts[c.name] = measure(c)
+                c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
+
+    # ------------------------------------------------------------------ one step
+
+    @staticmethod
+    def cached():
+        """Context for the forward pass and the step: bounded branches are normalised once, so the loss's and
+        the deviation's forward passes see the same function (``torch.nn.utils.parametrize.cached``)."""
+        return parametrize.cached()
+
+    def tolerances(self) -> dict[str, float]:
+        """eps(t) of every constraint at the current step."""
+        return {c.name: c.tolerance_at(self.step_count) for c in self.constraints}
+
+    def _set_scheduled_gates(self) -> None:
+        """``gate_schedule``: the gates of the next step, set after each update (and at the start)."""
+        if self.gate_schedule is not None:
+            with torch.no_grad():
+                for g in self._gate_params:
+                    g.fill_(self.gate_schedule(self.step_count))
+
+    def measure(
+        self, loss: torch.Tensor, inputs: Any = None, output: Any = None, stop: bool = False
+    ) -> _Measured:
+        """Every constraint's value and violation on this batch, with ``loss`` (the task loss of ``output``).
+
+        Deviation constraints evaluate the model on transformed ``inputs`` and compare with ``output``.
+        ``stop`` is a flag OR-ed over ranks on the same all-reduce (a loop's signal agreement).
+        """
+        self.cooper_optimizer.zero_grad()
+        tolerances = self.tolerances()
+        raw = {}
+        for c in self.constraints:
+            if isinstance(c, GateConstraint):
+                raw[c.name] = c.value(torch.stack(self._gate_params))
+            else:
+                if inputs is None:
+                    raise ValueError(
+                        f"deviation constraint '{c.name}' needs the batch: step(loss, inputs=...)"
+                    )
+                raw[c.name] = equivariance_deviation(
+                    self.model,
+                    inputs,
+                    self.symmetry,
+                    samples=c.samples,
+                    relative=c.relative,
+                    generator=self.generator,
+                    output=output,
+                ).reshape(1)
+        shared = torch.cat([loss.detach().reshape(1), *(v.detach() for v in raw.values())])
+        if self.world_size > 1:  # the stop flag rides on the all-reduce (one process reads it on the host)
+            shared = torch.cat([shared, torch.tensor([float(stop)], device=loss.device)])
+            dist.all_reduce(shared)
+            shared = shared / self.world_size
+        loss_all, rest = shared[0], shared[1:]
+        objective = loss
+        observed, values, violations = {}, {}, {}
+        for c in self.constraints:
+            value_all, rest = rest[: raw[c.name].numel()], rest[raw[c.name].numel() :]
+            slack = self.slacks.get(c.name)
+            violation = c.violation(raw[c.name], tolerances[c.name], slack)
+            violation_all = c.violation(
+                value_all, tolerances[c.name], None if slack is None else slack.detach()
+            )
+            if slack is not None:
+                objective = objective + 0.5 * c.rho * slack.pow(2).sum()
+            if c.dual:  # the dual step reads the all-reduced violation: the same update on every rank
+                strict = violation_all if self.world_size > 1 else None
+                observed[self.cooper_constraints[c.name]] = cooper.ConstraintState(
+                    violation=violation, strict_violation=strict
+                )
+            else:
+                objective = objective + c.penalty_term(violation)
+            values[c.name], violations[c.name] = value_all, violation_all
+        state = cooper.CMPState(loss=objective, observed_constraints=observed)
+        stop = bool(rest[0] > 0) if self.world_size > 1 else stop
+        return _Measured(state, loss_all, values, violations, tolerances, stop)
+
+    def update(self, measured: _Measured) -> StepResult:
+        """The primal-dual update of a measured batch (nothing is applied when a quantity is non-finite)."""
+        state = measured.state
+        problem = _first_nonfinite(
+            {"loss": measured.loss, **{f"constraint '{k}'": v for k, v in measured.values.items()}}
+        )
+        # a dropped step must also undo a dual step that overflowed the multipliers: keep their values
+        kept = [c.multiplier.weight.detach().clone() for c in self.cooper_constraints.values()]
+        seen = self._snapshot(kept)
+        opt = self.cooper_optimizer
+        if self.lr_schedule is not None:
+            scale = self.lr_schedule(self.step_count) * self.lr_factor
+            for o, i, base in self._scheduled_groups:
+                o.param_groups[i]["lr"] = base * scale
+        alternating = self.cooper_constraints and self.dual.update == "alternating"
+        if problem is None and alternating:  # dual step first: the primal Lagrangian uses the new multipliers
+            state.compute_dual_lagrangian().backward()
+            opt.dual_step()
+        lagrangian = None
+        if problem is None:
+            lagrangian = state.compute_primal_lagrangian().lagrangian
+            lagrangian.backward()
+            problem = self._primal_step()
+        if problem is None and self.cooper_constraints and not alternating:
+            state.compute_dual_lagrangian().backward()  # violations at the pre-step point
+            opt.dual_step()
+        events: list[dict[str, Any]] = []
+        if problem is None:
+            problem = self._check_multipliers(events)
+        if problem is not None:
+            opt.zero_grad()
+            with torch.no_grad():
+                for c, weight in zip(self.cooper_constraints.values(), kept):
+                    c.multiplier.weight.copy_(weight)
+            lagrangian = None
+        self.step_count += 1
+        self._set_scheduled_gates()
+        tolerances, values, violations = measured.tolerances, measured.values, measured.violations
+        return StepResult(
+            step=self.step_count,
+            loss=measured.loss,
+            lagrangian=None if lagrangian is None else lagrangian.detach(),
+            tolerances=tolerances,
+            values=values,
+            violations=violations,
+            problem=problem,
+            events=events,
+            table=lambda: self.table(tolerances, values, violations, seen),
+            **seen,
+        )
+
+    def step(self, loss: torch.Tensor, inputs: Any = None, output: Any = None) -> StepResult:
+        """``update(measure(loss, inputs, output))``: one primal-dual step on a batch."""
+        return self.update(self.measure(loss, inputs, output))
+
+    def _snapshot(self, multipliers: list[torch.Tensor]) -> dict[str, Any]:
+        """Gates, slacks and multipliers before the step's update."""
+        weights = dict(zip(self.cooper_constraints, multipliers))
+        return {
+            "gates": {n: g.detach().clone() for n, g in self.gates.items()},
+            "slacks": {k: u.detach().clone() for k, u in self.slacks.items()},
+            "multipliers": {
+                c.name: weights[c.name] if c.dual else torch.full((self._size(c),), float(c.penalty))
+                for c in self.constraints
+            },
+        }
+
+    def _primal_step(self) -> str | None:
+        """Check the gradients, clip, step, project the slacks; the name of a non-finite quantity or None."""
+        grads = [p.grad for p in (*self._weights, *self._gate_params) if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if not torch.isfinite(norm):
+                return "gradient"
+            if self.grad_clip is not None:
+                # weights and gates apart: the weights' large norm must not blunt the multipliers' pull on
+                # the gates, while a runaway gate step is still bounded
+                torch.nn.utils.clip_grad_norm_(self._weights, self.grad_clip)
+                if self._gate_params:
+                    torch.nn.utils.clip_grad_norm_(self._gate_params, self.grad_clip)
+        before = [g.detach().clone() for g in self._gate_params] if self.gate_max_step is not None else []
+        self.cooper_optimizer.primal_step()
+        with torch.no_grad():
+            for u in self.slacks.values():
+                u.clamp_(min=0.0)
+            for g, old in zip(self._gate_params, before):  # the gates' trust region
+                g.copy_(torch.clamp(g, old - self.gate_max_step, old + self.gate_max_step))
+        return None
+
+    def _check_multipliers(self, events: list[dict[str, Any]]) -> str | None:
+        """NaN check and ceiling of the multipliers (one host sync for all of them)."""
+        if not self.cooper_constraints:
+            return None
+        weights = {name: c.multiplier.weight for name, c in self.cooper_constraints.items()}
+        largest = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()]).max().item()
+        if not math.isfinite(largest):
+            return "multiplier"
+        if self.max_multiplier is not None and largest > self.max_multiplier:
+            with torch.no_grad():
+                for name, w in weights.items():
+                    if w.abs().max() > self.max_multiplier and name not in self._ceiling_warned:
+                        self._ceiling_warned.add(name)
+                        message = (
+                            f"multiplier of constraint '{name}' reached the ceiling {self.max_multiplier:g} "
+                            f"at step {self.step_count + 1} and is clamped there: the constraint may be "
+                            "infeasible (raise its tolerance, make it resilient, or raise max_multiplier)"
+                        )
+                        warnings.warn(message, stacklevel=4)
+                        events.append(
+                            {
+                                "step": self.step_count + 1,
+                                "event": "multiplier_ceiling",
+                                "constraint": name,
+                                "message": message,
+                            }
+                        )
+                    w.clamp_(-self.max_multiplier, self.max_multiplier)
+        return None
+
+    # ------------------------------------------------------------------ read-out
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        """Current multiplier values by constraint name (the fixed weight for penalty constraints)."""
+        return self._snapshot([c.multiplier.weight.detach() for c in self.cooper_constraints.values()])[
+            "multipliers"
+        ]
+
+    def table(self, tolerances, values, violations, seen) -> dict[str, dict[str, float]]:
+        """Per constraint entry: tolerance, gate or deviation, violation, multiplier, slack."""
+        entries = {c.name: self.entries(c) for c in self.constraints}
+        return constraint_table(self.constraints, entries, tolerances, values, violations, seen)
+
+    def entries(self, c: Constraint) -> list[str]:
+        """Log names of a constraint's entries: one per gate for gate constraints."""
+        if isinstance(c, GateConstraint):
+            return [f"{c.name}.{g}" for g in self.gates]
+        return [c.name]
+
+    def now(self, deviations: dict[str, float | None] | None = None) -> StepResult:
+        """The state as it is now, after the last update, in the shape of a step result (no loss): gate
+        constraints read the gates; a deviation constraint reads ``deviations[name]`` (NaN if missing)."""
+        seen = self._snapshot([c.multiplier.weight.detach() for c in self.cooper_constraints.values()])
+        tolerances = self.tolerances()
+        values, violations = {}, {}
+        for c in self.constraints:
+            if isinstance(c, GateConstraint):
+                value = c.value(torch.stack(list(seen["gates"].values())))
+            else:
+                measured = (deviations or {}).get(c.name)
+                value = torch.tensor([math.nan if measured is None else measured])
+            values[c.name] = value
+            violations[c.name] = c.violation(value, tolerances[c.name], seen["slacks"].get(c.name))
+        return StepResult(
+            step=self.step_count,
+            loss=torch.tensor(math.nan),
+            lagrangian=None,
+            tolerances=tolerances,
+            values=values,
+            violations=violations,
+            table=lambda: self.table(tolerances, values, violations, seen),
+            **seen,
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Multipliers, the optimisers (primal and dual), slacks, step, tolerance starts and the generator."""
+        return {
+            "cooper_optimizer": self.cooper_optimizer.state_dict(),
+            "cmp": self.cmp.state_dict(),
+            "slacks": {k: v.detach().clone() for k, v in self.slacks.items()},
+            "step": self.step_count,
+            "tolerance_starts": dict(self.tolerance_starts),
+            "generator": self.generator.get_state(),
+            "lr_factor": self.lr_factor,
+            "ceiling_warned": sorted(self._ceiling_warned),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (``ValueError``, ``KeyError``, ``RuntimeError`` if it does not fit)."""
+        self.cmp.load_state_dict(state["cmp"])
+        self.cooper_optimizer.load_state_dict(state["cooper_optimizer"])
+        if set(state["slacks"]) != set(self.slacks):
+            raise ValueError(f"checkpoint slacks {sorted(state['slacks'])} != {sorted(self.slacks)}")
+        with torch.no_grad():
+            for k, v in state["slacks"].items():
+                self.slacks[k].copy_(v)
+        self.step_count = state["step"]
+        self.tolerance_starts = dict(state["tolerance_starts"])
+        for c in self.constraints:
+            if getattr(c.tolerance, "needs_start", False) and c.name in self.tolerance_starts:
+                c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
+        self.generator.set_state(state["generator"])
+        self.lr_factor = state.get("lr_factor", 1.0)
+        self._ceiling_warned |= set(state.get("ceiling_warned", ()))  # a rollback keeps its own warnings
+        self._set_scheduled_gates()
+
+
+def module_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _first_nonfinite(values: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first quantity holding a NaN or Inf (one host sync when all are finite)."""
+    if torch.isfinite(torch.cat([v.reshape(-1) for v in values.values()])).all():
+        return None
+    return next(name for name, v in values.items() if not torch.isfinite(v).all())
