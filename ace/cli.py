@@ -76,7 +76,7 @@ def _export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .experiment import OutputError, check_writable
-    from .report import export
+    from .export import export
 
     if Path(args.out).is_dir():
         raise OutputError(f"cannot write the model to {args.out}: it is a directory")
@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(report(args.run_dir))
         elif args.command == "compare":
-            from .report import compare
+            from .compare import compare
 
             print(compare(args.run_dirs, out=args.out))
         elif args.command == "sweep":
-            from .report import sweep
+            from .sweep import sweep
 
             print(sweep(args.config, args.overrides, args.out))
         elif args.command == "export":
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (RuntimeError, ValueError, OSError) as err:
         from .experiment import OutputError, RunDirError
-        from .report import ExportError
+        from .export import ExportError
         from .trainer import CheckpointError, NonFiniteError
 
         if isinstance(err, OutputError):  # a bad --out, found before any work: a usage error

@@ -162,6 +162,7 @@ class PrimalDual:
             if schedule_gates or not any(id(p) in gate_ids for p in group["params"])
         ]
         self.lr_factor = 1.0  # on top of lr_schedule: a loop's rollbacks lower it
+        self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward  # of the primal Lagrangian
         self.step_count = 0
         self.tolerance_starts: dict[str, float] = {}
         self._ceiling_warned: set[str] = set()
@@ -277,7 +278,7 @@ class PrimalDual:
         lagrangian = None
         if problem is None:
             lagrangian = state.compute_primal_lagrangian().lagrangian
-            lagrangian.backward()
+            self.backward(lagrangian)
             problem = self._primal_step()
         if problem is None and self.cooper_constraints and not alternating:
             state.compute_dual_lagrangian().backward()  # violations at the pre-step point

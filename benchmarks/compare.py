@@ -139,7 +139,8 @@ def run_all(
 
 
 def _metric_names(summaries: dict[str, list[dict[str, Any]]]) -> list[str]:
-    from ace.report import best_val_test, task_metrics
+    from ace.compare import task_metrics
+    from ace.run_data import best_val_test
 
     return task_metrics(
         name for runs in summaries.values() for s in runs for name in best_val_test(s)["model"]
@@ -158,7 +159,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_values(summary: dict[str, Any], metrics: list[str]) -> dict[str, Any]:
     """The numbers of one run that enter the table (keys in the module docstring)."""
-    from ace.report import best_val_test
+    from ace.run_data import best_val_test
 
     best = best_val_test(summary)
     test = summary.get("test", {})

@@ -18,7 +18,9 @@ def test_readme_shows_the_own_loop_verbatim():
     assert code in (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["wrap_model.py", "relax_model.py", "own_loop.py"])
+@pytest.mark.parametrize("name", ["wrap_model.py", "relax_model.py", "own_loop.py", "lightning_module.py"])
 def test_example_runs(name, capsys):
+    if name.startswith("lightning"):
+        pytest.importorskip("lightning")
     runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")
     assert "multiplier" in capsys.readouterr().out

@@ -11,9 +11,13 @@ from PIL import Image
 
 from ace import experiment
 from ace.cli import main
+from ace.compare import compare
 from ace.config import load_config
 from ace.experiment import run
-from ace.report import best_val_test, compare, constraint_state, export, parse_grid, report, sweep, verdict
+from ace.export import export
+from ace.report import constraint_state, report, verdict
+from ace.run_data import best_val_test
+from ace.sweep import parse_grid, sweep
 from ace.testing import assert_equivariant
 
 CONFIGS = Path(__file__).parent.parent / "configs"

@@ -1,0 +1,105 @@
+"""A trained model out of a run directory: f_eq or the relaxed model, with bounded branches baked in."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["export", "ExportError"]
+
+
+class ExportError(ValueError):
+    """A run whose model cannot be exported the way asked."""
+
+
+def _bake(model: nn.Module) -> nn.Module:
+    """Replace every parametrization of ``model`` (the bounded branches' spectral norm) by its current value,
+    in place: torch cannot pickle a parametrized module. (In place because removing a parametrization from a
+    deep copy also strips the original, whose class the copy shares.)"""
+    from torch.nn.utils import parametrize
+
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            for name in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    return model
+
+
+def export(
+    run_dir: str | Path, out_path: str | Path, equivariant: bool = False, batches: int = 3, samples: int = 4
+) -> dict[str, float]:
+    """Save a run's trained model and measure its equivariance error in float64.
+
+    Rebuilds the model from the run's config, loads ``checkpoints/last.pt`` and, with ``equivariant``,
+    strips it to f_eq. Writes the whole module to ``out_path`` (load with
+    ``torch.load(path, weights_only=False)``, ace importable), with the bounded branches' spectral norm
+    baked into plain weights (torch cannot pickle parametrized modules), and its ``state_dict`` next to it
+    (``<stem>.state_dict.pt``, loads with ``weights_only=True``). The error is measured on the first
+    ``batches`` validation batches with ``samples`` group elements each.
+
+    Returns:
+        ``{"max_abs_error": max |f(g.x) - rho(g) f(x)|, "deviation": D, "relative_deviation": D_rel}``.
+    """
+    import torch
+
+    from .batches import split_batch
+    from .checkpoint import CheckpointError
+    from .deviation import equivariance_deviation
+    from .experiment import RunDirError, load_run_config, prepare_run
+    from .relax import gates, strip
+    from .testing import _cast, assert_equivariant
+
+    checkpoint = Path(run_dir) / "checkpoints" / "last.pt"
+    cfg = load_run_config(run_dir)
+    if not checkpoint.exists():
+        raise RunDirError(f"{run_dir} has no checkpoint ({checkpoint}) to export")
+    cfg.train.device = "cpu"
+    trainer, loaders = prepare_run(cfg, None)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        trainer.model.load_state_dict(state["model"])
+    except Exception as err:  # unreadable or foreign: one clear message
+        raise CheckpointError(f"cannot load the model from {checkpoint}: {err}") from err
+    model = trainer.model
+    if equivariant:
+        if not gates(model) and cfg.method != "strict":
+            raise ExportError(
+                f"{run_dir}: the model has no gated layers, so it has no exactly equivariant part f_eq to "
+                "export; export it without --equivariant"
+            )
+        model = strip(model)
+    model = _bake(model.eval())  # a model built for this export only
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, out_path)
+    torch.save(model.state_dict(), out_path.with_name(out_path.stem + ".state_dict.pt"))
+
+    probe = copy.deepcopy(model).to(torch.float64)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    worst, deviations, relatives = 0.0, [], []
+    with torch.no_grad():
+        for batch in itertools.islice(loaders["val"], batches):
+            inputs = _cast(split_batch(batch)[0], torch.float64)
+            state = generator.get_state()
+            worst = max(
+                worst,
+                assert_equivariant(
+                    probe, inputs, trainer.symmetry, samples, atol=math.inf, generator=generator
+                ),
+            )
+            for relative, sink in ((False, deviations), (True, relatives)):
+                generator.set_state(state)
+                sink.append(
+                    equivariance_deviation(probe, inputs, trainer.symmetry, samples, relative, generator)
+                )
+    return {
+        "max_abs_error": worst,
+        "deviation": float(torch.stack(deviations).mean()),
+        "relative_deviation": float(torch.stack(relatives).mean()),
+    }

@@ -1,0 +1,151 @@
+"""Plots of one run (gates, multipliers, slacks, deviations, losses) and of several side by side."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .run_data import RunData
+
+__all__ = ["plot_run", "plot_compare"]
+
+
+def _figure(title: str, ylabel: str):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    fig = Figure(figsize=(7, 4.2), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _scale(ax, values: Iterable[float]) -> None:
+    """symlog for signed data, log for positive data spanning over two decades, else linear."""
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return
+    nonzero = [abs(v) for v in values if v != 0]
+    if not nonzero:
+        return
+    top = max(nonzero)
+    if min(values) < 0 or (len(nonzero) < len(values) and top / min(nonzero) > 100):
+        ax.set_yscale("symlog", linthresh=max(top * 1e-3, 1e-12), linscale=3)
+    elif top / min(nonzero) > 100:
+        ax.set_yscale("log")
+
+
+def _save(fig, path: Path, ax) -> Path:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="best")
+    fig.savefig(path)
+    return path
+
+
+def plot_run(run: RunData, out: Path) -> list[Path]:
+    """The run's figures as PNGs in ``out``: multipliers, gates, slacks, tolerance vs deviation, loss."""
+    made = []
+    entries = run.entries()
+
+    def entry_plot(field: str, file: str, title: str, ylabel: str) -> None:
+        fig, ax = _figure(title, ylabel)
+        values = []
+        for entry in entries:
+            steps, ys = run.series(f"constraint/{entry}/{field}")
+            if steps:
+                ax.plot(steps, ys, label=entry)
+                values += ys
+        if values:
+            ax.axhline(0.0, color="black", lw=0.6)
+            _scale(ax, values)
+            made.append(_save(fig, out / file, ax))
+
+    entry_plot("multiplier", "multipliers.png", "Multipliers lambda (prices of the constraints)", "lambda")
+    entry_plot("slack", "slacks.png", "Slacks u (tolerance the model bought)", "u")
+
+    gate_names = list(run.gates())
+    if gate_names:
+        fig, ax = _figure("Gates gamma (0 = exactly equivariant layer)", "gamma")
+        values = []
+        for name in gate_names:
+            steps, ys = run.series(f"gate/{name}")
+            ax.plot(steps, ys, label=name)
+            values += ys
+        ax.axhline(0.0, color="black", lw=0.6)
+        _scale(ax, values)
+        made.append(_save(fig, out / "gates.png", ax))
+
+    fig, ax = _figure("Tolerance against measured deviation", "deviation / |gate|")
+    values = []
+    for i, entry in enumerate(entries):
+        color = f"C{i % 10}"
+        kind = "gate" if "gate" in entries[entry] else "deviation"
+        steps, ys = run.series(f"constraint/{entry}/{kind}")
+        ys = [abs(y) for y in ys]
+        ax.plot(steps, ys, color=color, label=f"{entry} measured")
+        tsteps, tol = run.series(f"constraint/{entry}/tolerance")
+        ax.plot(tsteps, tol, color=color, ls="--", label=f"{entry} tolerance eps")
+        values += ys + tol
+        ssteps, slack = run.series(f"constraint/{entry}/slack")
+        if ssteps:  # resilient: the bound the model actually faced
+            bound = [t + u for t, u in zip(tol, slack)]
+            ax.plot(ssteps, bound, color=color, ls=":", label=f"{entry} eps + slack")
+            values += bound
+    relative = (run.config.get("constraint") or {}).get("relative", False)
+    steps, ys = run.series("val/relative_deviation" if relative else "val/deviation", "val")
+    if steps:
+        label = "val relative deviation D_rel" if relative else "val deviation D"
+        ax.plot(steps, ys, "ko:", ms=4, label=f"{label} (relaxed model)")
+        values += ys
+    if values:
+        _scale(ax, values)
+        made.append(_save(fig, out / "tolerance.png", ax))
+
+    fig, ax = _figure("Loss", "loss")
+    values = []
+    for key, style, label in (("loss", "-", "train loss"), ("lagrangian", "-", "train Lagrangian")):
+        steps, ys = run.series(key)
+        if steps:
+            ax.plot(steps, ys, style, label=label, alpha=0.8)
+            values += ys
+    for key, style, label in (
+        ("val/loss", "o-", "val loss (relaxed)"),
+        ("val/eq/loss", "s--", "val loss (f_eq)"),
+    ):
+        steps, ys = run.series(key, "val")
+        if steps:
+            ax.plot(steps, ys, style, ms=4, label=label)
+            values += ys
+    if values:
+        _scale(ax, values)
+        made.append(_save(fig, out / "loss.png", ax))
+    return made
+
+
+def plot_compare(runs: Sequence[RunData], labels: Sequence[str], out: Path) -> list[Path]:
+    made = []
+    fig, ax = _figure("Loss (solid: train, markers: validation)", "loss")
+    values = []
+    for i, (label, r) in enumerate(zip(labels, runs)):
+        steps, ys = r.series("loss")
+        ax.plot(steps, ys, color=f"C{i % 10}", alpha=0.7, label=f"{label} train")
+        vsteps, vys = r.series("val/loss", "val")
+        ax.plot(vsteps, vys, "o--", color=f"C{i % 10}", ms=4, label=f"{label} val")
+        values += ys + vys
+    if values:
+        _scale(ax, values)
+        made.append(_save(fig, out / "compare_loss.png", ax))
+    fig, ax = _figure("Measured equivariance deviation D on validation", "D")
+    values = []
+    for i, (label, r) in enumerate(zip(labels, runs)):
+        steps, ys = r.series("val/deviation", "val")
+        if steps:
+            ax.plot(steps, ys, "o-", color=f"C{i % 10}", ms=4, label=label)
+            values += ys
+    if values:
+        _scale(ax, values)
+        made.append(_save(fig, out / "compare_deviation.png", ax))
+    return made
