@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from .batches import batch_size, split_batch, to_device
+from .constraints import Constraint, GateConstraint
 from .deviation import equivariance_deviation, mean_squared_norm
-from .relax import equivariant
+from .relax import equivariant, gates
 from .selection import higher_is_better
 from .symmetry import call_model
 
-__all__ = ["evaluate", "track_best"]
+__all__ = ["evaluate", "initial_value", "track_best"]
 
 
 @torch.no_grad()
@@ -92,3 +93,18 @@ def track_best(best: dict[str, dict[str, float]], record: dict[str, Any], step: 
         old = best.get(key)
         if old is None or (value > old["value"] if higher else value < old["value"]):
             best[key] = {"value": value, "step": step}
+
+
+@torch.no_grad()
+def initial_value(
+    c: Constraint, model: nn.Module, symmetry: Any, inputs: list, samples: int, generator: torch.Generator
+) -> float:
+    """A constraint's value before training, the start of a ``start="auto"`` tolerance: the largest
+    ``|gate|``, or the deviation averaged over the batches ``inputs`` (one batch's estimate is noisy, and a
+    start below the typical deviation makes a tightening constraint active from step 1), with at least
+    ``samples`` group elements per batch."""
+    if isinstance(c, GateConstraint):
+        return c.value(torch.stack(list(gates(model).values()))).abs().max().item()
+    k = max(c.samples, samples)
+    measured = [equivariance_deviation(model, x, symmetry, k, c.relative, generator) for x in inputs]
+    return torch.stack(measured).mean().item()

@@ -36,12 +36,14 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError
 from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, task_module
 from .constraints import Constraint, DeviationConstraint, GateConstraint
+from .dual import DualSettings
 from .relax import gates, relax
 from .schedules import Schedule, is_nonincreasing, lr_schedule, schedule_from_config
 from .tasks.base import Task
-from .trainer import CHECKPOINT_FORMAT, CheckpointError, DualSettings, Trainer
+from .trainer import Trainer
 
 __all__ = [
     "build_task",
