@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from cooper.penalty_coefficients import DensePenaltyCoefficient
 
 from .constraints import Constraint
 
-__all__ = ["DualSettings", "make_problem", "make_optimizer"]
+__all__ = ["DualSettings", "make_problem", "make_optimizer", "check_multipliers"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,36 @@ def make_optimizer(cmp: _Problem, primal: list[torch.optim.Optimizer], dual: Dua
             params, lr=dual.lr, Kp=dual.kp, Ki=dual.ki, init_type=nuPIInitType.ZEROS, maximize=True
         )
     return cooper.optim.SimultaneousOptimizer(cmp, primal, dual_opt)
+
+
+def check_multipliers(
+    constraints: dict[str, cooper.Constraint],
+    ceiling: float | None,
+    warned: set[str],
+    step: int,
+    events: list[dict[str, Any]],
+) -> str | None:
+    """``"multiplier"`` if a multiplier is non-finite (one host sync for all of them), else None; multipliers
+    beyond ``ceiling`` are clamped to it, with a warning and an event record the first time per constraint
+    (names in ``warned``)."""
+    if not constraints:
+        return None
+    weights = {name: c.multiplier.weight for name, c in constraints.items()}
+    largest = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()]).max().item()
+    if not math.isfinite(largest):
+        return "multiplier"
+    if ceiling is not None and largest > ceiling:
+        with torch.no_grad():
+            for name, w in weights.items():
+                if w.abs().max() > ceiling and name not in warned:
+                    warned.add(name)
+                    message = (
+                        f"multiplier of constraint '{name}' reached the ceiling {ceiling:g} at step {step} "
+                        "and is clamped there: the constraint may be infeasible (raise its tolerance, make "
+                        "it resilient, or raise max_multiplier)"
+                    )
+                    warnings.warn(message, stacklevel=5)
+                    event = {"step": step, "event": "multiplier_ceiling", "constraint": name}
+                    events.append({**event, "message": message})
+                w.clamp_(-ceiling, ceiling)
+    return None

@@ -31,7 +31,6 @@ loop uses it the same way::
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +43,7 @@ from torch.nn.utils import parametrize
 
 from .constraints import Constraint, GateConstraint, check_setup
 from .deviation import equivariance_deviation
-from .dual import DualSettings, make_optimizer, make_problem
+from .dual import DualSettings, check_multipliers, make_optimizer, make_problem
 from .relax import gates as find_gates
 from .step_result import StepResult, constraint_table
 
@@ -285,7 +284,13 @@ class PrimalDual:
             opt.dual_step()
         events: list[dict[str, Any]] = []
         if problem is None:
-            problem = self._check_multipliers(events)
+            problem = check_multipliers(
+                self.cooper_constraints,
+                self.max_multiplier,
+                self._ceiling_warned,
+                self.step_count + 1,
+                events,
+            )
         if problem is not None:
             opt.zero_grad()
             with torch.no_grad():
@@ -346,36 +351,6 @@ class PrimalDual:
                 g.copy_(torch.clamp(g, old - self.gate_max_step, old + self.gate_max_step))
         return None
 
-    def _check_multipliers(self, events: list[dict[str, Any]]) -> str | None:
-        """NaN check and ceiling of the multipliers (one host sync for all of them)."""
-        if not self.cooper_constraints:
-            return None
-        weights = {name: c.multiplier.weight for name, c in self.cooper_constraints.items()}
-        largest = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()]).max().item()
-        if not math.isfinite(largest):
-            return "multiplier"
-        if self.max_multiplier is not None and largest > self.max_multiplier:
-            with torch.no_grad():
-                for name, w in weights.items():
-                    if w.abs().max() > self.max_multiplier and name not in self._ceiling_warned:
-                        self._ceiling_warned.add(name)
-                        message = (
-                            f"multiplier of constraint '{name}' reached the ceiling {self.max_multiplier:g} "
-                            f"at step {self.step_count + 1} and is clamped there: the constraint may be "
-                            "infeasible (raise its tolerance, make it resilient, or raise max_multiplier)"
-                        )
-                        warnings.warn(message, stacklevel=4)
-                        events.append(
-                            {
-                                "step": self.step_count + 1,
-                                "event": "multiplier_ceiling",
-                                "constraint": name,
-                                "message": message,
-                            }
-                        )
-                    w.clamp_(-self.max_multiplier, self.max_multiplier)
-        return None
-
     # ------------------------------------------------------------------ read-out
 
     def multipliers(self) -> dict[str, torch.Tensor]:
@@ -394,31 +369,6 @@ class PrimalDual:
         if isinstance(c, GateConstraint):
             return [f"{c.name}.{g}" for g in self.gates]
         return [c.name]
-
-    def now(self, deviations: dict[str, float | None] | None = None) -> StepResult:
-        """The state as it is now, after the last update, in the shape of a step result (no loss): gate
-        constraints read the gates; a deviation constraint reads ``deviations[name]`` (NaN if missing)."""
-        seen = self._snapshot([c.multiplier.weight.detach() for c in self.cooper_constraints.values()])
-        tolerances = self.tolerances()
-        values, violations = {}, {}
-        for c in self.constraints:
-            if isinstance(c, GateConstraint):
-                value = c.value(torch.stack(list(seen["gates"].values())))
-            else:
-                measured = (deviations or {}).get(c.name)
-                value = torch.tensor([math.nan if measured is None else measured])
-            values[c.name] = value
-            violations[c.name] = c.violation(value, tolerances[c.name], seen["slacks"].get(c.name))
-        return StepResult(
-            step=self.step_count,
-            loss=torch.tensor(math.nan),
-            lagrangian=None,
-            tolerances=tolerances,
-            values=values,
-            violations=violations,
-            table=lambda: self.table(tolerances, values, violations, seen),
-            **seen,
-        )
 
     # ------------------------------------------------------------------ state
 

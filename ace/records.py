@@ -11,11 +11,15 @@ and the metrics there, see :mod:`ace.selection`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import torch
 
 from .constraints import GateConstraint
 from .loggers import format_table
 from .primal_dual import PrimalDual
+from .step_result import StepResult
 
 __all__ = ["summary", "format_balance"]
 
@@ -34,7 +38,7 @@ def summary(
     for c in core.constraints:
         key = "val/relative_deviation" if getattr(c, "relative", False) else "val/deviation"
         deviations[c.name] = last_eval.get(key, last_train.get(f"constraint/{c.name}/deviation"))
-    now = core.now(deviations)
+    now = _final_state(core, deviations)
     table = now.table()
     layers = {}
     for name, gate in now.gates.items():
@@ -89,3 +93,29 @@ def format_balance(summary: dict[str, Any]) -> str:
         return f"trained {summary['steps']} steps (no constraints, no gates)"
     header = ["constraint", "tolerance", "gate / deviation", "multiplier", "slack", "layer rel. deviation"]
     return f"final balance after {summary['steps']} steps\n" + format_table(header, rows)
+
+
+def _final_state(core: PrimalDual, deviations: dict[str, float | None]) -> StepResult:
+    """The state after the last update, in the shape of a step result (no loss): gate constraints read the
+    gates; a deviation constraint reads ``deviations[name]`` (NaN if missing)."""
+    seen = core._snapshot([c.multiplier.weight.detach() for c in core.cooper_constraints.values()])
+    tolerances = core.tolerances()
+    values, violations = {}, {}
+    for c in core.constraints:
+        if isinstance(c, GateConstraint):
+            value = c.value(torch.stack(list(seen["gates"].values())))
+        else:
+            measured = deviations.get(c.name)
+            value = torch.tensor([math.nan if measured is None else measured])
+        values[c.name] = value
+        violations[c.name] = c.violation(value, tolerances[c.name], seen["slacks"].get(c.name))
+    return StepResult(
+        step=core.step_count,
+        loss=torch.tensor(math.nan),
+        lagrangian=None,
+        tolerances=tolerances,
+        values=values,
+        violations=violations,
+        table=lambda: core.table(tolerances, values, violations, seen),
+        **seen,
+    )

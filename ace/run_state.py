@@ -10,13 +10,14 @@ it takes the same steps as one never stopped.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from . import distributed, run_dir
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, rng_state, save_atomic, set_rng_state
 from .checkpoint import load as read_checkpoint
-from .faults import NonFiniteError, RolledBack
+from .faults import Interrupted, NonFiniteError, RolledBack
 
 __all__ = ["RunState"]
 
@@ -144,3 +145,35 @@ class RunState:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load a checkpoint written by :meth:`save_checkpoint` (tensors only: no code runs from it)."""
         self.load_state_dict(read_checkpoint(path, self.device))
+
+    def _rest_of_epoch(self, loader: Iterable) -> Iterator:
+        """The batches of the current epoch not yet taken: after a mid-epoch resume, the epoch's shuffle is
+        replayed from its saved RNG state and the batches already taken are skipped."""
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(
+            sampler, "set_epoch"
+        ):  # DistributedSampler: a new shuffle each epoch, the same on all ranks
+            sampler.set_epoch(self.epoch)
+        resumed = None
+        if self.batch_in_epoch > 0 and self._epoch_rng is not None:
+            resumed = rng_state(self.generator)
+            set_rng_state(self._epoch_rng, self.generator)
+        else:
+            self._epoch_rng = rng_state(self.generator)
+        batches = iter(loader)
+        for _ in range(self.batch_in_epoch):
+            next(batches)
+        if resumed is not None:
+            set_rng_state(resumed, self.generator)
+        return batches
+
+    def _stop_if_signalled(self) -> None:
+        """A signal that arrived during the final evaluations: save and stop before the run is marked
+        finished (``--resume`` evaluates again). One process only: ranks would not agree on it."""
+        if self.world_size == 1 and self._stop_signal is not None:
+            path = self.save_checkpoint()
+            where = f"checkpoint saved to {path}" if path is not None else "no log_dir: no checkpoint saved"
+            raise Interrupted(
+                f"stopped by a signal during the final evaluation after step {self.step}; {where}; "
+                "continue with `ace train CONFIG --out DIR --resume`"
+            )

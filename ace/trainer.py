@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed, records, run_dir
 from .batch_checks import BatchChecks
 from .batches import split_batch, to_device
-from .checkpoint import CheckpointError, rng_state, set_rng_state
+from .checkpoint import CheckpointError
 from .constraints import Constraint
 from .evaluation import evaluate, initial_value, track_best
 from .faults import NAN_POLICIES, Interrupted, NonFiniteError, RolledBack, catch_signals
@@ -363,36 +363,9 @@ class Trainer(RunState):
             print(self.format_balance(summary))
         return summary
 
-    def _stop_if_signalled(self) -> None:
-        """A signal that arrived during the final evaluations: save and stop before the run is marked
-        finished (``--resume`` evaluates again). One process only: ranks would not agree on it."""
-        if self.world_size == 1 and self._stop_signal is not None:
-            path = self.save_checkpoint()
-            where = f"checkpoint saved to {path}" if path is not None else "no log_dir: no checkpoint saved"
-            raise Interrupted(
-                f"stopped by a signal during the final evaluation after step {self.step}; {where}; "
-                "continue with `ace train CONFIG --out DIR --resume`"
-            )
-
     def _run_epoch(self, loader: Iterable, total: int, bar) -> bool:
         """Run the rest of the current epoch; False if ``total`` steps were reached before its end."""
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(
-            sampler, "set_epoch"
-        ):  # DistributedSampler: a new shuffle each epoch, the same on all ranks
-            sampler.set_epoch(self.epoch)
-        resumed = None
-        if self.batch_in_epoch > 0 and self._epoch_rng is not None:
-            resumed = rng_state(self.generator)  # mid-epoch resume: replay the epoch's shuffle
-            set_rng_state(self._epoch_rng, self.generator)
-        else:
-            self._epoch_rng = rng_state(self.generator)
-        batches = iter(loader)
-        for _ in range(self.batch_in_epoch):
-            next(batches)
-        if resumed is not None:
-            set_rng_state(resumed, self.generator)
-        for batch in batches:
+        for batch in self._rest_of_epoch(loader):
             record = self.train_step(
                 batch, record=(self.step + 1) % self.log_every == 0 or self.step + 1 == total
             )
