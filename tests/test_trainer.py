@@ -19,29 +19,30 @@ class One(nn.Module):
 
 
 def gate_problem(constraint, dual_lr=0.2, steps=800, **kw):
-    """min (gamma - 1)^2 with f_eq = 0 and f_neq = 1, so the model output is gamma itself."""
+    """min (gamma - 1)^2 with f_eq = 0 and f_neq = 1, so the model output is gamma itself.
+
+    Solved by the constrained step alone (ace.PrimalDual, which Trainer.fit runs bit for bit, see
+    test_primal_dual.py): a loader and records would only add time.
+    """
     torch.manual_seed(0)
     model = ace.relax(nn.Sequential(Zero()), where=["0"], branch=lambda name, m: One())
-    # the same one-sample batch 100 times an epoch (one batch an epoch pays the per-epoch costs every step)
-    data = DataLoader(TensorDataset(torch.zeros(100, 1), torch.ones(100, 1)), batch_size=1)
-    trainer = ace.Trainer(
+    core = ace.PrimalDual(
         model,
-        nn.functional.mse_loss,
         torch.optim.SGD(model.parameters(), lr=0.1),
-        constraints=[constraint],
+        [constraint],
         dual=ace.DualSettings(lr=dual_lr, **kw),
         slack_lr=0.1,
-        log_every=100,  # records do not change the dynamics; the tests read the final state
-        progress=False,
     )
-    trainer.fit(data, max_steps=steps, print_summary=False)
+    x, y = torch.zeros(1, 1), torch.ones(1, 1)
+    for _ in range(steps):
+        core.step(nn.functional.mse_loss(model(x), y))
     gate = model[0].gate.item()
-    return trainer, gate, trainer.multipliers()[constraint.name].item()
+    return core, gate, core.multipliers()[constraint.name].item()
 
 
 def test_equality_gate_reaches_zero_with_known_multiplier():
     # L = (g-1)^2 + lam g  ->  g* = 0, lam* = 2
-    trainer, gate, lam = gate_problem(ace.GateConstraint(tolerance=0.0, equality=True))
+    _, gate, lam = gate_problem(ace.GateConstraint(tolerance=0.0, equality=True))
     assert gate == pytest.approx(0.0, abs=1e-4)
     assert lam == pytest.approx(2.0, abs=1e-3)
 
@@ -56,8 +57,8 @@ def test_inequality_gate_reaches_tolerance():
 def test_resilient_gate_keeps_the_optimal_slack():
     # min (g-1)^2 + rho/2 u^2 s.t. |g| <= u  ->  u* = 2/(2+rho), lam* = rho u*
     rho = 2.0
-    trainer, gate, lam = gate_problem(ace.GateConstraint(resilient=True, rho=rho), steps=1500)
-    slack = trainer.slacks["gate"].item()
+    core, gate, lam = gate_problem(ace.GateConstraint(resilient=True, rho=rho), steps=1500)
+    slack = core.slacks["gate"].item()
     assert slack == pytest.approx(2 / (2 + rho), abs=1e-3)
     assert gate == pytest.approx(slack, abs=1e-3)
     assert lam == pytest.approx(rho * slack, abs=1e-3)
