@@ -75,8 +75,8 @@ def _train(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .experiment import OutputError, check_writable
     from .export import export
+    from .run_dir import OutputError, check_writable
 
     if Path(args.out).is_dir():
         raise OutputError(f"cannot write the model to {args.out}: it is a directory")
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ace: interrupted: {err}" if str(err) else "ace: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, ValueError, OSError) as err:
-        from .experiment import OutputError, RunDirError
         from .export import ExportError
+        from .run_dir import OutputError, RunDirError
         from .trainer import CheckpointError, NonFiniteError
 
         if isinstance(err, OutputError):  # a bad --out, found before any work: a usage error

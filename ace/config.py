@@ -1,4 +1,4 @@
-"""The experiment schema: dataclasses, YAML files, dotted overrides and validation.
+"""Configs: YAML files, dotted overrides, validation and the key reference (schema: :mod:`ace.config_schema`).
 
 A config is YAML with the sections of :class:`Config`. The ``data`` and ``model`` sections belong to
 the task named in ``task.name``: each task module defines its own ``DataConfig`` and ``ModelConfig``.
@@ -15,11 +15,27 @@ import importlib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .config_schema import (  # re-exported: ace.config is where users and tasks import them from
+    MAX_SEED,
+    METHODS,
+    SCHEMA_VERSION,
+    TASKS,
+    Config,
+    ConfigError,
+    ConstraintConfig,
+    DualConfig,
+    LogConfig,
+    OptimConfig,
+    RelaxConfig,
+    TaskConfig,
+    TrainConfig,
+    opt,
+)
 
 __all__ = [
     "Config",
@@ -33,198 +49,17 @@ __all__ = [
     "apply_overrides",
     "task_module",
     "reference",
+    "SCHEMA_VERSION",
+    "MAX_SEED",
+    "opt",
+    "TaskConfig",
+    "RelaxConfig",
+    "ConstraintConfig",
+    "DualConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "LogConfig",
 ]
-
-SCHEMA_VERSION = 1
-
-#: seeds go to torch.manual_seed (and seed + small offsets): keep them in [0, 2**63)
-MAX_SEED = 2**63 - 1
-
-METHODS = ("strict", "unconstrained", "penalty", "ace", "ace_resilient", "scheduled", "cr")
-
-TASKS = {
-    "toy": "ace.tasks.toy",
-    "nbody": "ace.tasks.nbody",
-    "shapes": "ace.tasks.shapes",
-    "modelnet40": "ace.tasks.modelnet",
-}
-
-
-class ConfigError(ValueError):
-    """A config that cannot run: unknown key, wrong type or impossible value."""
-
-
-def opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:  # noqa: A002
-    """A documented config field."""
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = choices
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
-
-
-@dataclass
-class TaskConfig:
-    name: str = opt("toy", "which built-in task to run", choices=tuple(TASKS))
-
-
-@dataclass
-class RelaxConfig:
-    gate_init: float = opt(1.0, "initial value of every gate gamma (f_eq + gamma * f_neq)")
-    hidden: int = opt(64, "width of the default MLP branch f_neq, where the task does not supply its own")
-    normalize: str = opt(
-        "spectral",
-        "bound every branch: 'spectral' normalises each linear map of f_neq (operator norm 1, bias norm "
-        "<= 1), so abs(gamma_i) bounds how far layer i is from f_eq; 'none' leaves the branches free",
-        choices=("spectral", "none"),
-    )
-
-
-@dataclass
-class ConstraintConfig:
-    kind: str = opt(
-        "gate",
-        "what is constrained: 'gate' (abs(gamma_i) per gated layer, needs a relaxed model) or 'deviation' "
-        "(the measured equivariance deviation D of the whole model, any model)",
-        choices=("gate", "deviation"),
-    )
-    tolerance: Any = opt(
-        0.0,
-        "eps(t) for methods 'scheduled' and 'penalty': a number, or a schedule such as "
-        "{type: cosine, start: auto, end: 1.0e-3, steps: null} (types: constant, linear, cosine, geometric, "
-        "piecewise, triangular, join; 'start: auto' = the value measured before the first step; "
-        "'steps: null' = the whole run). 'ace' and 'ace_resilient' hold eps at 0",
-    )
-    samples: int = opt(1, "group elements sampled per step to estimate the deviation D (kind 'deviation')")
-    relative: bool = opt(False, "divide D by the mean squared norm of f(x) (scale-free tolerance)")
-    rho: float = opt(1.0, "slack cost rho/2 * u^2 of 'ace_resilient' (larger rho = less slack)")
-    penalty: float = opt(1.0, "fixed multiplier w of method 'penalty': loss + w * relu(g - eps)")
-    cr_schedule: Any = opt(
-        {"type": "triangular", "low": 0.0, "peak": 1.0},
-        "gate value over training for method 'cr' (a schedule; gates set to 0 for the final model)",
-    )
-
-
-@dataclass
-class DualConfig:
-    formulation: str = opt(
-        "lagrangian", "'lagrangian' or 'augmented' (adds c/2 relu(g)^2)", choices=("lagrangian", "augmented")
-    )
-    optimizer: str = opt(
-        "sgd", "dual optimiser: 'sgd' (no momentum), 'nupi' or 'adam'", choices=("sgd", "nupi", "adam")
-    )
-    lr: float = opt(1.0e-2, "dual step size eta_lambda (with 'augmented', set it to penalty_coefficient)")
-    update: str = opt(
-        "simultaneous",
-        "'simultaneous' or 'alternating' (dual step first, then the primal step with the new multipliers)",
-        choices=("simultaneous", "alternating"),
-    )
-    penalty_coefficient: float = opt(1.0, "c of the augmented Lagrangian")
-    kp: float = opt(0.0, "nuPI proportional gain")
-    ki: float = opt(1.0, "nuPI integral gain")
-    init: float = opt(0.0, "initial multiplier value")
-    max_multiplier: float | None = opt(
-        1.0e6, "ceiling on abs(multiplier): clamped there with a warning in the log (null = none)"
-    )
-
-
-@dataclass
-class OptimConfig:
-    name: str = opt("adam", "primal optimiser", choices=("adam", "adamw", "sgd"))
-    lr: float = opt(1.0e-3, "primal learning rate")
-    weight_decay: float = opt(0.0, "weight decay (gates excluded)")
-    gate_lr: float = opt(
-        0.05, "learning rate of the gates gamma (plain SGD: the multipliers' pull stays proportional)"
-    )
-    momentum: float = opt(0.9, "momentum for 'sgd'")
-    grad_clip: float | None = opt(
-        None, "clip the gradient norm of the weights, and separately of the gates, to this value (null = off)"
-    )
-    slack_lr: float = opt(1.0e-2, "learning rate of the slacks u of 'ace_resilient' (SGD)")
-    gate_max_step: float | None = opt(
-        0.1, "largest change of a gate in one step, a trust region safe at any loss scale (null = none)"
-    )
-    schedule: str = opt(
-        "constant",
-        "learning-rate schedule of the weights (not the gates): 'constant', 'cosine' (warm-up, then cosine "
-        "to min_lr_factor * lr) or 'step' (times decay_factor every decay_every steps)",
-        choices=("constant", "cosine", "step"),
-    )
-    warmup: float = opt(
-        0.0, "linear warm-up of the learning rate: a fraction of the run (< 1) or steps (>= 1)"
-    )
-    schedule_gates: bool = opt(
-        False,
-        "apply optim.schedule to the gates' learning rate too: their noise around equilibrium shrinks "
-        "with it, so equality-constrained gates settle at 0 by the end (it also changes their damping)",
-    )
-    min_lr_factor: float = opt(0.0, "'cosine': the final learning rate as a fraction of optim.lr")
-    decay_every: float | None = opt(
-        None, "'step': steps between decays, or a fraction of the run (< 1); null = a third of the run"
-    )
-    decay_factor: float = opt(0.1, "'step': factor applied at each decay")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = opt(10, "passes over the training set")
-    max_steps: int | None = opt(None, "stop after this many steps (null = epochs decide)")
-    batch_size: int = opt(32, "training batch size")
-    eval_batch_size: int = opt(256, "batch size for validation and test")
-    eval_every: int = opt(1, "epochs between validation passes")
-    checkpoint_every: int = opt(1, "epochs between checkpoints (checkpoints/last.pt, previous.pt kept)")
-    eval_samples: int = opt(4, "group elements per batch for the deviation reported at evaluation")
-    device: str = opt(
-        "cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available; under torchrun: the local rank's GPU)"
-    )
-    threads: int | None = opt(None, "torch CPU threads per process (null = torch's default)")
-    select: str | None = opt(
-        None,
-        "validation metric that picks the best step of each variant (model and f_eq, separately), whose test "
-        "metrics summary.json reports under 'selected': 'loss' or a task metric ('accuracy' is maximised); "
-        "null = accuracy where the task has it, else loss",
-    )
-    on_nan: str = opt(
-        "stop",
-        "a NaN/Inf in loss, constraint, gradient or multiplier: 'stop' (error, last checkpoint intact), "
-        "'skip' (drop that step) or 'rollback' (reload the last checkpoint, halve the learning rates, "
-        "at most 3 times)",
-        choices=("stop", "skip", "rollback"),
-    )
-
-
-@dataclass
-class LogConfig:
-    every: int = opt(10, "steps between records in metrics.jsonl")
-    tensorboard: bool = opt(False, "also write TensorBoard scalars to RUN/tensorboard (needs tensorboard)")
-    progress: bool | None = opt(None, "progress bar: true, false, or null (only when stderr is a terminal)")
-
-
-@dataclass
-class Config:
-    seed: int = opt(0, "seeds data generation, initialisation, shuffling and group sampling")
-    method: str = opt(
-        "ace",
-        "how to train: strict (f_eq only), unconstrained (relaxed, no constraint), "
-        "penalty (fixed multiplier), ace (eps = 0, dual ascent), ace_resilient (eps = 0 plus learned slack), "
-        "scheduled (eps(t) tightening), "
-        "cr (gates on a fixed schedule, set to 0 at the end)",
-        choices=METHODS,
-    )
-    schema: int = opt(SCHEMA_VERSION, "config schema version (files from a newer ace are refused)")
-    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "the task"})
-    data: Any = field(default=None, metadata={"help": "the task's data settings"})
-    model: Any = field(default=None, metadata={"help": "the task's model settings"})
-    relax: RelaxConfig = field(default_factory=RelaxConfig, metadata={"help": "gated relaxation"})
-    constraint: ConstraintConfig = field(
-        default_factory=ConstraintConfig, metadata={"help": "the constraint"}
-    )
-    dual: DualConfig = field(default_factory=DualConfig, metadata={"help": "multiplier updates"})
-    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "primal optimiser"})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
-    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging"})
-
 
 # --------------------------------------------------------------------------- loading
 

@@ -21,26 +21,26 @@ import contextlib
 import dataclasses
 import os
 import re
-import warnings
-from collections.abc import Iterator
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: no lock there
-    fcntl = None
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError
-from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, task_module
+from .config import Config, ConfigError, config_to_dict, dump_config, task_module
 from .constraints import Constraint, DeviationConstraint, GateConstraint
 from .dual import DualSettings
 from .relax import gates, relax
+from .run_dir import (
+    OutputError,
+    RunDirError,
+    check_writable,
+    config_changes,
+    holds_run,
+    last_good_checkpoint,
+    locked,
+)
 from .schedules import Schedule, is_nonincreasing, lr_schedule, schedule_from_config
 from .tasks.base import Task
 from .trainer import Trainer
@@ -56,17 +56,6 @@ __all__ = [
     "OutputError",
     "config_changes",
 ]
-
-#: keys that may differ between a run and its resumption (extending a run, quieter output)
-RESUMABLE_CHANGES = {("train", "epochs"), ("train", "max_steps"), ("log", "progress")}
-
-
-class RunDirError(RuntimeError):
-    """A run directory that would be overwritten, or cannot be resumed."""
-
-
-class OutputError(RunDirError):
-    """An ``--out`` that cannot be a run directory: a file, under a file, or not writable."""
 
 
 def build_task(cfg: Config) -> Task:
@@ -326,45 +315,6 @@ def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) ->
     return trainer, parts["loaders"]
 
 
-def check_writable(out: Path, what: str = "run directory") -> None:
-    """Refuse a folder ``out`` that is a file, lies under a file, or cannot be written (before any work)."""
-    folder = out
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        where = "is a file" if folder == out else f"lies under {folder}, which is a file"
-        raise OutputError(f"cannot use {out} as the {what}: it {where}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the {what} {out}: {folder} is not writable")
-
-
-def _holds_run(out: Path) -> bool:
-    return any(
-        (out / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints", "summary.json")
-    )
-
-
-def config_changes(out: str | Path, cfg: Config) -> list[str]:
-    """``key: old -> new`` for every key where ``cfg`` differs from the config saved in the run directory
-    ``out``, apart from those a resume may change (the run length, the progress bar). ``ace sweep`` can
-    tell from it that a finished run was trained with other fixed overrides."""
-    saved = _saved_config(Path(out) / "config.yaml")
-    new = config_to_dict(cfg)
-    diffs = [
-        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
-        for section, values in new.items()
-        if isinstance(values, dict) and isinstance(saved.get(section), dict)
-        for key, value in values.items()
-        if saved[section].get(key) != value and (section, key) not in RESUMABLE_CHANGES
-    ]
-    diffs += [
-        f"{k}: {saved.get(k)!r} -> {v!r}"
-        for k, v in new.items()
-        if not isinstance(v, dict) and saved.get(k) != v
-    ]
-    return diffs
-
-
 def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into the run directory ``out`` and return the summary.
 
@@ -376,13 +326,13 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
     distributed = init_distributed(cfg.train.device)
     main = not distributed or dist.get_rank() == 0
     checkpoint = None
-    holds_run = _holds_run(out)
-    if holds_run and resume:
+    held = holds_run(out)
+    if held and resume:
         changed = config_changes(out, cfg) if (out / "config.yaml").exists() else []
         if changed:
             raise RunDirError("--resume with a different config; changed keys: " + "; ".join(changed))
-        checkpoint = _last_good_checkpoint(out)
-    elif holds_run and not overwrite:
+        checkpoint = last_good_checkpoint(out)
+    elif held and not overwrite:
         raise RunDirError(
             f"{out} already holds a run; pass --resume to continue it or --overwrite to start again"
         )
@@ -393,9 +343,9 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
     created = [
         p for p in (out, *out.parents) if not p.exists()
     ]  # the folders this run makes, innermost first
-    with _locked(out, holds_run) if main else contextlib.nullcontext():
+    with locked(out, held) if main else contextlib.nullcontext():
         if main:
-            if holds_run and overwrite and not resume:
+            if held and overwrite and not resume:
                 for name in ("metrics.jsonl", "summary.json", "config.yaml", "report.md"):
                     (out / name).unlink(missing_ok=True)
                 for path in out.glob("*.png"):  # plots of `ace report`
@@ -425,7 +375,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
                 test_loader=loaders["test"],
             )
         except ConfigError:  # found before the first step (a measured tolerance start): no half-made run
-            if main and not holds_run and trainer.step == 0:
+            if main and not held and trainer.step == 0:
                 trainer.close()
                 for name in ("config.yaml", "metrics.jsonl", ".lock"):
                     (out / name).unlink(missing_ok=True)
@@ -435,69 +385,3 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
             raise
         finally:
             trainer.close()
-
-
-@contextlib.contextmanager
-def _locked(out: Path, held: bool) -> Iterator[None]:
-    """Hold ``out/.lock`` (an advisory ``flock``, freed by the kernel even after SIGKILL) for the whole run,
-    so that two ``ace train`` processes never write one directory; ``held``: whether ``out`` held a run when
-    it was checked, before the lock was taken."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise OutputError(f"cannot write the run directory {out}: {err.strerror or err}") from err
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise RunDirError(
-                    f"{out} is in use by another ace process; wait for it to end, or use another --out"
-                ) from None
-        if _holds_run(out) != held:  # another process wrote it since it was checked
-            raise RunDirError(f"{out} was changed by another process while this run was being prepared")
-        yield
-    finally:
-        os.close(fd)
-
-
-def _last_good_checkpoint(out: Path) -> Path | None:
-    """``last.pt``, or ``previous.pt`` when the last one is unreadable or foreign; None if neither exists."""
-    candidates = [
-        p for p in (out / "checkpoints" / "last.pt", out / "checkpoints" / "previous.pt") if p.exists()
-    ]
-    for path in candidates:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file falls back to the previous one
-            warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
-            continue
-        if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):  # before run() writes
-            warnings.warn(
-                f"skipping {path}: not an ace checkpoint (format {CHECKPOINT_FORMAT})", stacklevel=2
-            )
-            continue
-        return path
-    if candidates:
-        raise CheckpointError(f"no readable checkpoint in {out / 'checkpoints'}")
-    return None
-
-
-def load_run_config(out: str | Path) -> Config:
-    """The resolved config saved in a run directory."""
-    path = Path(out) / "config.yaml"
-    if not path.exists():
-        raise RunDirError(f"{out} is not a run directory (no config.yaml)")
-    return config_from_dict(_saved_config(path))
-
-
-def _saved_config(path: Path) -> dict:
-    """The plain dict of a run's ``config.yaml``; a damaged file is a :class:`RunDirError` naming it."""
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise RunDirError(f"cannot read the config of the run {path}: {str(err).splitlines()[0]}") from err
-    if not isinstance(saved, dict):
-        raise RunDirError(f"{path} is not a config (a mapping of sections)")
-    return saved

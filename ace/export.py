@@ -51,8 +51,9 @@ def export(
     from .batches import split_batch
     from .checkpoint import CheckpointError
     from .deviation import equivariance_deviation
-    from .experiment import RunDirError, load_run_config, prepare_run
+    from .experiment import prepare_run
     from .relax import gates, strip
+    from .run_dir import RunDirError, load_run_config
     from .testing import _cast, assert_equivariant
 
     checkpoint = Path(run_dir) / "checkpoints" / "last.pt"

@@ -21,7 +21,7 @@ class RunData:
     """A run directory read once: config, train/val/test records, summary (None while unfinished)."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        from .experiment import RunDirError
+        from .run_dir import RunDirError
 
         self.path = Path(run_dir)
         metrics = self.path / "metrics.jsonl"
