@@ -1,4 +1,4 @@
-"""Command line: ``ace train | config | report | compare | sweep | export``."""
+"""Command line: ``ace train | config | report | compare | sweep | export | probe``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--equivariant", action="store_true", help="export the exactly equivariant f_eq (gates stripped)"
     )
+
+    probe = sub.add_parser("probe", help="data symmetry, per-layer audit and intrinsic dimensions of a run")
+    probe.add_argument("run_dir", help="a run directory written by `ace train`")
+    probe.add_argument("--samples", type=int, default=8, help="group elements per input (default 8)")
     return parser
 
 
@@ -125,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             print(sweep(args.config, args.overrides, args.out))
         elif args.command == "export":
             _export(args)
+        elif args.command == "probe":
+            from .probe import probe
+
+            print(probe(args.run_dir, samples=args.samples))
     except ConfigError as err:
         print(f"ace: config error: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, config_to_dict, dump_config, task_module
 from .constraints import Constraint, DeviationConstraint, GateConstraint
 from .dual import DualSettings
@@ -39,6 +40,7 @@ from .run_dir import (
     config_changes,
     holds_run,
     last_good_checkpoint,
+    load_run_config,
     locked,
 )
 from .schedules import Schedule, is_nonincreasing, lr_schedule, schedule_from_config
@@ -55,6 +57,7 @@ __all__ = [
     "RunDirError",
     "OutputError",
     "config_changes",
+    "trained_run",
 ]
 
 
@@ -385,3 +388,20 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
             raise
         finally:
             trainer.close()
+
+
+def trained_run(out: str | Path, what: str = "read") -> tuple[Config, Trainer, dict[str, DataLoader]]:
+    """The config, a CPU trainer holding the model of ``out/checkpoints/last.pt``, and the data loaders of a
+    run directory (for ``ace export`` and ``ace probe``); ``what`` names the caller in errors."""
+    checkpoint = Path(out) / "checkpoints" / "last.pt"
+    cfg = load_run_config(out)
+    if not checkpoint.exists():
+        raise RunDirError(f"{out} has no checkpoint ({checkpoint}) to {what}")
+    cfg.train.device = "cpu"
+    trainer, loaders = prepare_run(cfg, None)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        trainer.model.load_state_dict(state["model"])
+    except Exception as err:  # unreadable or foreign: one clear message
+        raise CheckpointError(f"cannot load the model from {checkpoint}: {err}") from err
+    return cfg, trainer, loaders

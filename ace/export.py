@@ -49,24 +49,12 @@ def export(
     import torch
 
     from .batches import split_batch
-    from .checkpoint import CheckpointError
     from .deviation import equivariance_deviation
-    from .experiment import prepare_run
+    from .experiment import trained_run
     from .relax import gates, strip
-    from .run_dir import RunDirError, load_run_config
     from .testing import _cast, assert_equivariant
 
-    checkpoint = Path(run_dir) / "checkpoints" / "last.pt"
-    cfg = load_run_config(run_dir)
-    if not checkpoint.exists():
-        raise RunDirError(f"{run_dir} has no checkpoint ({checkpoint}) to export")
-    cfg.train.device = "cpu"
-    trainer, loaders = prepare_run(cfg, None)
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        trainer.model.load_state_dict(state["model"])
-    except Exception as err:  # unreadable or foreign: one clear message
-        raise CheckpointError(f"cannot load the model from {checkpoint}: {err}") from err
+    cfg, trainer, loaders = trained_run(run_dir, "export")
     model = trainer.model
     if equivariant:
         if not gates(model) and cfg.method != "strict":

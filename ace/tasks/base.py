@@ -27,6 +27,8 @@ class Task:
         relax_where: which submodules ``ace.relax`` gates; ``None`` if the task has no gated layers.
         relax_branch: factory ``(name, module) -> f_neq``; ``None`` uses relax's default MLP branch.
         example: a small batch of inputs used to size lazily built branches.
+        layer_symmetries: per submodule name, the action on that layer's own inputs and output, for the
+            per-layer audit of ``ace probe`` (:func:`ace.diagnostics.audit`); ``None``: not declared.
     """
 
     train: Dataset
@@ -39,3 +41,4 @@ class Task:
     relax_where: Callable[[str, nn.Module], bool] | None = None
     relax_branch: Callable[[str, nn.Module], nn.Module] | None = None
     example: Any = None
+    layer_symmetries: dict[str, Any] | None = None

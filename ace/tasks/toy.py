@@ -181,4 +181,9 @@ def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
         relax_where=where,
         relax_branch=branch,
         example=splits[0].tensors[0][:4],
+        layer_symmetries=(  # each radial layer maps a stack of planar vectors to another
+            {f"layers.{i}": Symmetry(group, inputs="vector", output="vector") for i in range(model.layers)}
+            if model.name != "mlp"
+            else None
+        ),
     )

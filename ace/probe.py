@@ -1,0 +1,122 @@
+"""``ace probe RUN``: how symmetric the data of a run are, which layer breaks the symmetry, how many
+dimensions the inputs have with and without the symmetry (see :mod:`ace.diagnostics`)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .batches import split_batch
+from .diagnostics import audit, gram_invariants, intrinsic_dimension, symmetrization_gap
+from .loggers import format_table
+from .relax import equivariant, gates
+from .symmetry import Symmetry
+
+__all__ = ["probe", "input_clouds"]
+
+
+def probe(run_dir: str | Path, samples: int = 8, points: int = 2000) -> str:
+    """The probe report of a finished (or checkpointed) run, as markdown."""
+    from .experiment import build_task, make_loader, trained_run
+
+    cfg, trainer, loaders = trained_run(run_dir, "probe")
+    model, symmetry = trainer.model, trainer.symmetry
+    task = build_task(cfg)
+    val = make_loader(task.val, 32, shuffle=False)  # batches of 32: the gap's interval is over batches
+    lines = [f"# probe: {Path(run_dir).name}", "", f"method `{cfg.method}`, task `{cfg.task.name}`", ""]
+
+    gap = symmetrization_gap(model, val, symmetry, trainer.loss_fn, samples, cfg.seed)
+    lines += [
+        "## Data symmetry (symmetrisation gap, validation set)",
+        "",
+        f"loss of the orbit-averaged model minus the model's: {gap.gap:.4g} "
+        f"(95 % interval {gap.low:.4g} .. {gap.high:.4g}; loss {gap.loss:.4g} -> {gap.symmetrized_loss:.4g}, "
+        f"{gap.batches} batches x {gap.samples} group elements): {gap.verdict}. Relative deviation of the "
+        f"model: {gap.relative_deviation:.3g}.",
+    ]
+    if gap.relative_deviation < 1e-6:
+        lines.append(
+            "The model is (nearly) exactly equivariant, so the gap says nothing about the data: probe a "
+            "flexible model (unconstrained, or a relaxed one) instead."
+        )
+    lines.append("")
+
+    batch = next(iter(val))
+    inputs = split_batch(batch)[0]
+    lines += ["## Per-layer audit", ""]
+    rows = []
+    if task.layer_symmetries:
+        rows = [
+            [name, value, "local: the layer on its own recorded inputs"]
+            for name, value in audit(model, inputs, task.layer_symmetries, samples, cfg.seed)
+        ]
+    elif gates(model):
+        from .deviation import equivariance_deviation
+
+        generator = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            for name in gates(model):
+                with equivariant(model, keep=[name]):
+                    value = float(equivariance_deviation(model, inputs, symmetry, samples, True, generator))
+                rows.append([name, value, "the model with only this layer's branch on"])
+        rows.sort(key=lambda r: -r[1])
+    if rows:
+        lines += [format_table(["layer", "relative deviation", "measured as"], rows), ""]
+        lines.append(
+            f"largest: `{rows[0][0]}`" if rows[0][1] > 1e-5 else "every layer is symmetric (<= 1e-5)"
+        )
+    else:
+        lines.append(
+            f"task `{cfg.task.name}` declares no layer actions (Task.layer_symmetries) and the model has "
+            "no gated layers: nothing to audit"
+        )
+    lines += ["", "## Intrinsic dimension (TwoNN)", ""]
+    raw, invariant = input_clouds(task.train, symmetry, points)
+    dims = [["inputs", raw.shape[1], intrinsic_dimension(raw)]]
+    if invariant is not None:
+        dims.append(
+            [
+                "invariants (quotient by rotations and translations)",
+                invariant.shape[1],
+                intrinsic_dimension(invariant),
+            ]
+        )
+    lines += [
+        format_table(["of", "ambient dim", "intrinsic dim"], dims),
+        "",
+        f"on {len(raw)} training inputs",
+    ]
+    return "\n".join(lines)
+
+
+def input_clouds(
+    dataset: Any, symmetry: Symmetry, limit: int = 2000
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(raw, invariants)``: each input flattened, and its fields' configuration up to the group's rotations
+    and translations (Gram matrix of the centred position fields and the vector fields, plus the scalar
+    fields); ``invariants`` is None when no field is a vector or a position."""
+    raws, invariants = [], []
+    for item in itertools.islice(iter(dataset), limit):
+        inputs = split_batch(item)[0] if not hasattr(item, "num_nodes") else item
+        fields = symmetry._fields(symmetry.inputs, inputs, "input")
+        tensors = [torch.as_tensor(x, dtype=torch.float64) for _, kind, x in fields if kind != "none"]
+        raws.append(torch.cat([t.reshape(-1) for t in tensors]))
+        vectors, scalars = [], []
+        for _, kind, x in fields:
+            x = torch.as_tensor(x, dtype=torch.float64)
+            if kind in ("vector", "position"):
+                points = x.reshape(-1, x.shape[-1])
+                vectors.append(points - points.mean(0) if kind == "position" else points)
+            elif kind == "scalar":
+                scalars.append(x.reshape(-1))
+        if vectors:
+            gram = gram_invariants(torch.cat(vectors)[None], center=False)[0]
+            invariants.append(torch.cat([gram, *scalars]))
+    if len(raws) < 20:
+        raise ValueError(
+            f"probe needs at least 20 training inputs for the intrinsic dimension, got {len(raws)}"
+        )
+    return torch.stack(raws), (torch.stack(invariants) if invariants else None)
