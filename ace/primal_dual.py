@@ -227,21 +227,20 @@ class PrimalDual:
                     generator=self.generator,
                     output=output,
                 ).reshape(1)
-        shared = torch.cat([loss.detach().reshape(1), *(v.detach() for v in raw.values())])
-        if self.world_size > 1:  # the stop flag rides on the all-reduce (one process reads it on the host)
-            shared = torch.cat([shared, torch.tensor([float(stop)], device=loss.device)])
-            dist.all_reduce(shared)
-            shared = shared / self.world_size
-        loss_all, rest = shared[0], shared[1:]
+        shared = self._all_reduce([loss.detach().reshape(1), *(v.detach() for v in raw.values())], stop)
+        loss_all, rest = (shared[0], shared[1:]) if shared is not None else (loss.detach(), None)
         objective = loss
         observed, values, violations = {}, {}, {}
         for c in self.constraints:
-            value_all, rest = rest[: raw[c.name].numel()], rest[raw[c.name].numel() :]
             slack = self.slacks.get(c.name)
             violation = c.violation(raw[c.name], tolerances[c.name], slack)
-            violation_all = c.violation(
-                value_all, tolerances[c.name], None if slack is None else slack.detach()
-            )
+            if rest is None:  # one process: the detached local values are the rank averages
+                value_all, violation_all = raw[c.name].detach(), violation.detach()
+            else:
+                value_all, rest = rest[: raw[c.name].numel()], rest[raw[c.name].numel() :]
+                violation_all = c.violation(
+                    value_all, tolerances[c.name], None if slack is None else slack.detach()
+                )
             if slack is not None:
                 objective = objective + 0.5 * c.rho * slack.pow(2).sum()
             if c.dual:  # the dual step reads the all-reduced violation: the same update on every rank
@@ -253,8 +252,17 @@ class PrimalDual:
                 objective = objective + c.penalty_term(violation)
             values[c.name], violations[c.name] = value_all, violation_all
         state = cooper.CMPState(loss=objective, observed_constraints=observed)
-        stop = bool(rest[0] > 0) if self.world_size > 1 else stop
+        stop = bool(rest[0] > 0) if rest is not None else stop
         return _Measured(state, loss_all, values, violations, tolerances, stop)
+
+    def _all_reduce(self, tensors: list[torch.Tensor], stop: bool) -> torch.Tensor | None:
+        """The rank averages of the concatenated ``tensors`` with the stop flag last (one collective); None
+        for a single process."""
+        if self.world_size == 1:
+            return None
+        shared = torch.cat([*tensors, torch.tensor([float(stop)], device=tensors[0].device)])
+        dist.all_reduce(shared)
+        return shared / self.world_size
 
     def update(self, measured: _Measured) -> StepResult:
         """The primal-dual update of a measured batch (nothing is applied when a quantity is non-finite)."""
