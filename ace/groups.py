@@ -35,6 +35,8 @@ __all__ = [
     "Euclidean",
     "Permutation",
     "SignFlip",
+    "C4",
+    "D4",
 ]
 
 _AXES = {"x": 0, "y": 1, "z": 2}
@@ -385,3 +387,6 @@ class Permutation(Group):
         m = self.width(kind) or width or 1
         n = len(element)
         return torch.eye(m, device=element.permutation.device).expand(n, -1, -1)
+
+
+from .grid import C4, D4  # noqa: E402  (the grid groups build on Group, defined above)

@@ -254,6 +254,8 @@ class Symmetry:
                         f"sets, got shape {tuple(x.shape)}"
                     )
                 x = x[torch.arange(x.shape[0], device=x.device)[:, None], g.permutation]
+        if kind in getattr(self.group, "kinds", ()):  # a group with its own action (the grid groups)
+            return self.group.act(name, kind, x, g)
         if g.matrix is not None and kind != "scalar":
             if kind not in reps:
                 reps[kind] = self.group.representation(kind, g)
