@@ -50,3 +50,9 @@ def test_data_quick(capsys):
     out = capsys.readouterr().out
     assert "generate CPU s" in out
     assert [r[0] for r in rows] == ["nbody", "shapes"]
+
+
+def test_gconv_cost_table(capsys):
+    _load("gconv_cost").main()
+    out = capsys.readouterr().out
+    assert "| C4() group CNN | 8 x 4" in out and "| plain CNN      | 32" in out
