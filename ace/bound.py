@@ -17,6 +17,11 @@ for its input ``x`` (the concatenation of what the branch reads), and so the rel
 from f_eq by at most ``|gamma| L (1 + ||x||)``: ``|gamma|`` now bounds the non-equivariant part,
 as ACE's Theorems 4.1 and 4.2 assume (ACE's own EGNO code spectral-normalises its branches too).
 
+A ``nn.Conv2d`` (zero padding) is bounded the same way, its weight as a ``(C_out, C_in k_h k_w)`` matrix and
+then divided by ``sqrt(k_h k_w)``: every input pixel enters at most ``k_h k_w`` patches, so the convolution's
+operator norm is at most 1. Its bias is added at each of the map's ``P`` pixels, so a branch of ``L`` such
+layers satisfies ``||f_neq(x)|| <= ||x|| + L sqrt(P)``.
+
 sigma_max is estimated by one power iteration per training forward pass (its vectors are buffers in
 the model's ``state_dict``, so a resumed run continues bit for bit). The estimate approaches
 sigma_max from below, so the bound holds up to the estimate's error (below 1e-3 relative once the
@@ -24,6 +29,8 @@ weights settle; ``tests/test_bound.py`` trains a branch to maximise its output a
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -33,9 +40,21 @@ from torch.nn.utils.parametrizations import spectral_norm
 __all__ = ["bound_branch", "branch_bound", "is_bounded", "NORMALIZE_CHOICES"]
 
 NORMALIZE_CHOICES = ("spectral", "none")
+_BOUNDABLE = (nn.Linear, nn.Conv2d)
 
 #: activations with |act(z)| <= |z| entrywise, so they never enlarge a norm
 _SHRINKING = (nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh, nn.Identity, nn.Hardtanh, nn.Softsign, nn.Mish)
+
+
+class _Scale(nn.Module):
+    """Parametrisation ``w -> c w`` with a fixed ``c``."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.c
 
 
 class _UnitBall(nn.Module):
@@ -63,7 +82,7 @@ def bound_branch(branch: nn.Module) -> nn.Module:
     if is_bounded(branch):
         raise ValueError(f"{type(branch).__name__} is already bounded")
     for name, m in branch.named_modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros"):
             continue
         if isinstance(m, nn.LeakyReLU) and m.negative_slope <= 1:
             continue
@@ -71,12 +90,14 @@ def bound_branch(branch: nn.Module) -> nn.Module:
         is_activation = type(m).__module__.startswith("torch.nn.modules.activation")
         if own or (is_activation and not isinstance(m, _SHRINKING)):
             raise ValueError(
-                f"cannot bound branch module {name or '<root>'!r} ({type(m).__name__}): only nn.Linear "
-                "layers and activations with |act(z)| <= |z| have a known scale; use "
+                f"cannot bound branch module {name or '<root>'!r} ({type(m).__name__}): only nn.Linear, "
+                "nn.Conv2d (zero padding) and activations with |act(z)| <= |z| have a known scale; use "
                 "relax(normalize='none') or bound that module yourself"
             )
-    for m in [m for m in branch.modules() if isinstance(m, nn.Linear)]:  # none: a fixed function, bounded
+    for m in [m for m in branch.modules() if isinstance(m, _BOUNDABLE)]:  # none: a fixed function, bounded
         spectral_norm(m, "weight", n_power_iterations=1)
+        if isinstance(m, nn.Conv2d):  # a pixel enters at most k_h k_w patches
+            parametrize.register_parametrization(m, "weight", _Scale(1 / math.sqrt(math.prod(m.kernel_size))))
         if m.bias is not None:
             parametrize.register_parametrization(m, "bias", _UnitBall())
     return branch
@@ -85,15 +106,16 @@ def bound_branch(branch: nn.Module) -> nn.Module:
 def is_bounded(branch: nn.Module) -> bool:
     """Whether :func:`bound_branch` was applied to ``branch``."""
     return any(
-        isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight") for m in branch.modules()
+        isinstance(m, _BOUNDABLE) and parametrize.is_parametrized(m, "weight") for m in branch.modules()
     )
 
 
 def branch_bound(branch: nn.Module) -> int:
-    """C of ``||f_neq(x)|| <= C (1 + ||x||)`` for a bounded branch: its number of linear layers.
+    """C of ``||f_neq(x)|| <= C (1 + ||x||)`` for a bounded branch: its number of linear (and convolution)
+    layers; a convolution's bias term grows with the square root of the pixels (see the module docstring).
 
     Valid for a chain of linear layers and shrinking activations (the branches this package builds).
     """
     if not is_bounded(branch):
         raise ValueError(f"{type(branch).__name__} is not bounded: call bound_branch first")
-    return sum(isinstance(m, nn.Linear) for m in branch.modules())
+    return sum(isinstance(m, _BOUNDABLE) for m in branch.modules())

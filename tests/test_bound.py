@@ -1,5 +1,7 @@
 """Bounded branches: the bound ||f_neq(x)|| <= ||x|| + L holds after training a branch to break it."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -90,3 +92,24 @@ def test_one_normalisation_per_step_so_the_deviation_sees_one_function():
     trainer.fit(loader, max_steps=3, print_summary=False)
     # under the trivial group f(g.x) = f(x) exactly, unless two forward passes saw different weights
     assert all(r["constraint/deviation/deviation"] == 0.0 for r in trainer.history if "loss" in r)
+
+
+def test_a_convolutional_branch_stays_bounded_after_maximising_its_output():
+    torch.manual_seed(0)
+    branch = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.SiLU(), nn.Conv2d(8, 3, 5, padding=2, bias=False)
+    )
+    free = copy.deepcopy(branch)
+    bound_branch(branch)
+    x = torch.randn(16, 3, 12, 12)
+    for net in (branch, free):
+        opt = torch.optim.Adam(net.parameters(), 1e-2)
+        for _ in range(200):
+            opt.zero_grad()
+            (-net(x).pow(2).sum()).backward()
+            opt.step()
+    with torch.no_grad():
+        ratio = lambda net: float((net(x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).max())  # noqa: E731
+        assert ratio(branch) <= 1 + 1e-3 < 10 < ratio(free)
+    with pytest.raises(ValueError, match="nn.Conv2d \\(zero padding\\)"):
+        bound_branch(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")))
