@@ -22,6 +22,7 @@ TASKS = {
     "nbody": "ace.tasks.nbody",
     "shapes": "ace.tasks.shapes",
     "modelnet40": "ace.tasks.modelnet",
+    "images": "ace.tasks.images",
 }
 
 
