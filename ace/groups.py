@@ -336,17 +336,24 @@ class Euclidean(Group):
 
 
 class SignFlip(Group):
-    """The two-element group ``{+I, -I}`` in ``dim`` dimensions, each with probability 1/2."""
+    """Sign flips in ``dim`` dimensions: ``{+I, -I}`` (each with probability 1/2) or, with ``independent``,
+    ``(Z_2)^dim``: each coordinate flips on its own, ``diag(s_1, ..., s_dim)``. The latter is the symmetry of
+    ``dim`` Laplacian eigenvectors stacked as node features ``(num_nodes, dim)`` (kind ``"vector"``): each
+    eigenvector is defined up to its sign, one draw per graph."""
 
-    def __init__(self, dim: int = 3):
+    def __init__(self, dim: int = 3, independent: bool = False):
         self.dim = int(dim)
+        self.independent = bool(independent)
 
     def sample(self, n, generator=None, dtype=torch.float32, device=None) -> GroupElement:
         eye = torch.eye(self.dim, dtype=dtype, device=device)
+        if self.independent:
+            signs = _random_sign(n * self.dim, generator, dtype, device).view(n, self.dim)
+            return GroupElement(torch.diag_embed(signs))
         return GroupElement(_random_sign(n, generator, dtype, device)[:, None, None] * eye)
 
     def __repr__(self) -> str:
-        return f"SignFlip({self.dim})"
+        return f"SignFlip({self.dim}, independent=True)" if self.independent else f"SignFlip({self.dim})"
 
 
 class Permutation(Group):

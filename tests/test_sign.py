@@ -1,0 +1,55 @@
+"""Sign-equivariant layers and independent sign flips: exact in float64."""
+
+import pytest
+import torch
+from torch import nn
+
+import ace
+from ace.groups import SignFlip
+from ace.sign import SignEquivariantGate, SignEquivariantMessage, SignNet
+
+K = 6
+
+
+def test_independent_sign_flips_are_diagonal_and_draw_each_sign():
+    g = SignFlip(K, independent=True).sample(500, torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(g.matrix, torch.diag_embed(torch.diagonal(g.matrix, dim1=1, dim2=2)))
+    signs = torch.diagonal(g.matrix, dim1=1, dim2=2)
+    assert set(signs.unique().tolist()) == {-1.0, 1.0} and abs(signs.mean()) < 0.1
+    assert (signs[:, 0] != signs[:, 1]).any()  # columns flip on their own
+    assert repr(SignFlip(K, independent=True)) == "SignFlip(6, independent=True)"
+
+
+class Message(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = SignEquivariantMessage(K)
+        self.edges = torch.tensor([[0, 1, 2, 3, 4, 1], [1, 2, 3, 4, 0, 3]])
+
+    def forward(self, v):
+        return self.layer(v, self.edges)
+
+
+@pytest.mark.parametrize(
+    "build, output",
+    [(lambda: SignEquivariantGate(K), "vector"), (Message, "vector"), (lambda: SignNet(K), "scalar")],
+    ids=["gate", "message", "signnet"],
+)
+def test_layers_are_exactly_sign_equivariant_or_invariant(build, output):
+    torch.manual_seed(0)
+    model = build().double()
+    v = torch.randn(5, K, dtype=torch.float64)  # one graph of 5 nodes: one sign draw for all its rows
+    sym = ace.Symmetry(SignFlip(K, independent=True), inputs="vector", output=output)
+
+    class OneGraph(nn.Module):  # the group acts per sample: present the graph as a batch of one
+        def forward(self, x):
+            return model(x[0])[None]
+
+    assert ace.testing.assert_equivariant(OneGraph(), v[None], sym, samples=8, atol=1e-12) < 1e-12
+
+
+def test_a_plain_mlp_is_not_sign_equivariant():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(K, 16), nn.SiLU(), nn.Linear(16, K)).double()
+    sym = ace.Symmetry(SignFlip(K, independent=True), inputs="vector", output="vector")
+    assert ace.equivariance_deviation(mlp, torch.randn(32, K, dtype=torch.float64), sym, samples=4) > 1e-3
