@@ -53,3 +53,30 @@ def test_a_plain_mlp_is_not_sign_equivariant():
     mlp = nn.Sequential(nn.Linear(K, 16), nn.SiLU(), nn.Linear(16, K)).double()
     sym = ace.Symmetry(SignFlip(K, independent=True), inputs="vector", output="vector")
     assert ace.equivariance_deviation(mlp, torch.randn(32, K, dtype=torch.float64), sym, samples=4) > 1e-3
+
+
+def test_one_sign_draw_per_graph_in_a_torch_geometric_batch():
+    tg = pytest.importorskip("torch_geometric.data")
+    torch.manual_seed(0)
+    layer = SignEquivariantMessage(K).double()
+
+    class OnGraphs(nn.Module):
+        def forward(self, data):
+            return layer(data.eig, data.edge_index)
+
+    graphs = [
+        tg.Data(
+            eig=torch.randn(n, K, dtype=torch.float64),
+            edge_index=torch.tensor([[0, 1, 2], [1, 2, 0]]),
+            num_nodes=n,
+        )
+        for n in (3, 4, 5)
+    ]
+    batch = tg.Batch.from_data_list(graphs)
+    sym = ace.Symmetry(SignFlip(K, independent=True), inputs={"eig": "vector"}, output="vector")
+    assert ace.testing.assert_equivariant(OnGraphs(), batch, sym, samples=4, atol=1e-12) < 1e-12
+    g = sym.sample(batch, torch.Generator().manual_seed(1))
+    flipped = sym.transform_inputs(batch, g).eig / batch.eig
+    for i in range(3):  # every node of a graph shares its graph's signs
+        rows = flipped[batch.batch == i]
+        assert torch.equal(rows, rows[:1].expand_as(rows))
