@@ -56,3 +56,17 @@ def test_gconv_cost_table(capsys):
     _load("gconv_cost").main()
     out = capsys.readouterr().out
     assert "| C4() group CNN | 8 x 4" in out and "| plain CNN      | 32" in out
+
+
+def test_scaling_table_fits_the_exponent(tmp_path, capsys):
+    import json
+
+    for n, err in ((100, 0.4), (400, 0.2), (1600, 0.1)):
+        for seed in range(2):
+            run = tmp_path / f"n{n}" / "cfg" / f"seed{seed}"
+            run.mkdir(parents=True)
+            summary = {"selected": {"model": {"step": 1, "test": {"mse": err}}}}
+            (run / "summary.json").write_text(json.dumps(summary))
+    _load("scaling").main(["cfg", "--runs", *(f"{n}={tmp_path / f'n{n}'}" for n in (100, 400, 1600))])
+    out = capsys.readouterr().out
+    assert "| `cfg`  | 0.4 ± 0 (2) |" in out and "0.50 [0.50, 0.50]" in out

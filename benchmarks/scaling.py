@@ -1,0 +1,65 @@
+"""Test error against training-set size, and the fitted exponent alpha of error ~ C n^-alpha.
+
+    python benchmarks/scaling.py nbody_strict nbody_ace --runs 500=runs/samples_n500 \\
+        1000=runs/samples_n1000 2000=runs/samples_n2000 3000=runs/nbody3000 --metric mse
+
+Each ``N=DIR`` names the runs trained on ``data.train_size = N`` (``DIR/<config>/seed*/summary.json``, as
+written by ``benchmarks/compare.py``). Every cell is the test metric of f_eq at its best validation step
+(mean +- std over the seeds found, their number in brackets); alpha is fitted over every run (seeds as
+repeated sizes) by :func:`ace.diagnostics.power_law`, with its 95 % interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ace.diagnostics import power_law  # noqa: E402
+from ace.loggers import format_table  # noqa: E402
+from ace.run_data import best_val_test  # noqa: E402
+
+
+def values(root: Path, config: str, metric: str) -> list[float]:
+    out = []
+    for summary in sorted((root / config).glob("seed*/summary.json")):
+        out.append(best_val_test(json.loads(summary.read_text()))["eq"][metric])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", help="config names (the folders under each DIR)")
+    parser.add_argument("--runs", nargs="+", required=True, help="N=DIR pairs")
+    parser.add_argument("--metric", default="mse")
+    args = parser.parse_args(argv)
+    sizes = {int(n): Path(d) for n, d in (item.split("=", 1) for item in args.runs)}
+    rows = []
+    for config in args.configs:
+        row, xs, ys = [f"`{config}`"], [], []
+        for n, root in sorted(sizes.items()):
+            found = values(root, config, args.metric)
+            xs += [n] * len(found)
+            ys += found
+            if not found:
+                row.append("-")
+            elif len(found) == 1:
+                row.append(f"{found[0]:.4g} (1)")
+            else:
+                row.append(f"{statistics.mean(found):.4g} ± {statistics.stdev(found):.2g} ({len(found)})")
+        try:
+            fit = power_law(xs, ys)
+            row.append(f"{fit.alpha:.2f} [{fit.low:.2f}, {fit.high:.2f}]")
+        except ValueError:
+            row.append("-")
+        rows.append(row)
+    header = ["config", *[f"n = {n}" for n in sorted(sizes)], "alpha [95 % interval]"]
+    print(format_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
