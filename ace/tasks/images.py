@@ -65,7 +65,7 @@ class ModelConfig:
     name: str = opt(
         "gcnn", "'gcnn' (group CNN), 'e4' (E4 blocks) or 'cnn' (plain CNN)", choices=("gcnn", "e4", "cnn")
     )
-    channels: int = opt(4, "channels per group element (the plain CNN has channels x |G|)")
+    channels: int = opt(8, "channels per group element (the plain CNN has channels x |G|)")
     kernel_size: int = opt(3, "odd filter size")
 
     def __post_init__(self) -> None:
