@@ -23,7 +23,7 @@ trainer = ace.Trainer(
     constraints=[ace.GateConstraint(tolerance=0.0, equality=True)],  # ACE, Algorithm 1
     dual=ace.DualSettings(formulation="augmented", update="alternating", lr=0.1, penalty_coefficient=1.0),
 )
-trainer.fit(loader, loader, epochs=20)
+trainer.fit(loader, loader, epochs=10)
 exact = ace.strip(model).double()  # f_eq alone: exactly equivariant
 ace.testing.assert_equivariant(exact, x[:8].double(), symmetry)
 print("gates:", {name: round(g.item(), 5) for name, g in ace.gates(model).items()})
