@@ -229,6 +229,8 @@ class Symmetry:
                 f"field {name!r}: kind {kind!r} under {self.group!r} needs last dim {width}, "
                 f"got shape {tuple(x.shape)}"
             )
+        if kind == "scalar" and g.permutation is None:  # invariant whatever its rows (nodes, edges, pairs)
+            return x
         rows = None  # element of each row of x: None = row b uses element b
         if g.batch is not None:
             num_nodes, num_graphs = g.batch.shape[0], len(g)

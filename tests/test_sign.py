@@ -80,3 +80,27 @@ def test_one_sign_draw_per_graph_in_a_torch_geometric_batch():
     for i in range(3):  # every node of a graph shares its graph's signs
         rows = flipped[batch.batch == i]
         assert torch.equal(rows, rows[:1].expand_as(rows))
+
+
+def test_per_pair_scores_are_invariant_outputs_of_any_length():
+    """A link predictor scores node pairs (neither one row per node nor per graph): kind "scalar" is invariant
+    whatever its rows, under groups that do not permute."""
+    tg = pytest.importorskip("torch_geometric.data")
+    torch.manual_seed(0)
+    layer = SignEquivariantMessage(K).double()
+    pairs = torch.tensor([[0, 1, 4, 7, 5], [3, 2, 5, 8, 6]])  # within a graph: its own signs
+
+    class Scores(nn.Module):
+        def forward(self, data):
+            v = layer(data.eig, data.edge_index)
+            return (v[pairs[0]] * v[pairs[1]]).sum(-1)  # sign invariant: products of one column's entries
+
+    graphs = [
+        tg.Data(
+            eig=torch.randn(n, K, dtype=torch.float64), edge_index=torch.tensor([[0, 1], [1, 2]]), num_nodes=n
+        )
+        for n in (4, 5)
+    ]
+    batch = tg.Batch.from_data_list(graphs)
+    sym = ace.Symmetry(SignFlip(K, independent=True), inputs={"eig": "vector"}, output="scalar")
+    assert ace.testing.assert_equivariant(Scores(), batch, sym, samples=4, atol=1e-12) < 1e-12
