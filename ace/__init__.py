@@ -5,9 +5,12 @@ trainer = ace.Trainer(model, loss, optimizer, symmetry=ace.Symmetry(...),
                       constraints=[ace.GateConstraint(equality=True)])
 trainer.fit(train_loader, val_loader, epochs=10)
 exact = ace.strip(model)                                  # the exactly equivariant f_eq
+
+ace.PrimalDual is the constrained step on its own (your loop; ace.lightning.Constrained for Lightning);
+ace.diagnostics measures how symmetric data and layers are; ace.gconv and ace.sign hold equivariant layers.
 """
 
-from . import bound, groups, schedules, testing
+from . import bound, diagnostics, gconv, groups, schedules, sign, testing
 from .constraints import DeviationConstraint, GateConstraint
 from .deviation import equivariance_deviation
 from .primal_dual import DualSettings, PrimalDual, StepResult
@@ -20,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "bound",
     "DeviationConstraint",
+    "diagnostics",
     "DualSettings",
     "GateConstraint",
     "GatedLayer",
@@ -31,9 +35,11 @@ __all__ = [
     "equivariance_deviation",
     "equivariant",
     "gates",
+    "gconv",
     "groups",
     "relax",
     "schedules",
+    "sign",
     "strip",
     "testing",
 ]
