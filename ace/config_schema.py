@@ -23,6 +23,7 @@ TASKS = {
     "shapes": "ace.tasks.shapes",
     "modelnet40": "ace.tasks.modelnet",
     "images": "ace.tasks.images",
+    "spectral": "ace.tasks.spectral",
 }
 
 

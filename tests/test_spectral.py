@@ -1,0 +1,80 @@
+"""The spectral task: graphs as documented, exactly sign-invariant scores, AUC, every config runs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torch_geometric")
+
+import ace  # noqa: E402
+from ace.config import load_config  # noqa: E402
+from ace.experiment import run  # noqa: E402
+from ace.tasks import spectral  # noqa: E402
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("spectral*.yaml"))
+SMALL = dict(train_size=8, val_size=4, test_size=4)
+
+
+def test_graphs_hold_out_real_edges_and_true_non_edges():
+    data = spectral.DataConfig(**SMALL)
+    graph = spectral.make_graph(data, torch.Generator().manual_seed(0))
+    assert graph.eig.shape == (24, 8) and graph.num_nodes == 24
+    edges = {tuple(e) for e in graph.edge_index.T.tolist()}
+    assert all((j, i) in edges for i, j in edges)  # undirected
+    pairs = graph.pair_index.T.tolist()
+    positives = [p for p, y in zip(pairs, graph.y.tolist()) if y == 1]
+    negatives = [p for p, y in zip(pairs, graph.y.tolist()) if y == 0]
+    assert len(positives) == len(negatives) >= 1
+    assert not any(tuple(p) in edges for p in positives + negatives)  # held out, not given to the model
+    columns = graph.eig.double()
+    assert torch.allclose(columns.T @ columns, torch.eye(8, dtype=torch.float64), atol=1e-5)  # orthonormal
+
+
+@pytest.mark.parametrize("name", ["equivariant", "signnet"])
+def test_scores_are_exactly_sign_invariant(name):
+    t = spectral.build(spectral.DataConfig(**SMALL), spectral.ModelConfig(name=name), seed=0)
+    from torch_geometric.data import Batch
+
+    batch = Batch.from_data_list(t.train[:4])
+    batch.eig = batch.eig.double()
+    model = t.model.double()
+    assert ace.testing.assert_equivariant(model, batch, t.symmetry, samples=4, atol=1e-12) < 1e-12
+
+
+def test_a_plain_network_on_raw_eigenvectors_is_measurably_not_invariant():
+    t = spectral.build(spectral.DataConfig(**SMALL), spectral.ModelConfig(name="mlp"), seed=0)
+    from torch_geometric.data import Batch
+
+    batch = Batch.from_data_list(t.train[:4])
+    assert ace.equivariance_deviation(t.model, batch, t.symmetry, samples=4, relative=True) > 1e-4
+
+
+def test_auc_known_answers():
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert spectral.auc(torch.tensor([3.0, 2.0, 1.0, 0.0]), y) == 1.0
+    assert spectral.auc(torch.tensor([0.0, 1.0, 2.0, 3.0]), y) == 0.0
+    assert spectral.auc(torch.zeros(4), y) == 0.5
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="a graph of 8 nodes has 7 non-trivial eigenvectors, 8 asked for"):
+        spectral.DataConfig(nodes=4, eigenvectors=8)
+    with pytest.raises(ValueError, match="held_out"):
+        spectral.DataConfig(held_out=1.5)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_spectral_config_runs_a_few_steps(path, tmp_path):
+    tiny = [
+        "data.train_size=8",
+        "data.val_size=4",
+        "data.test_size=4",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "train.epochs=0",
+        "log.every=1",
+        "log.progress=false",
+    ]
+    summary = run(load_config(path, tiny), tmp_path / "run")
+    assert summary["steps"] == 2 and 0 <= summary["test"]["test/auc"] <= 1
