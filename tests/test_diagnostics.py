@@ -48,7 +48,7 @@ def fitted_mlp(breaking):
     y = target(x, breaking=breaking)
     model = nn.Sequential(nn.Linear(2, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 2))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(400):
+    for _ in range(250):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()

@@ -14,6 +14,10 @@ from ace.tasks import images  # noqa: E402
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 IMAGES = sorted(CONFIGS.glob("images_*.yaml"))
+# every config runs in the slow suite; the default suite runs one per family (the rest differ only in method,
+# which the other tasks' config tests cover)
+FAST = {"images_strict", "images_ace_resilient", "images_partial_ace", "images_dev_scheduled"}
+RUNS = [pytest.param(p, marks=() if p.stem in FAST else pytest.mark.slow, id=p.stem) for p in IMAGES]
 FAMILIES = {
     "images": ("strict", "unconstrained", "ace", "ace_resilient", "scheduled"),
     "images_partial": ("strict", "unconstrained", "ace", "ace_resilient", "scheduled"),
@@ -79,7 +83,7 @@ def test_the_families_are_complete_and_differ_only_in_their_method():
         assert all(cfg == configs[0] for cfg in configs)
 
 
-@pytest.mark.parametrize("path", IMAGES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", RUNS)
 def test_images_config_runs_a_few_steps(path, tmp_path):
     tiny = [
         "data.train_size=16",

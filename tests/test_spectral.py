@@ -13,6 +13,8 @@ from ace.experiment import run  # noqa: E402
 from ace.tasks import spectral  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("spectral*.yaml"))
+FAST = {"spectral_strict", "spectral_ace", "spectral_signnet", "spectral_dev_ace_resilient"}  # the rest: slow
+RUNS = [pytest.param(p, marks=() if p.stem in FAST else pytest.mark.slow, id=p.stem) for p in CONFIGS]
 SMALL = dict(train_size=8, val_size=4, test_size=4)
 
 
@@ -64,7 +66,7 @@ def test_bad_input_is_named():
         spectral.DataConfig(held_out=1.5)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", RUNS)
 def test_spectral_config_runs_a_few_steps(path, tmp_path):
     tiny = [
         "data.train_size=8",
