@@ -13,6 +13,11 @@ from torch.utils.data import Dataset
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Batch-mean classification accuracy of ``logits`` (the arg-max class) against integer ``target``."""
+    return (logits.argmax(-1) == target).float().mean()
+
+
 @dataclass
 class Task:
     """A runnable experiment: three splits, a plain model and the symmetry the deviation measures.

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ..config import opt
-from .base import Task
+from .base import Task, accuracy
 
 __all__ = ["DataConfig", "ModelConfig", "RegularConvBranch", "build", "load_digits"]
 
@@ -154,10 +154,6 @@ def _network(model: ModelConfig, group, classes: int) -> nn.Module:
     return _Classifier(nn.Sequential(*layers), c, classes, grouped=True)
 
 
-def _accuracy(logits: Tensor, target: Tensor) -> Tensor:
-    return (logits.argmax(-1) == target).float().mean()
-
-
 def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
     """The digits under the grid group (see the module docstring)."""
     from ace import Symmetry
@@ -186,7 +182,7 @@ def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
         model=net,
         symmetry=Symmetry(group, inputs="image", output="scalar"),
         loss=F.cross_entropy,
-        metrics={"accuracy": _accuracy},
+        metrics={"accuracy": accuracy},
         relax_where=where if model.name != "cnn" else None,
         relax_branch=branch,
         example=splits["train"].tensors[0][:4],

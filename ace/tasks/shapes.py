@@ -34,7 +34,7 @@ from torch import Tensor
 from torch_geometric.data import Batch, Data
 
 from ..config import opt
-from .base import Task
+from .base import Task, accuracy
 from .cache import cache_path, read_cache, write_cache
 from .e3nn_net import ModelConfig, PointCloudClassifier, branch_factory, is_conv
 
@@ -287,10 +287,6 @@ def load_or_generate(cfg: DataConfig) -> dict[str, tuple[Tensor, Tensor]]:
     return splits
 
 
-def _accuracy(logits: Tensor, target: Tensor) -> Tensor:
-    return (logits.argmax(-1) == target).float().mean()
-
-
 def point_cloud_task(splits: dict[str, list[Data]], num_classes: int, model: ModelConfig, seed: int) -> Task:
     """The parts every point-cloud task shares: e3nn classifier, SO(3) symmetry, cross entropy."""
     from ace import Symmetry
@@ -306,7 +302,7 @@ def point_cloud_task(splits: dict[str, list[Data]], num_classes: int, model: Mod
         model=net,
         symmetry=Symmetry(SO3(), inputs={"pos": "vector"}, output="scalar"),
         loss=torch.nn.functional.cross_entropy,
-        metrics={"accuracy": _accuracy},
+        metrics={"accuracy": accuracy},
         relax_where=is_conv,
         relax_branch=branch_factory(model.branch_hidden),
         example=Batch.from_data_list(splits["train"][:4]),
