@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .grid import GridGroup, _cayley
+from .grid import GridGroup
 
 __all__ = ["LiftingConv", "GroupConv", "E4Block", "GroupPool", "cost"]
 
@@ -79,10 +79,8 @@ class GroupConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, G, kernel_size, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        table = _cayley(type(group))
-        inverse = (table == 0).float().argmax(dim=1)
         # order[h, j] = index of h^-1 j: the input channel that pose h's filter reads in slot j
-        self.register_buffer("order", table[inverse], persistent=False)
+        self.register_buffer("order", group.pose_order(), persistent=False)
 
     def forward(self, f: Tensor) -> Tensor:
         _grid_input(f, "regular", self.group, self.in_channels)

@@ -63,10 +63,10 @@ class GridGroup(Group):
             raise ValueError(f"{self!r}: an element is not a symmetry of the square grid")
         return hit.float().argmax(dim=1)
 
-    @property
-    def _table(self) -> Tensor:
-        """Cayley table: ``table[i, j]`` = index of ``element_i @ element_j``."""
-        return _cayley(type(self))
+    def pose_order(self) -> Tensor:
+        """``order[h, j]`` = index of ``h^-1 j`` (``(order, order)``, long): the group axis as element ``h``
+        permutes it, ``(h . f)(j) = f(h^-1 j)``; also the slot a group convolution's pose ``h`` reads."""
+        return _pose_order(type(self))
 
     def width(self, kind: str) -> int | None:
         if kind in self.kinds:
@@ -103,9 +103,8 @@ class GridGroup(Group):
         if m:
             x = torch.flip(x, dims=(-1,))
         x = torch.rot90(x, k, dims=(-2, -1))
-        if kind == "regular":  # (g . f)(h) = f(g^-1 h): channel h takes channel index(g^-1 h)
-            inverse = int((self._table[i] == 0).nonzero()[0])
-            x = x[:, :, self._table[inverse].to(x.device)]
+        if kind == "regular":  # (g . f)(h) = f(g^-1 h)
+            x = x[:, :, self.pose_order()[i].to(x.device)]
         return x
 
     def spatial(self, i: int, kernel: Tensor) -> Tensor:
@@ -115,10 +114,10 @@ class GridGroup(Group):
 
 
 @functools.cache
-def _cayley(cls: type) -> Tensor:
+def _pose_order(cls: type) -> Tensor:
     group = cls()
     m = group.matrices(torch.float64)
-    products = torch.einsum("iab,jbc->ijac", m, m).reshape(-1, 2, 2)
+    products = torch.einsum("iab,jbc->ijac", m.transpose(-1, -2), m).reshape(-1, 2, 2)  # h^-1 = h^T
     return group.index(GroupElement(products)).reshape(group.order, group.order)
 
 
