@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 
 from .batches import split_batch
-from .constraints import Constraint
+from .constraints import Constraint, DeviationConstraint
 from .dual import DualSettings
 from .primal_dual import PrimalDual
 
@@ -89,7 +89,7 @@ class Constrained(pl.LightningModule):
         with core.cached():
             out = self.module.training_step(batch, batch_idx)
             loss = out["loss"] if isinstance(out, dict) else out
-            needs_batch = any(not hasattr(c, "value") for c in core.constraints)
+            needs_batch = any(isinstance(c, DeviationConstraint) for c in core.constraints)
             inputs = self.inputs_of(batch) if needs_batch else None
             result = core.step(loss, inputs=inputs)
         if result.problem is not None:
