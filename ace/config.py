@@ -333,7 +333,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps: must be > 0 or null, got {cfg.train.max_steps!r}")
     if cfg.train.epochs == 0 and cfg.train.max_steps is None:
         raise ConfigError("train.epochs: 0 epochs and no train.max_steps would train nothing")
-    from .schedules import is_nonincreasing, schedule_from_config
+    from .schedule_config import schedule_from_config
+    from .schedules import is_nonincreasing
 
     for key in ("tolerance", "cr_schedule"):
         try:

@@ -43,7 +43,8 @@ from .run_dir import (
     load_run_config,
     locked,
 )
-from .schedules import Schedule, is_nonincreasing, lr_schedule, schedule_from_config
+from .schedule_config import schedule_from_config
+from .schedules import Schedule, is_nonincreasing, lr_schedule
 from .tasks.base import Task
 from .trainer import Trainer
 

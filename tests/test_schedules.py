@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from ace.schedule_config import schedule_from_config, to_config
 from ace.schedules import (
     Constant,
     Cosine,
@@ -14,8 +15,6 @@ from ace.schedules import (
     Schedule,
     Triangular,
     is_nonincreasing,
-    schedule_from_config,
-    to_config,
 )
 
 
