@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .run_data import RunData
 
-__all__ = ["plot_run", "plot_compare"]
+__all__ = ["plot_run", "plot_compare", "ToleranceSweep", "plot_tolerance_sweeps"]
 
 
 def _figure(title: str, ylabel: str):
@@ -148,4 +149,66 @@ def plot_compare(runs: Sequence[RunData], labels: Sequence[str], out: Path) -> l
     if values:
         _scale(ax, values)
         made.append(_save(fig, out / "compare_deviation.png", ax))
+    return made
+
+
+@dataclass
+class ToleranceSweep:
+    """One data set's runs under a fixed final deviation tolerance: ``metrics[i]`` at ``tolerances[i]``;
+    ``free`` the unconstrained model's metric; ``chosen_*`` what resilient training settled on by itself
+    (its measured deviation D, its slack u and its metric); ``asymmetry`` the data's symmetrisation gap."""
+
+    label: str
+    asymmetry: float
+    tolerances: Sequence[float]
+    metrics: Sequence[float]
+    free: float | None = None
+    chosen_deviation: float | None = None
+    chosen_slack: float | None = None
+    chosen_metric: float | None = None
+
+    @property
+    def best_tolerance(self) -> float:
+        return min(zip(self.metrics, self.tolerances))[1]
+
+
+def plot_tolerance_sweeps(
+    sweeps: Sequence[ToleranceSweep], out: Path, metric: str = "test metric"
+) -> list[Path]:
+    """Two PNGs in ``out``: ``metric`` against the tolerance per data set (dashed: unconstrained; star:
+    resilient at its measured deviation), and the best tolerance and resilient's choice against the data's
+    asymmetry (does the best model symmetry follow the data's?)."""
+    from matplotlib.figure import Figure
+
+    fig, ax = _figure(f"{metric} against the deviation tolerance", metric)
+    ax.set_xlabel("final deviation tolerance eps (star: resilient's measured D)")
+    ax.set_xscale("log")
+    for i, s in enumerate(sweeps):
+        color = f"C{i % 10}"
+        ax.plot(s.tolerances, s.metrics, "o-", color=color, label=s.label)
+        if s.free is not None:
+            ax.axhline(s.free, color=color, ls="--", lw=1, alpha=0.7)
+        if s.chosen_deviation is not None and s.chosen_metric is not None:
+            ax.plot([s.chosen_deviation], [s.chosen_metric], "*", color=color, ms=14, mec="k")
+    _scale(ax, [m for s in sweeps for m in [*s.metrics, s.free, s.chosen_metric] if m is not None])
+    made = [_save(fig, out / "tolerance_sweep.png", ax)]
+
+    fig = Figure(figsize=(7, 4.2), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title("Model symmetry against data symmetry")
+    ax.set_xlabel("data asymmetry: symmetrisation gap of the unconstrained model")
+    ax.set_ylabel("deviation")
+    ax.grid(True, alpha=0.3)
+    gaps = [s.asymmetry for s in sweeps]
+    ax.set_xscale("symlog", linthresh=max(min((abs(g) for g in gaps if g), default=1e-6), 1e-12))
+    ax.set_yscale("log")
+    ax.plot(gaps, [s.best_tolerance for s in sweeps], "o-", label="best tolerance of the sweep")
+    for key, label, marker in (
+        ("chosen_deviation", "resilient: measured D", "*"),
+        ("chosen_slack", "resilient: slack u", "s"),
+    ):
+        points = [(s.asymmetry, getattr(s, key)) for s in sweeps if getattr(s, key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker, ls=":", ms=9, label=label)
+    made.append(_save(fig, out / "tolerance_vs_asymmetry.png", ax))
     return made

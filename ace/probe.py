@@ -10,22 +10,39 @@ from typing import Any
 import torch
 
 from .batches import split_batch
-from .diagnostics import audit, gram_invariants, intrinsic_dimension, symmetrization_gap
+from .diagnostics import (
+    SymmetrizationGap,
+    audit,
+    gram_invariants,
+    intrinsic_dimension,
+    symmetrization_gap,
+)
 from .loggers import format_table
 from .relax import equivariant, gates
 from .symmetry import Symmetry
 
-__all__ = ["probe", "input_clouds"]
+__all__ = ["probe", "data_symmetry", "input_clouds"]
+
+
+def _load(run_dir: str | Path):
+    """``(config, trainer with the run's last model, task, validation loader)`` of a run directory."""
+    from .experiment import build_task, make_loader, trained_run
+
+    cfg, trainer, _ = trained_run(run_dir, "probe")
+    task = build_task(cfg)
+    return cfg, trainer, task, make_loader(task.val, 32, shuffle=False)  # the gap's interval is over batches
+
+
+def data_symmetry(run_dir: str | Path, samples: int = 8) -> SymmetrizationGap:
+    """The symmetrisation gap of a run's last model on its validation set (probe a flexible model)."""
+    cfg, trainer, _, val = _load(run_dir)
+    return symmetrization_gap(trainer.model, val, trainer.symmetry, trainer.loss_fn, samples, cfg.seed)
 
 
 def probe(run_dir: str | Path, samples: int = 8, points: int = 2000) -> str:
     """The probe report of a finished (or checkpointed) run, as markdown."""
-    from .experiment import build_task, make_loader, trained_run
-
-    cfg, trainer, loaders = trained_run(run_dir, "probe")
+    cfg, trainer, task, val = _load(run_dir)
     model, symmetry = trainer.model, trainer.symmetry
-    task = build_task(cfg)
-    val = make_loader(task.val, 32, shuffle=False)  # batches of 32: the gap's interval is over batches
     lines = [f"# probe: {Path(run_dir).name}", "", f"method `{cfg.method}`, task `{cfg.task.name}`", ""]
 
     gap = symmetrization_gap(model, val, symmetry, trainer.loss_fn, samples, cfg.seed)

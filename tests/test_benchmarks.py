@@ -70,3 +70,33 @@ def test_scaling_table_fits_the_exponent(tmp_path, capsys):
     _load("scaling").main(["cfg", "--runs", *(f"{n}={tmp_path / f'n{n}'}" for n in (100, 400, 1600))])
     out = capsys.readouterr().out
     assert "| `cfg`  | 0.4 ± 0 (2) |" in out and "0.50 [0.50, 0.50]" in out
+
+
+def test_alignment_tabulates_and_plots_a_tolerance_sweep_per_data_set(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from run_kit import CONFIGS, TINY
+
+    from ace.config import load_config
+    from ace.experiment import run
+
+    sizes = ["data.train_size=16", "data.val_size=16", "data.test_size=16", "train.epochs=1"]  # one step
+    tiny = [o for o in TINY if not o.startswith(("data.", "train.epochs"))] + sizes
+    for breaking in (0.0, 0.5):  # the folders of two `ace sweep`s over data.breaking
+        grid = [("free", f"method={m}") for m in ("unconstrained", "ace_resilient")]
+        grid += [("eps", f"constraint.tolerance.end={e}") for e in ("1.0e-3", "1.0e-1")]
+        for sweep, override in grid:
+            overrides = [*tiny, f"data.breaking={breaking}", override]
+            run(load_config(CONFIGS / "toy.yaml", overrides), tmp_path / sweep / f"{breaking}_{override}")
+    capsys.readouterr()
+    args = ["--free", str(tmp_path / "free"), "--eps", str(tmp_path / "eps"), "--level", "data.breaking"]
+    sweeps = _load("alignment").main([*args, "--samples", "2", "--out", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert "| eps 0.001 | eps 0.1 |" in out.replace("  ", "")
+    assert [s.label for s in sweeps] == ["breaking 0", "breaking 0.5"]
+    for s in sweeps:
+        assert list(s.tolerances) == [1e-3, 1e-1] and s.free is not None and s.chosen_slack is not None
+        assert s.best_tolerance == s.tolerances[s.metrics.index(min(s.metrics))]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "tolerance_sweep.png",
+        "tolerance_vs_asymmetry.png",
+    ]

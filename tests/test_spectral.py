@@ -18,8 +18,9 @@ RUNS = [pytest.param(p, marks=() if p.stem in FAST else pytest.mark.slow, id=p.s
 SMALL = dict(train_size=8, val_size=4, test_size=4)
 
 
-def test_graphs_hold_out_real_edges_and_true_non_edges():
-    data = spectral.DataConfig(**SMALL)
+@pytest.mark.parametrize("variant", spectral.VARIANTS)
+def test_graphs_hold_out_real_edges_and_true_non_edges(variant):
+    data = spectral.DataConfig(variant=variant, **SMALL)
     graph = spectral.make_graph(data, torch.Generator().manual_seed(0))
     assert graph.eig.shape == (24, 8) and graph.num_nodes == 24
     edges = {tuple(e) for e in graph.edge_index.T.tolist()}
@@ -27,10 +28,26 @@ def test_graphs_hold_out_real_edges_and_true_non_edges():
     pairs = graph.pair_index.T.tolist()
     positives = [p for p, y in zip(pairs, graph.y.tolist()) if y == 1]
     negatives = [p for p, y in zip(pairs, graph.y.tolist()) if y == 0]
-    assert len(positives) == len(negatives) >= 1
+    assert len(negatives) >= len(positives) >= 1
+    assert len(negatives) == len(positives) or variant == "partial"
     assert not any(tuple(p) in edges for p in positives + negatives)  # held out, not given to the model
     columns = graph.eig.double()
     assert torch.allclose(columns.T @ columns, torch.eye(8, dtype=torch.float64), atol=1e-5)  # orthonormal
+
+
+def test_partial_graphs_sign_canonically_and_ask_for_the_first_copys_links():
+    data = spectral.DataConfig(variant="partial", **SMALL)
+    g = torch.Generator().manual_seed(1)
+    second_copy_negatives = 0
+    for _ in range(20):
+        graph = spectral.make_graph(data, g)
+        first = graph.eig[:12].sum(0)  # the canonical sign: the first copy's entries sum > 0, else the
+        largest = graph.eig.gather(0, graph.eig.abs().argmax(0, keepdim=True))[0]  # largest entry is > 0
+        assert ((first > 1e-5) | ((first.abs() < 1e-5) & (largest > 0))).all()
+        pairs, y = graph.pair_index, graph.y
+        assert (pairs[:, y == 1] < 12).all()  # every positive lies in the first copy
+        second_copy_negatives += int((pairs[:, y == 0] >= 12).all(0).sum())
+    assert second_copy_negatives > 0  # held-out links of the second copy are asked for, as negatives
 
 
 @pytest.mark.parametrize("name", ["equivariant", "signnet"])

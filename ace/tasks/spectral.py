@@ -8,11 +8,14 @@ eigenvectors of the remaining graph's Laplacian, each with a random sign (the sy
 Automorphic-looking nodes of the two copies differ only in the relative signs of their eigenvector entries,
 which a sign-invariant encoder throws away and a sign-equivariant one keeps.
 
-Models (``model.name``): ``equivariant`` (sign-equivariant message passing, :mod:`ace.sign`, and a pair score
-from the sign-invariant products ``V_i * V_j``; relaxable: each layer gated with a plain MLP branch),
-``signnet`` (sign-invariant SignNet node features, then the same pair score) and ``mlp`` (a plain network on
-the raw eigenvectors, for deviation constraints). Output: one logit per candidate pair (``pair_index``);
-metric: AUC.
+Variants (``data.variant``): ``symmetric`` (above: random signs, every held-out edge is a positive) and
+``partial``, where the sign carries information: each eigenvector gets the canonical sign that makes its
+entries on the first copy sum to > 0 (where they sum to ~0, its largest entry positive: a rule only the
+generator knows, since the node order is hidden from the model), and the targets are the held-out links *of
+the first copy*: held-out edges of the second copy and the bridges are negatives, next to as many random
+non-edges as there are positives. The copies are drawn alike and only the canonical sign tells which one is
+first, so a sign-invariant score is mis-specified: at best it ranks edges above non-edges, an AUC of about
+0.75; a model that reads the canonical sign can reach 1.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from .base import Task
 
 __all__ = ["DataConfig", "ModelConfig", "build", "make_graph", "auc"]
 
+VARIANTS = ("symmetric", "partial")
+
 
 @dataclass
 class DataConfig:
@@ -40,6 +45,12 @@ class DataConfig:
     bridges: int = opt(2, "random edges joining the two copies")
     held_out: float = opt(0.2, "fraction of the edges removed and predicted (at least one per graph)")
     eigenvectors: int = opt(8, "Laplacian eigenvectors per node (the first non-trivial ones)")
+    variant: str = opt(
+        "symmetric",
+        "'symmetric' (random signs, every held-out edge a link) or 'partial' (canonical signs, the first "
+        "copy's links only)",
+        choices=VARIANTS,
+    )
     seed: int = opt(0, "seed of the graphs (independent of the run seed)")
 
     def __post_init__(self) -> None:
@@ -72,12 +83,15 @@ class ModelConfig:
 
 
 def make_graph(data: DataConfig, g: torch.Generator):
-    """One graph: ``Data(eig, edge_index, pair_index, y)``; redrawn while the remaining graph is
-    disconnected (more than one zero eigenvalue: its eigenvectors would not be the graph's); a repeated
+    """One graph: ``Data(eig, edge_index, pair_index, y)`` (see the module docstring for the two variants).
+
+    Redrawn while the remaining graph is disconnected (more than one zero eigenvalue: its eigenvectors would
+    not be the graph's) or, in the partial variant, while no held-out edge lies in the first copy; a repeated
     eigenvalue among the chosen ones (then more than a sign is arbitrary) is warned about."""
     from torch_geometric.data import Data
 
     n = data.nodes
+    partial = data.variant == "partial"
     for _ in range(100):
         edges = set()
         for copy in (0, n):
@@ -91,33 +105,46 @@ def make_graph(data: DataConfig, g: torch.Generator):
         edges = sorted(edges)
         order = torch.randperm(len(edges), generator=g)
         k = max(1, round(data.held_out * len(edges)))
-        positives = [edges[i] for i in order[:k]]
+        held_out = [edges[i] for i in order[:k]]
         kept = [edges[i] for i in order[k:]]
         A = torch.zeros(2 * n, 2 * n, dtype=torch.float64)
         for i, j in kept:
             A[i, j] = A[j, i] = 1.0
         values, vectors = torch.linalg.eigh(torch.diag(A.sum(1)) - A)
-        if int((values < 1e-9).sum()) == 1:
+        positives = [e for e in held_out if e[1] < n] if partial else held_out
+        if int((values < 1e-9).sum()) == 1 and positives:
             break
     else:
-        raise ValueError("could not draw a connected graph in 100 tries (data.edge_probability too small?)")
+        raise ValueError(
+            "could not draw a connected graph with a held-out link in 100 tries (data.edge_probability or "
+            "data.held_out too small?)"
+        )
     chosen = values[1 : data.eigenvectors + 1]
     if (chosen.diff().abs() < 1e-8).any() or (values[data.eigenvectors + 1] - chosen[-1]).abs() < 1e-8:
         warnings.warn(
             "a repeated Laplacian eigenvalue: the basis of its eigenspace, not only signs, is arbitrary",
             stacklevel=2,
         )
-    signs = 1 - 2 * torch.randint(2, (data.eigenvectors,), generator=g).to(torch.float64)
-    eig = (vectors[:, 1 : data.eigenvectors + 1] * signs).float()
+    vectors = vectors[:, 1 : data.eigenvectors + 1]
+    if partial:
+        # an eigenvector that lives on the second copy sums to ~0 on the first: its largest entry decides
+        first = vectors[:n].sum(0)
+        largest = vectors.gather(0, vectors.abs().argmax(0, keepdim=True)).squeeze(0)
+        signs = torch.where(first.abs() > 1e-6, first, largest).sign()
+    else:
+        signs = 1 - 2 * torch.randint(2, (data.eigenvectors,), generator=g).to(torch.float64)
+    eig = (vectors * signs).float()
     present = set(edges)
-    negatives = []
-    while len(negatives) < k:
+    negatives = [e for e in held_out if e not in positives]
+    non_edges = []
+    while len(non_edges) < len(positives):
         i, j = sorted(torch.randint(2 * n, (2,), generator=g).tolist())
         if i != j and (i, j) not in present:
-            negatives.append((i, j))
+            non_edges.append((i, j))
+    negatives += non_edges
     kept_index = torch.tensor(kept, dtype=torch.long).T
     pair_index = torch.tensor(positives + negatives, dtype=torch.long).T
-    y = torch.cat([torch.ones(k), torch.zeros(k)])
+    y = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
     return Data(
         eig=eig,
         edge_index=torch.cat([kept_index, kept_index.flip(0)], 1),
