@@ -1,9 +1,10 @@
 """Does the best model symmetry follow the data's? (Petrache & Trivedi; issue 14's alignment experiment.)
 
-    python benchmarks/alignment.py --free runs/alignment/free --eps runs/alignment/eps --out runs/alignment
+    python benchmarks/alignment.py --free runs/alignment/free --eps runs/alignment/eps_a runs/alignment/eps_b \
+        --out runs/alignment
 
-Reads two ``ace sweep`` directories over the same ladder of data sets (e.g. ``data.field_strength``):
-``--free`` holds an ``unconstrained`` and an ``ace_resilient`` run per data set, ``--eps`` the ``scheduled``
+Reads ``ace sweep`` directories over the same ladder of data sets (e.g. ``data.field_strength``; a sweep may
+be split over several directories): ``--free`` holds an ``unconstrained`` and an ``ace_resilient`` run per data set, ``--eps`` the ``scheduled``
 runs under a deviation constraint whose final tolerance ``constraint.tolerance.end`` sweeps several decades.
 For each data set it prints the data's asymmetry (the symmetrisation gap of the unconstrained model,
 :func:`ace.probe.data_symmetry`), the test metric of the relaxed model at its best validation step for every
@@ -28,10 +29,11 @@ from ace.run_data import best_val_test  # noqa: E402
 from ace.run_dir import load_run_config  # noqa: E402
 
 
-def finished(root: Path):
-    """``(config, summary, run directory)`` of every finished run under ``root``."""
-    for summary in sorted(root.glob("*/summary.json")):
-        yield load_run_config(summary.parent), json.loads(summary.read_text()), summary.parent
+def finished(roots: list[Path]):
+    """``(config, summary, run directory)`` of every finished run under ``roots``."""
+    for root in roots:
+        for summary in sorted(root.glob("*/summary.json")):
+            yield load_run_config(summary.parent), json.loads(summary.read_text()), summary.parent
 
 
 def level_of(cfg, key: str) -> float:
@@ -41,8 +43,12 @@ def level_of(cfg, key: str) -> float:
 
 def main(argv: list[str] | None = None) -> list[ToleranceSweep]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--free", type=Path, required=True, help="sweep of unconstrained and ace_resilient")
-    parser.add_argument("--eps", type=Path, required=True, help="sweep of scheduled over tolerance.end")
+    parser.add_argument(
+        "--free", type=Path, nargs="+", required=True, help="sweep(s) of unconstrained, ace_resilient"
+    )
+    parser.add_argument(
+        "--eps", type=Path, nargs="+", required=True, help="sweep(s) of scheduled over tolerance.end"
+    )
     parser.add_argument("--level", default="data.field_strength", help="the config key of the data ladder")
     parser.add_argument("--metric", default="mse")
     parser.add_argument("--samples", type=int, default=8, help="group elements of the symmetrisation gap")
