@@ -1,15 +1,16 @@
 """Does the best model symmetry follow the data's? (Petrache & Trivedi; issue 14's alignment experiment.)
 
-    python benchmarks/alignment.py --free runs/alignment/free --eps runs/alignment/eps_a runs/alignment/eps_b \
-        --out runs/alignment
+    python benchmarks/alignment.py --free runs/alignment/free \
+        --eps runs/alignment/eps_a runs/alignment/eps_b --out runs/alignment
 
-Reads ``ace sweep`` directories over the same ladder of data sets (e.g. ``data.field_strength``; a sweep may
-be split over several directories): ``--free`` holds an ``unconstrained`` and an ``ace_resilient`` run per data set, ``--eps`` the ``scheduled``
-runs under a deviation constraint whose final tolerance ``constraint.tolerance.end`` sweeps several decades.
-For each data set it prints the data's asymmetry (the symmetrisation gap of the unconstrained model,
-:func:`ace.probe.data_symmetry`), the test metric of the relaxed model at its best validation step for every
-tolerance, the best tolerance, and what resilient training chose by itself (its measured deviation D and
-slack u); and it draws both with :func:`ace.plots.plot_tolerance_sweeps`.
+Reads ``ace sweep`` directories over the same ladder of data sets (e.g. ``data.field_strength``; a sweep
+may be split over several directories): ``--free`` holds an ``unconstrained`` and an ``ace_resilient`` run
+per data set, ``--eps`` the ``scheduled`` runs under a deviation constraint whose final tolerance
+``constraint.tolerance.end`` sweeps several decades. For each data set it prints the data's asymmetry (the
+symmetrisation gap of the unconstrained model, :func:`ace.probe.data_symmetry`), the test metric of the
+relaxed model at its best validation step for every tolerance, the best tolerance, and what resilient
+training chose by itself (its measured deviation D and slack u); and it draws both with
+:func:`ace.plots.plot_tolerance_sweeps`.
 """
 
 from __future__ import annotations
