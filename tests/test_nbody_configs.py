@@ -49,7 +49,26 @@ def test_both_families_exist():
         assert f"nbody_field_{m}" in names
 
 
-@pytest.mark.parametrize("path", NBODY_CONFIGS, ids=lambda p: p.stem)
+FIELD_CONFIGS = [p for p in NBODY_CONFIGS if p.stem.startswith("nbody_field_")]
+
+
+@pytest.mark.parametrize("path", FIELD_CONFIGS, ids=lambda p: p.stem)
+def test_a_field_config_is_its_symmetric_twin_but_for_the_field(path):
+    field = load_config(path)
+    twin = load_config(path.with_name(path.name.replace("nbody_field_", "nbody_")))
+    assert field.data.field_strength > 0 == twin.data.field_strength
+    field.data.field_strength = 0.0
+    assert field == twin
+
+
+# the field twins run the same code on other data (the test above): one of them runs here, the rest are slow
+RUNS = [
+    pytest.param(p, marks=pytest.mark.slow if p in FIELD_CONFIGS and p.stem != "nbody_field_strict" else ())
+    for p in NBODY_CONFIGS
+]
+
+
+@pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
 def test_config_trains_a_few_steps(path, tmp_path, cache_dir):
     cfg = load_config(path, [*TINY, f"data.cache_dir={cache_dir}"])
     assert cfg.method == path.stem.removeprefix("nbody_").removeprefix("field_").removeprefix("dev_")

@@ -49,7 +49,29 @@ def test_a_family_differs_only_in_its_method(family):
     assert all(cfg == next(iter(configs.values())) for cfg in configs.values())
 
 
-@pytest.mark.parametrize("path", SHAPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("family", ["shapes", "shapes_dev"])
+def test_the_upright_family_is_its_twin_but_for_the_rotation(family):
+    upright = family.replace("shapes", "shapes_upright")
+    for method in FAMILIES[family]:
+        a, b = (
+            load_config(CONFIGS / f"{family}_{method}.yaml"),
+            load_config(CONFIGS / f"{upright}_{method}.yaml"),
+        )
+        assert (a.data.rotation, b.data.rotation) == ("so3", "upright")
+        b.data.rotation = "so3"
+        assert a == b
+
+
+# the upright twins run the same code on other data (the test above): one of them runs here, the rest are slow
+RUNS = [
+    pytest.param(
+        p, marks=pytest.mark.slow if "upright" in p.stem and p.stem != "shapes_upright_strict" else ()
+    )
+    for p in SHAPES
+]
+
+
+@pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
 def test_shapes_config_runs_a_few_steps(path, tmp_path):
     overrides = [
         "data.train_size=8",
