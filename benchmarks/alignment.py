@@ -1,12 +1,13 @@
 """Does the best model symmetry follow the data's? (Petrache & Trivedi; issue 14's alignment experiment.)
 
-    python benchmarks/alignment.py --free runs/alignment/free \
+    python benchmarks/alignment.py --free runs/alignment/free --strict runs/alignment/strict \
         --eps runs/alignment/eps_a runs/alignment/eps_b --out runs/alignment
 
 Reads ``ace sweep`` directories over the same ladder of data sets (e.g. ``data.field_strength``; a sweep
 may be split over several directories): ``--free`` holds an ``unconstrained`` and an ``ace_resilient`` run
 per data set, ``--eps`` the ``scheduled`` runs under a deviation constraint whose final tolerance
-``constraint.tolerance.end`` sweeps several decades. For each data set it prints the data's asymmetry (the
+``constraint.tolerance.end`` sweeps several decades, and optionally ``--strict`` the exactly equivariant model
+(the tolerance 0 of the sweep). For each data set it prints the data's asymmetry (the
 symmetrisation gap of the unconstrained model, :func:`ace.probe.data_symmetry`), the test metric of the
 relaxed model at its best validation step for every tolerance, the best tolerance, and what resilient
 training chose by itself (its measured deviation D and slack u); and it draws both with
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> list[ToleranceSweep]:
     parser.add_argument(
         "--eps", type=Path, nargs="+", required=True, help="sweep(s) of scheduled over tolerance.end"
     )
+    parser.add_argument("--strict", type=Path, nargs="*", default=[], help="sweep(s) of the strict model")
     parser.add_argument("--level", default="data.field_strength", help="the config key of the data ladder")
     parser.add_argument("--metric", default="mse")
     parser.add_argument("--samples", type=int, default=8, help="group elements of the symmetrisation gap")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> list[ToleranceSweep]:
     args = parser.parse_args(argv)
 
     free: dict[float, dict] = defaultdict(dict)
-    for cfg, summary, run in finished(args.free):
+    for cfg, summary, run in finished(args.free + args.strict):
         free[level_of(cfg, args.level)][cfg.method] = (summary, run)
     swept: dict[float, list[tuple[float, float]]] = defaultdict(list)
     for cfg, summary, _ in finished(args.eps):
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> list[ToleranceSweep]:
             tolerances=list(points),
             metrics=list(points.values()),
             free=best_val_test(runs["unconstrained"][0])["model"][args.metric],
+            strict=best_val_test(runs["strict"][0])["model"][args.metric] if "strict" in runs else None,
         )
         if "ace_resilient" in runs:
             summary = runs["ace_resilient"][0]
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> list[ToleranceSweep]:
                 f"{level:g}",
                 f"{gap.gap:.2g} [{gap.low:.2g}, {gap.high:.2g}]",
                 f"{gap.relative_deviation:.2g}",
+                f"{sweep.strict:.4g}" if sweep.strict is not None else "-",
                 *(f"{points[e]:.4g}" if e in points else "-" for e in tolerances),
                 f"{sweep.best_tolerance:g}" if points else "-",
                 f"{sweep.free:.4g}",
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> list[ToleranceSweep]:
         args.level,
         "asymmetry: gap [95 %]",
         "rel. dev. (unconstrained)",
+        "strict (eps 0)",
         *(f"eps {e:g}" for e in tolerances),
         "best eps",
         "unconstrained",

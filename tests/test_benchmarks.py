@@ -84,18 +84,22 @@ def test_alignment_tabulates_and_plots_a_tolerance_sweep_per_data_set(tmp_path, 
     for breaking in (0.0, 0.5):  # the folders of two `ace sweep`s over data.breaking
         grid = [("free", f"method={m}") for m in ("unconstrained", "ace_resilient")]
         grid += [("eps", f"constraint.tolerance.end={e}") for e in ("1.0e-3", "1.0e-1")]
+        grid += [("strict", "method=strict model.name=equivariant")]
         for sweep, override in grid:
-            overrides = [*tiny, f"data.breaking={breaking}", override]
-            run(load_config(CONFIGS / "toy.yaml", overrides), tmp_path / sweep / f"{breaking}_{override}")
+            overrides = [*tiny, f"data.breaking={breaking}", *override.split()]
+            out = tmp_path / sweep / f"{breaking}_{override.split()[0]}"
+            run(load_config(CONFIGS / "toy.yaml", overrides), out)
     capsys.readouterr()
     args = ["--free", str(tmp_path / "free"), "--eps", str(tmp_path / "eps"), "--level", "data.breaking"]
+    args += ["--strict", str(tmp_path / "strict")]
     sweeps = _load("alignment").main([*args, "--samples", "2", "--out", str(tmp_path / "plots")])
     out = capsys.readouterr().out
     assert "| eps 0.001 | eps 0.1 |" in out.replace("  ", "")
     assert [s.label for s in sweeps] == ["breaking 0", "breaking 0.5"]
     for s in sweeps:
-        assert list(s.tolerances) == [1e-3, 1e-1] and s.free is not None and s.chosen_slack is not None
-        assert s.best_tolerance == s.tolerances[s.metrics.index(min(s.metrics))]
+        assert list(s.tolerances) == [1e-3, 1e-1] and None not in (s.free, s.strict, s.chosen_slack)
+        best = 0.0 if s.strict < min(s.metrics) else s.tolerances[s.metrics.index(min(s.metrics))]
+        assert s.best_tolerance == best
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "tolerance_sweep.png",
         "tolerance_vs_asymmetry.png",
