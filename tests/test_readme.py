@@ -1,0 +1,32 @@
+"""The README's result tables show the runs of the command printed above them."""
+
+import re
+from pathlib import Path
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+METHODS = {"strict", "unconstrained", "penalty", "ace", "ace_resilient", "scheduled", "cr"}
+
+
+def result_tables():
+    """``(command, [config names])`` for every compare table: the nearest ```bash block above it."""
+    command = ""
+    for block in re.split(r"\n(?=```bash\n)", README):
+        if block.startswith("```bash\n"):
+            command = block.split("\n```", 1)[0]
+        for table in re.findall(r"\n\| config \| seeds \|.*?(?=\n\n|\Z)", block, re.S):
+            yield command, re.findall(r"^\| `([\w.-]+)` \|", table, re.M)
+
+
+def covers(command: str, name: str) -> bool:
+    if f"configs/{name}.yaml" in command:
+        return True
+    words = set(re.findall(r"[\w.-]+", command))
+    return any(name.startswith(w + "_") and name[len(w) + 1 :] in METHODS for w in words)
+
+
+def test_every_result_row_is_a_run_of_the_command_above_its_table():
+    tables = list(result_tables())
+    assert len(tables) >= 6
+    for command, names in tables:
+        assert names, command
+        assert [n for n in names if not covers(command, n)] == [], command
