@@ -171,8 +171,8 @@ class ToleranceSweep:
 
     @property
     def best_tolerance(self) -> float:
-        """The tolerance of the lowest metric, 0 when the strict model is lower still."""
-        best = min(zip(self.metrics, self.tolerances))
+        """The tolerance of the lowest metric, 0 when the strict model is lower still (NaN: no runs)."""
+        best = min(zip(self.metrics, self.tolerances), default=(math.inf, math.nan))
         return 0.0 if self.strict is not None and self.strict < best[0] else best[1]
 
 
