@@ -41,6 +41,15 @@ def opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any
     return field(default=default, metadata=meta, **kw)
 
 
+def check_positive_ints(section: str, config: Any, *keys: str) -> None:
+    """Raise ``ValueError("<section>.<key>: must be a positive integer, ...")`` for the first key of
+    ``config`` that is not an int > 0 (a task's ``__post_init__`` check)."""
+    for key in keys:
+        value = getattr(config, key)
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{section}.{key}: must be a positive integer, got {value!r}")
+
+
 @dataclass
 class TaskConfig:
     name: str = opt("toy", "which built-in task to run", choices=tuple(TASKS))

@@ -182,8 +182,6 @@ def plot_tolerance_sweeps(
     """Two PNGs in ``out``: ``metric`` against the tolerance per data set (dashed: unconstrained; dotted:
     strict; star: resilient at its measured deviation), and the best tolerance and resilient's choice
     against the data's asymmetry (does the best model symmetry follow the data's?)."""
-    from matplotlib.figure import Figure
-
     fig, ax = _figure(f"{metric} against the deviation tolerance", metric)
     ax.set_xlabel("final deviation tolerance eps (star: resilient's measured D)")
     ax.set_xscale("log")
@@ -199,12 +197,8 @@ def plot_tolerance_sweeps(
     _scale(ax, [m for s in sweeps for m in [*s.metrics, s.free, s.strict, s.chosen_metric] if m is not None])
     made = [_save(fig, out / "tolerance_sweep.png", ax)]
 
-    fig = Figure(figsize=(7, 4.2), dpi=110, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title("Model symmetry against data symmetry")
+    fig, ax = _figure("Model symmetry against data symmetry", "deviation")
     ax.set_xlabel("data asymmetry: symmetrisation gap of the unconstrained model")
-    ax.set_ylabel("deviation")
-    ax.grid(True, alpha=0.3)
     gaps = [s.asymmetry for s in sweeps]
     ax.set_xscale("symlog", linthresh=max(min((abs(g) for g in gaps if g), default=1e-6), 1e-12))
     plotted = [s.best_tolerance for s in sweeps]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ..config import opt
+from ..config_schema import check_positive_ints, opt
 from .base import Task, accuracy
 
 __all__ = ["DataConfig", "ModelConfig", "RegularConvBranch", "build", "load_digits"]
@@ -50,9 +50,7 @@ class DataConfig:
     seed: int = opt(0, "seed of the split and of the image poses (independent of the run seed)")
 
     def __post_init__(self) -> None:
-        for key in ("train_size", "val_size", "test_size", "size"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) > 0):
-                raise ValueError(f"data.{key}: must be a positive integer, got {getattr(self, key)!r}")
+        check_positive_ints("data", self, "train_size", "val_size", "test_size", "size")
         total = self.train_size + self.val_size + self.test_size
         if total > DIGITS:
             raise ValueError(f"data: train + val + test = {total} images, but the digits set holds {DIGITS}")
@@ -69,8 +67,7 @@ class ModelConfig:
     kernel_size: int = opt(3, "odd filter size")
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.channels, int) and self.channels > 0):
-            raise ValueError(f"model.channels: must be a positive integer, got {self.channels!r}")
+        check_positive_ints("model", self, "channels")
         if not (isinstance(self.kernel_size, int) and self.kernel_size > 0 and self.kernel_size % 2 == 1):
             raise ValueError(f"model.kernel_size: must be an odd positive integer, got {self.kernel_size!r}")
 

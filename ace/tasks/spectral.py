@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import opt
+from ..config_schema import check_positive_ints, opt
 from .base import Task
 
 __all__ = ["DataConfig", "ModelConfig", "build", "make_graph", "auc"]
@@ -54,9 +54,9 @@ class DataConfig:
     seed: int = opt(0, "seed of the graphs (independent of the run seed)")
 
     def __post_init__(self) -> None:
-        for key in ("train_size", "val_size", "test_size", "nodes", "bridges", "eigenvectors"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) > 0):
-                raise ValueError(f"data.{key}: must be a positive integer, got {getattr(self, key)!r}")
+        check_positive_ints(
+            "data", self, "train_size", "val_size", "test_size", "nodes", "bridges", "eigenvectors"
+        )
         if not 0 < self.edge_probability <= 1:
             raise ValueError(f"data.edge_probability: must be in (0, 1], got {self.edge_probability!r}")
         if not 0 < self.held_out < 1:
@@ -77,9 +77,7 @@ class ModelConfig:
     layers: int = opt(2, "message-passing layers")
 
     def __post_init__(self) -> None:
-        for key in ("hidden", "layers"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) > 0):
-                raise ValueError(f"model.{key}: must be a positive integer, got {getattr(self, key)!r}")
+        check_positive_ints("model", self, "hidden", "layers")
 
 
 def make_graph(data: DataConfig, g: torch.Generator):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..config import opt
+from ..config_schema import check_positive_ints, opt
 from .base import Task
 
 __all__ = [
@@ -50,9 +50,7 @@ class DataConfig:
     noise: float = opt(0.05, "standard deviation of the target noise")
 
     def __post_init__(self) -> None:
-        for key in ("train_size", "val_size", "test_size"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) > 0):
-                raise ValueError(f"data.{key}: must be a positive integer, got {getattr(self, key)!r}")
+        check_positive_ints("data", self, "train_size", "val_size", "test_size")
         if not re.fullmatch(r"so2|c[1-9][0-9]*", self.group):
             raise ValueError(f"data.group: expected 'so2' or 'cN' such as 'c4', got {self.group!r}")
         if not self.noise >= 0:
@@ -71,9 +69,7 @@ class ModelConfig:
     channels: int = opt(8, "vector channels between equivariant layers")
 
     def __post_init__(self) -> None:
-        for key in ("hidden", "layers", "channels"):
-            if not (isinstance(getattr(self, key), int) and getattr(self, key) > 0):
-                raise ValueError(f"model.{key}: must be a positive integer, got {getattr(self, key)!r}")
+        check_positive_ints("model", self, "hidden", "layers", "channels")
 
 
 def target(x: torch.Tensor, breaking: float = 0.0) -> torch.Tensor:
