@@ -35,7 +35,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cooper
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,7 +42,7 @@ from torch.nn.utils import parametrize
 
 from .constraints import Constraint, GateConstraint, check_setup
 from .deviation import equivariance_deviation
-from .dual import DualSettings, check_multipliers, make_optimizer, make_problem
+from .dual import DualSettings, check_multipliers, make_optimizer, make_problem, primal_lagrangian
 from .relax import gates as find_gates
 from .step_result import StepResult, constraint_table
 
@@ -52,14 +51,16 @@ __all__ = ["DualSettings", "PrimalDual", "StepResult"]
 
 @dataclass
 class _Measured:
-    """A batch's constrained problem: cooper's state (differentiable) and the detached, rank-averaged
-    loss, values and violations."""
+    """A batch's constrained problem: the objective and the violations that carry multipliers
+    (differentiable), and the detached, rank-averaged loss, values and violations."""
 
-    state: cooper.CMPState
+    objective: torch.Tensor
+    observed: dict[str, torch.Tensor]
     loss: torch.Tensor
     values: dict[str, torch.Tensor]
     violations: dict[str, torch.Tensor]
     tolerances: dict[str, float]
+    gates: torch.Tensor | None  # the gates this batch saw, stacked and detached
     stop: bool
 
 
@@ -209,10 +210,11 @@ class PrimalDual:
         """
         self.cooper_optimizer.zero_grad()
         tolerances = self.tolerances()
+        gates = torch.stack(self._gate_params) if self._gate_params else None
         raw = {}
         for c in self.constraints:
             if isinstance(c, GateConstraint):
-                raw[c.name] = c.value(torch.stack(self._gate_params))
+                raw[c.name] = c.value(gates)
             else:
                 if inputs is None:
                     raise ValueError(
@@ -236,24 +238,21 @@ class PrimalDual:
             violation = c.violation(raw[c.name], tolerances[c.name], slack)
             if rest is None:  # one process: the detached local values are the rank averages
                 value_all, violation_all = raw[c.name].detach(), violation.detach()
-            else:
+            else:  # the dual step reads the all-reduced violation: the same update on every rank
                 value_all, rest = rest[: raw[c.name].numel()], rest[raw[c.name].numel() :]
                 violation_all = c.violation(
                     value_all, tolerances[c.name], None if slack is None else slack.detach()
                 )
             if slack is not None:
                 objective = objective + 0.5 * c.rho * slack.pow(2).sum()
-            if c.dual:  # the dual step reads the all-reduced violation: the same update on every rank
-                strict = violation_all if self.world_size > 1 else None
-                observed[self.cooper_constraints[c.name]] = cooper.ConstraintState(
-                    violation=violation, strict_violation=strict
-                )
+            if c.dual:
+                observed[c.name] = violation
             else:
                 objective = objective + c.penalty_term(violation)
             values[c.name], violations[c.name] = value_all, violation_all
-        state = cooper.CMPState(loss=objective, observed_constraints=observed)
         stop = bool(rest[0] > 0) if rest is not None else stop
-        return _Measured(state, loss_all, values, violations, tolerances, stop)
+        snapshot = None if gates is None else gates.detach()
+        return _Measured(objective, observed, loss_all, values, violations, tolerances, snapshot, stop)
 
     def _all_reduce(self, tensors: list[torch.Tensor], stop: bool) -> torch.Tensor | None:
         """The rank averages of the concatenated ``tensors`` with the stop flag last (one collective); None
@@ -266,28 +265,28 @@ class PrimalDual:
 
     def update(self, measured: _Measured) -> StepResult:
         """The primal-dual update of a measured batch (nothing is applied when a quantity is non-finite)."""
-        state = measured.state
-        problem = _first_nonfinite(
-            {"loss": measured.loss, **{f"constraint '{k}'": v for k, v in measured.values.items()}}
-        )
         # a dropped step must also undo a dual step that overflowed the multipliers: keep their values
         kept = [c.multiplier.weight.detach().clone() for c in self.cooper_constraints.values()]
-        seen = self._snapshot(kept)
+        seen = self._snapshot(kept, measured.gates)
         opt = self.cooper_optimizer
         if self.lr_schedule is not None:
             scale = self.lr_schedule(self.step_count) * self.lr_factor
             for o, i, base in self._scheduled_groups:
                 o.param_groups[i]["lr"] = base * scale
         alternating = self.cooper_constraints and self.dual.update == "alternating"
-        if problem is None and alternating:  # dual step first: the primal Lagrangian uses the new multipliers
+        if alternating:  # dual step first: the primal Lagrangian uses the new multipliers (undone if non-finite)
             self._dual_step(measured.violations)
-        lagrangian = None
+        lagrangian = primal_lagrangian(measured.objective, measured.observed, self.cooper_constraints)
+        self.backward(lagrangian)
+        grads = [p.grad for p in (*self._weights, *self._gate_params) if p.grad is not None]
+        checked = {"loss": measured.loss, **{f"constraint '{k}'": v for k, v in measured.values.items()}}
+        if grads:
+            checked["gradient"] = torch.nn.utils.get_total_norm(grads)
+        problem = _first_nonfinite(checked)  # one host sync for all of them
         if problem is None:
-            lagrangian = state.compute_primal_lagrangian().lagrangian
-            self.backward(lagrangian)
-            problem = self._primal_step()
-        if problem is None and self.cooper_constraints and not alternating:
-            self._dual_step(measured.violations)  # violations at the pre-step point
+            self._primal_step(measured.gates)
+            if self.cooper_constraints and not alternating:
+                self._dual_step(measured.violations)  # violations at the pre-step point
         events: list[dict[str, Any]] = []
         if problem is None:
             problem = check_multipliers(
@@ -331,11 +330,13 @@ class PrimalDual:
             c.multiplier.weight.grad = violations[name].clone()
         self.cooper_optimizer.dual_step()
 
-    def _snapshot(self, multipliers: list[torch.Tensor]) -> dict[str, Any]:
-        """Gates, slacks and multipliers before the step's update."""
+    def _snapshot(self, multipliers: list[torch.Tensor], gates: torch.Tensor | None = None) -> dict[str, Any]:
+        """Gates (``gates``: stacked, else read now), slacks and multipliers before the step's update."""
         weights = dict(zip(self.cooper_constraints, multipliers))
+        if gates is None and self._gate_params:
+            gates = torch.stack(self._gate_params).detach()
         return {
-            "gates": {n: g.detach().clone() for n, g in self.gates.items()},
+            "gates": dict(zip(self.gates, gates.unbind())) if gates is not None else {},
             "slacks": {k: u.detach().clone() for k, u in self.slacks.items()},
             "multipliers": {
                 c.name: weights[c.name] if c.dual else torch.full((self._size(c),), float(c.penalty))
@@ -343,27 +344,23 @@ class PrimalDual:
             },
         }
 
-    def _primal_step(self) -> str | None:
-        """Check the gradients, clip, step, project the slacks; the name of a non-finite quantity or None."""
-        grads = [p.grad for p in (*self._weights, *self._gate_params) if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if not torch.isfinite(norm):
-                return "gradient"
-            if self.grad_clip is not None:
-                # weights and gates apart: the weights' large norm must not blunt the multipliers' pull on
-                # the gates, while a runaway gate step is still bounded
-                torch.nn.utils.clip_grad_norm_(self._weights, self.grad_clip)
-                if self._gate_params:
-                    torch.nn.utils.clip_grad_norm_(self._gate_params, self.grad_clip)
-        before = [g.detach().clone() for g in self._gate_params] if self.gate_max_step is not None else []
+    def _primal_step(self, gates: torch.Tensor | None) -> None:
+        """Clip, step, project the slacks and bound the gates' move from ``gates`` (their values before it)."""
+        if self.grad_clip is not None:
+            # weights and gates apart: the weights' large norm must not blunt the multipliers' pull on the
+            # gates, while a runaway gate step is still bounded
+            torch.nn.utils.clip_grad_norm_(self._weights, self.grad_clip)
+            if self._gate_params:
+                torch.nn.utils.clip_grad_norm_(self._gate_params, self.grad_clip)
         self.cooper_optimizer.primal_step()
         with torch.no_grad():
             for u in self.slacks.values():
                 u.clamp_(min=0.0)
-            for g, old in zip(self._gate_params, before):  # the gates' trust region
-                g.copy_(torch.clamp(g, old - self.gate_max_step, old + self.gate_max_step))
-        return None
+            if gates is not None and self.gate_max_step is not None:  # the gates' trust region
+                step = self.gate_max_step
+                bounded = torch.clamp(torch.stack(self._gate_params), gates - step, gates + step)
+                for g, value in zip(self._gate_params, bounded.unbind()):
+                    g.copy_(value)
 
     # ------------------------------------------------------------------ read-out
 

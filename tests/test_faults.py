@@ -56,8 +56,8 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 primal_step = T.PrimalDual._primal_step
-def patched_primal_step(self):
-    problem = primal_step(self)  # the parameters have moved: the step is half done
+def patched_primal_step(self, *args):
+    problem = primal_step(self, *args)  # the parameters have moved: the step is half done
     if point == "slow":
         time.sleep(0.1)
     if point == "step" and self.step_count + 1 == at:

@@ -125,3 +125,33 @@ def test_deviation_constraint_needs_the_batch():
     x, y = next(iter(loader))
     with pytest.raises(ValueError, match="deviation constraint 'deviation' needs the batch"):
         core.step(nn.functional.mse_loss(model(x), y))
+
+
+@pytest.mark.parametrize("formulation", ["lagrangian", "augmented"])
+def test_primal_lagrangian_equals_coopers_bit_for_bit(formulation):
+    """The step computes the Lagrangian itself (no per-step cooper objects): the same number as cooper's."""
+    import cooper
+
+    from ace.dual import make_problem, primal_lagrangian
+
+    constraints = [
+        ace.GateConstraint(tolerance=0.0, equality=True, name="eq"),
+        ace.GateConstraint(tolerance=0.1, name="ineq"),
+    ]
+    dual = ace.DualSettings(formulation=formulation, penalty_coefficient=3.0)
+    _, made = make_problem(constraints, {"eq": 3, "ineq": 3}, dual, torch.device("cpu"))
+    torch.manual_seed(0)
+    for c in made.values():  # multipliers of both signs, violations on both sides of 0
+        c.multiplier.weight.data = torch.randn(3).abs() * torch.tensor([1.0, 0.0, 2.0])
+    theta = torch.randn(4, requires_grad=True)
+    objective = theta.pow(2).sum()
+    violations = {"eq": theta[:3] - 0.5, "ineq": theta[1:].sin()}
+    ours = primal_lagrangian(objective, violations, made)
+    state = cooper.CMPState(
+        loss=objective, observed_constraints={made[k]: cooper.ConstraintState(violation=v) for k, v in violations.items()}
+    )
+    theirs = state.compute_primal_lagrangian().lagrangian
+    assert torch.equal(ours, theirs)
+    (g_ours,) = torch.autograd.grad(ours, theta, retain_graph=True)
+    (g_theirs,) = torch.autograd.grad(theirs, theta)
+    assert torch.equal(g_ours, g_theirs)
