@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .deviation import equivariance_deviation
+
 __all__ = ["Constraint", "GateConstraint", "DeviationConstraint", "Tolerance", "check_setup"]
 
 Tolerance = float | Callable[[int], float]
@@ -114,6 +116,28 @@ class DeviationConstraint(Constraint):
             raise ValueError(
                 f"constraint '{self.name}': samples must be an integer >= 1, got {self.samples!r}"
             )
+
+    def measure(
+        self,
+        model: torch.nn.Module,
+        inputs: Any,
+        symmetry: Any,
+        generator: torch.Generator,
+        output: Any = None,
+    ) -> torch.Tensor:
+        """D(f) on a batch, shape (1,); ``output`` (the model's on ``inputs``) saves a forward pass."""
+        if inputs is None:
+            raise ValueError(f"deviation constraint '{self.name}' needs the batch: step(loss, inputs=...)")
+        deviation = equivariance_deviation(
+            model,
+            inputs,
+            symmetry,
+            samples=self.samples,
+            relative=self.relative,
+            generator=generator,
+            output=output,
+        )
+        return deviation.reshape(1)
 
 
 def check_setup(

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["world", "wrap", "any_rank", "mean", "barrier"]
+__all__ = ["world", "wrap", "any_rank", "mean", "mean_with_flag", "barrier"]
 
 
 def world() -> tuple[int, int]:
@@ -46,6 +46,17 @@ def mean(value: float, device: torch.device) -> float:
     shared = torch.tensor([value], device=device)
     dist.all_reduce(shared)
     return shared.item() / size
+
+
+def mean_with_flag(tensors: list[torch.Tensor], flag: bool) -> torch.Tensor | None:
+    """The rank averages of the concatenated ``tensors`` with ``flag`` (OR-ed over ranks: > 0 if any rank set
+    it) last, in one collective; None for a single process."""
+    size = world()[0]
+    if size == 1:
+        return None
+    shared = torch.cat([*tensors, torch.tensor([float(flag)], device=tensors[0].device)])
+    dist.all_reduce(shared)
+    return shared / size
 
 
 def barrier() -> None:

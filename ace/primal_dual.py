@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import distributed
 from .constraints import Constraint, GateConstraint, check_setup
-from .deviation import equivariance_deviation
 from .dual import DualSettings, check_multipliers, make_optimizer, make_problem, primal_lagrangian
 from .relax import gates as find_gates
+from .schedules import LearningRates
 from .step_result import StepResult, constraint_table
 
 __all__ = ["DualSettings", "PrimalDual", "StepResult"]
@@ -117,17 +117,12 @@ class PrimalDual:
         self.dual = dual
         self.grad_clip = grad_clip
         self.gate_max_step = gate_max_step
-        self.lr_schedule = lr_schedule
         self.gate_schedule = gate_schedule
         self.max_multiplier = max_multiplier
         self.device = torch.device(device) if device is not None else module_device(model)
         self.gates = find_gates(model)
-        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         check_setup(self.constraints, self.gates, model, self.optimizers, symmetry, gate_schedule)
-        if max_multiplier is not None and not max_multiplier > 0:
-            raise ValueError(f"max_multiplier must be > 0 or None, got {max_multiplier!r}")
-        if gate_max_step is not None and not (gate_max_step > 0 and math.isfinite(gate_max_step)):
-            raise ValueError(f"gate_max_step must be a positive number or None, got {gate_max_step!r}")
+        _check_limits(max_multiplier, gate_max_step)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.slacks = {
             c.name: nn.Parameter(torch.zeros(self._size(c), device=self.device))
@@ -153,15 +148,10 @@ class PrimalDual:
         if gate_schedule is not None:
             for g in self._gate_params:
                 g.requires_grad_(False)
-        # (optimiser, group index, base lr) of the groups the lr schedule scales; by index, since
-        # Optimizer.load_state_dict replaces the group dicts
-        self._scheduled_groups = [
-            (o, i, group["lr"])
-            for o in self.optimizers
-            for i, group in enumerate(o.param_groups)
-            if schedule_gates or not any(id(p) in gate_ids for p in group["params"])
-        ]
-        self.lr_factor = 1.0  # on top of lr_schedule: a loop's rollbacks lower it
+        # the gates' plain-SGD rate sets the gate-multiplier damping: scaled only on request
+        self.rates = LearningRates(
+            lr_schedule, self.optimizers, skip=[] if schedule_gates else self._gate_params
+        )
         self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward  # of the primal Lagrangian
         self.step_count = 0
         self.tolerance_starts: dict[str, float] = {}
@@ -216,20 +206,10 @@ class PrimalDual:
             if isinstance(c, GateConstraint):
                 raw[c.name] = c.value(gates)
             else:
-                if inputs is None:
-                    raise ValueError(
-                        f"deviation constraint '{c.name}' needs the batch: step(loss, inputs=...)"
-                    )
-                raw[c.name] = equivariance_deviation(
-                    self.model,
-                    inputs,
-                    self.symmetry,
-                    samples=c.samples,
-                    relative=c.relative,
-                    generator=self.generator,
-                    output=output,
-                ).reshape(1)
-        shared = self._all_reduce([loss.detach().reshape(1), *(v.detach() for v in raw.values())], stop)
+                raw[c.name] = c.measure(self.model, inputs, self.symmetry, self.generator, output)
+        shared = distributed.mean_with_flag(
+            [loss.detach().reshape(1), *(v.detach() for v in raw.values())], stop
+        )
         loss_all, rest = (shared[0], shared[1:]) if shared is not None else (loss.detach(), None)
         objective = loss
         observed, values, violations = {}, {}, {}
@@ -254,27 +234,14 @@ class PrimalDual:
         snapshot = None if gates is None else gates.detach()
         return _Measured(objective, observed, loss_all, values, violations, tolerances, snapshot, stop)
 
-    def _all_reduce(self, tensors: list[torch.Tensor], stop: bool) -> torch.Tensor | None:
-        """The rank averages of the concatenated ``tensors`` with the stop flag last (one collective); None
-        for a single process."""
-        if self.world_size == 1:
-            return None
-        shared = torch.cat([*tensors, torch.tensor([float(stop)], device=tensors[0].device)])
-        dist.all_reduce(shared)
-        return shared / self.world_size
-
     def update(self, measured: _Measured) -> StepResult:
         """The primal-dual update of a measured batch (nothing is applied when a quantity is non-finite)."""
         # a dropped step must also undo a dual step that overflowed the multipliers: keep their values
         kept = [c.multiplier.weight.detach().clone() for c in self.cooper_constraints.values()]
         seen = self._snapshot(kept, measured.gates)
-        opt = self.cooper_optimizer
-        if self.lr_schedule is not None:
-            scale = self.lr_schedule(self.step_count) * self.lr_factor
-            for o, i, base in self._scheduled_groups:
-                o.param_groups[i]["lr"] = base * scale
+        self.rates.apply(self.step_count)
         alternating = self.cooper_constraints and self.dual.update == "alternating"
-        if alternating:  # dual step first: the primal Lagrangian uses the new multipliers (undone if non-finite)
+        if alternating:  # dual step first, so the primal Lagrangian uses the new multipliers
             self._dual_step(measured.violations)
         lagrangian = primal_lagrangian(measured.objective, measured.observed, self.cooper_constraints)
         self.backward(lagrangian)
@@ -283,21 +250,15 @@ class PrimalDual:
         if grads:
             checked["gradient"] = torch.nn.utils.get_total_norm(grads)
         problem = _first_nonfinite(checked)  # one host sync for all of them
+        events: list[dict[str, Any]] = []
         if problem is None:
             self._primal_step(measured.gates)
             if self.cooper_constraints and not alternating:
                 self._dual_step(measured.violations)  # violations at the pre-step point
-        events: list[dict[str, Any]] = []
-        if problem is None:
-            problem = check_multipliers(
-                self.cooper_constraints,
-                self.max_multiplier,
-                self._ceiling_warned,
-                self.step_count + 1,
-                events,
-            )
-        if problem is not None:
-            opt.zero_grad()
+            step, warned = self.step_count + 1, self._ceiling_warned
+            problem = check_multipliers(self.cooper_constraints, self.max_multiplier, warned, step, events)
+        if problem is not None:  # dropped: no gradients left, the multipliers as they were
+            self.cooper_optimizer.zero_grad()
             with torch.no_grad():
                 for c, weight in zip(self.cooper_constraints.values(), kept):
                     c.multiplier.weight.copy_(weight)
@@ -345,7 +306,7 @@ class PrimalDual:
         }
 
     def _primal_step(self, gates: torch.Tensor | None) -> None:
-        """Clip, step, project the slacks and bound the gates' move from ``gates`` (their values before it)."""
+        """Clip, step, project the slacks, bound the gates' move from ``gates`` (their values before it)."""
         if self.grad_clip is not None:
             # weights and gates apart: the weights' large norm must not blunt the multipliers' pull on the
             # gates, while a runaway gate step is still bounded
@@ -372,14 +333,7 @@ class PrimalDual:
 
     def table(self, tolerances, values, violations, seen) -> dict[str, dict[str, float]]:
         """Per constraint entry: tolerance, gate or deviation, violation, multiplier, slack."""
-        entries = {c.name: self.entries(c) for c in self.constraints}
-        return constraint_table(self.constraints, entries, tolerances, values, violations, seen)
-
-    def entries(self, c: Constraint) -> list[str]:
-        """Log names of a constraint's entries: one per gate for gate constraints."""
-        if isinstance(c, GateConstraint):
-            return [f"{c.name}.{g}" for g in self.gates]
-        return [c.name]
+        return constraint_table(self.constraints, list(self.gates), tolerances, values, violations, seen)
 
     # ------------------------------------------------------------------ state
 
@@ -392,7 +346,7 @@ class PrimalDual:
             "step": self.step_count,
             "tolerance_starts": dict(self.tolerance_starts),
             "generator": self.generator.get_state(),
-            "lr_factor": self.lr_factor,
+            "lr_factor": self.rates.factor,
             "ceiling_warned": sorted(self._ceiling_warned),
         }
 
@@ -411,7 +365,7 @@ class PrimalDual:
             if getattr(c.tolerance, "needs_start", False) and c.name in self.tolerance_starts:
                 c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
         self.generator.set_state(state["generator"])
-        self.lr_factor = state.get("lr_factor", 1.0)
+        self.rates.factor = state.get("lr_factor", 1.0)
         self._ceiling_warned |= set(state.get("ceiling_warned", ()))  # a rollback keeps its own warnings
         self._set_scheduled_gates()
 
@@ -419,6 +373,13 @@ class PrimalDual:
 def module_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _check_limits(max_multiplier: float | None, gate_max_step: float | None) -> None:
+    if max_multiplier is not None and not max_multiplier > 0:
+        raise ValueError(f"max_multiplier must be > 0 or None, got {max_multiplier!r}")
+    if gate_max_step is not None and not (gate_max_step > 0 and math.isfinite(gate_max_step)):
+        raise ValueError(f"gate_max_step must be a positive number or None, got {gate_max_step!r}")
 
 
 def _first_nonfinite(values: dict[str, torch.Tensor]) -> str | None:

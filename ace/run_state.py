@@ -41,7 +41,7 @@ class RunState:
             lrs = [[group["lr"] for group in o.param_groups] for o in self.optimizers]
             self.load_checkpoint(checkpoint)  # restores the checkpoint's lr: scale the lr in use instead
             self.rollbacks = rollbacks
-            self.core.lr_factor = self.rollback_lr_factor**rollbacks
+            self.core.rates.factor = self.rollback_lr_factor**rollbacks
             for o, old in zip(self.optimizers, lrs):
                 for group, lr in zip(o.param_groups, old):
                     group["lr"] = lr * self.rollback_lr_factor

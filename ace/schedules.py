@@ -22,6 +22,7 @@ import bisect
 import dataclasses
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -350,3 +351,34 @@ def lr_schedule(
     if w == 0:
         return None if kind == "constant" else main
     return Join(((Linear(1.0 / w, 1.0, steps=w - 1 if w > 1 else 0), w), (main, rest)))
+
+
+class LearningRates:
+    """Sets the learning rate of parameter groups to ``base * schedule(step) * factor``.
+
+    Args:
+        schedule: the factor at each step (:func:`lr_schedule`); ``None`` leaves the rates alone.
+        optimizers: their groups are scaled, except those holding a parameter in ``skip``; ``base`` is a
+            group's learning rate at construction (groups are kept by index: ``Optimizer.load_state_dict``
+            replaces the group dicts).
+        skip: parameters whose groups keep their rate.
+
+    ``factor`` (1 at first) lowers the rates on top of the schedule: a loop's rollbacks set it.
+    """
+
+    def __init__(self, schedule: Callable[[int], float] | None, optimizers: list, skip: list = ()) -> None:
+        skipped = {id(p) for p in skip}
+        self.schedule = schedule
+        self.groups = [
+            (o, i, group["lr"])
+            for o in optimizers
+            for i, group in enumerate(o.param_groups)
+            if not any(id(p) in skipped for p in group["params"])
+        ]
+        self.factor = 1.0
+
+    def apply(self, step: int) -> None:
+        if self.schedule is not None:
+            scale = self.schedule(step) * self.factor
+            for o, i, base in self.groups:
+                o.param_groups[i]["lr"] = base * scale

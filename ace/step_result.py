@@ -10,7 +10,7 @@ import torch
 
 from .constraints import Constraint, GateConstraint
 
-__all__ = ["StepResult", "constraint_table"]
+__all__ = ["StepResult", "constraint_table", "entries"]
 
 
 @dataclass
@@ -59,16 +59,21 @@ class StepResult:
         return record
 
 
+def entries(c: Constraint, gate_names: list[str]) -> list[str]:
+    """Log names of a constraint's entries: one per gate for gate constraints."""
+    return [f"{c.name}.{g}" for g in gate_names] if isinstance(c, GateConstraint) else [c.name]
+
+
 def constraint_table(
     constraints: list[Constraint],
-    entries: dict[str, list[str]],
+    gate_names: list[str],
     tolerances: dict[str, float],
     values: dict[str, torch.Tensor],
     violations: dict[str, torch.Tensor],
     seen: dict[str, Any],
 ) -> dict[str, dict[str, float]]:
-    """Per constraint entry (``entries[name]``: one per gate for gate constraints): tolerance, deviation or
-    gate, violation, multiplier, slack; ``seen`` holds the gates, slacks and multipliers."""
+    """Per constraint entry (:func:`entries`): tolerance, deviation or gate, violation, multiplier, slack;
+    ``seen`` holds the gates, slacks and multipliers."""
     gate_values = torch.stack(list(seen["gates"].values())).tolist() if seen["gates"] else []
     table = {}
     for c in constraints:
@@ -76,7 +81,7 @@ def constraint_table(
         viols = violations[c.name].tolist()
         mults = seen["multipliers"][c.name].tolist()
         slack = seen["slacks"][c.name].tolist() if c.name in seen["slacks"] else None
-        for i, entry in enumerate(entries[c.name]):
+        for i, entry in enumerate(entries(c, gate_names)):
             row = {"tolerance": float(tolerances[c.name])}
             if isinstance(c, GateConstraint):
                 row["gate"] = gate_values[i]

@@ -434,9 +434,9 @@ def test_nan_stop_names_quantity_and_step_and_keeps_the_checkpoint(tmp_path):
 def test_nan_stop_detects_each_quantity(monkeypatch, quantity, setup):
     loss = nn.functional.mse_loss
     if setup == "deviation":
-        deviation = ace.primal_dual.equivariance_deviation
+        deviation = ace.constraints.equivariance_deviation
         monkeypatch.setattr(
-            ace.primal_dual, "equivariance_deviation", lambda *a, **k: deviation(*a, **k) * float("inf")
+            ace.constraints, "equivariance_deviation", lambda *a, **k: deviation(*a, **k) * float("inf")
         )
     elif setup == "gradient":  # d sqrt(s)/ds = inf at s = 0, times ds/dout = 0: a NaN gradient
         loss = lambda out, y: nn.functional.mse_loss(out, y) + (out * 0).sum().sqrt()  # noqa: E731

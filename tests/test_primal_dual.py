@@ -148,7 +148,8 @@ def test_primal_lagrangian_equals_coopers_bit_for_bit(formulation):
     violations = {"eq": theta[:3] - 0.5, "ineq": theta[1:].sin()}
     ours = primal_lagrangian(objective, violations, made)
     state = cooper.CMPState(
-        loss=objective, observed_constraints={made[k]: cooper.ConstraintState(violation=v) for k, v in violations.items()}
+        loss=objective,
+        observed_constraints={made[k]: cooper.ConstraintState(violation=v) for k, v in violations.items()},
     )
     theirs = state.compute_primal_lagrangian().lagrangian
     assert torch.equal(ours, theirs)
