@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, dump_config, load_config, reference
+from .config import ConfigError, dump_config, load_config
+from .config_reference import reference
 
 __all__ = ["main"]
 

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["world", "wrap", "any_rank", "mean", "mean_with_flag", "barrier"]
+__all__ = ["join_process_group", "world", "wrap", "any_rank", "mean", "mean_with_flag", "barrier"]
+
+
+def join_process_group(device: str) -> bool:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1): nccl on GPUs, gloo on CPUs."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
 
 
 def world() -> tuple[int, int]:

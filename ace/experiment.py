@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, config_to_dict, dump_config, task_module
 from .constraints import Constraint, DeviationConstraint, GateConstraint
+from .distributed import join_process_group
 from .dual import DualSettings
 from .relax import gates, relax
 from .run_dir import (
@@ -97,19 +98,6 @@ def make_loader(
 
         return (StackedGraphLoader if stackable(dataset) else GraphLoader)(dataset, **kwargs)
     return DataLoader(dataset, **kwargs)
-
-
-def init_distributed(device: str) -> bool:
-    """Join the process group that torchrun describes (WORLD_SIZE > 1): nccl on GPUs, gloo on CPUs."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size() > 1
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return True
 
 
 def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[Constraint], Any]:
@@ -327,7 +315,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
     process calls this; rank 0 alone writes the directory.
     """
     out = Path(out)
-    distributed = init_distributed(cfg.train.device)
+    distributed = join_process_group(cfg.train.device)
     main = not distributed or dist.get_rank() == 0
     checkpoint = None
     held = holds_run(out)

@@ -9,7 +9,6 @@ steps with a checkpoint. Under ``torch.distributed`` rank 0 writes; see :mod:`ac
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import sys
@@ -27,10 +26,10 @@ from .batch_checks import BatchChecks
 from .batches import split_batch, to_device
 from .checkpoint import CheckpointError
 from .constraints import Constraint
-from .evaluation import evaluate, initial_value, track_best
 from .faults import NAN_POLICIES, Interrupted, NonFiniteError, RolledBack, catch_signals
 from .loggers import MetricsLog, write_json
 from .primal_dual import DualSettings, PrimalDual, module_device
+from .run_evaluation import RunEvaluation
 from .run_state import RunState
 from .selection import BestCheckpoints
 from .symmetry import call_model
@@ -46,7 +45,7 @@ __all__ = [
 ]
 
 
-class Trainer(RunState):
+class Trainer(RunState, RunEvaluation):
     """Train ``model`` on ``loss`` subject to equivariance ``constraints``.
 
     Args:
@@ -224,68 +223,6 @@ class Trainer(RunState):
         self.history.append(record)
         self.log.write(record)
 
-    # ------------------------------------------------------------------ evaluation
-
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Loss, metrics and deviations of the model and of f_eq, see :func:`ace.evaluation.evaluate`."""
-        return evaluate(
-            self.model,
-            loader,
-            self.loss_fn,
-            metrics=self.metrics,
-            symmetry=self.symmetry,
-            gate_names=list(self.gates),
-            samples=self.eval_samples,
-            seed=self.seed + 1,
-            device=self.device,
-        )
-
-    def _log_eval(self, split: str, loader: Iterable, final: bool = False) -> dict[str, Any]:
-        """Evaluate and log ``split``. Non-finite losses or weights are handled by ``on_nan`` (``skip``: this
-        evaluation is not tracked and its checkpoint not written); at the end of a run (``final``) they
-        always raise: a run that ends non-finite is not finished. Returns the record, with ``finite: False``
-        (not logged) after a skipped one."""
-        record, problem = {}, None
-        if self.is_main:  # evaluation needs no collective: rank 0 does it while the others wait
-            scores = self.evaluate(loader)
-            record = {
-                "step": self.step,
-                "epoch": self.epoch,
-                **{f"{split}/{k}": v for k, v in scores.items()},
-            }
-            losses = [k for k, v in scores.items() if k.split("/")[-1] == "loss" and not math.isfinite(v)]
-            weights = [p.detach().reshape(-1) for p in self.model.parameters()]
-            if losses:
-                problem = f"{split} {losses[0]}"
-            elif weights and not torch.isfinite(torch.cat(weights)).all():
-                problem = "weights"
-            if problem is None and split == "val":
-                track_best(self.best, record, self.step)
-                self.selection.update(record, self.step)
-                self.last_eval = record
-            elif problem is None:
-                self.test_scores = record
-            self._write(record)
-        if distributed.any_rank(problem is not None, self.device):  # every rank takes the same way out
-            self._handle_nonfinite(problem or "evaluation (rank 0)", self.step, evaluated=True, final=final)
-            return {**record, "finite": False}
-        if split == "val":
-            self._val_step = self.step  # on every rank (last_eval is rank 0's): the final pass agrees on it
-        return record
-
-    def _resolve_auto_tolerances(self, train_loader: Iterable, batches: int = 8) -> None:
-        """Fill ``start="auto"`` schedules with the value measured on the first ``batches`` training batches
-        before the first step (:func:`ace.evaluation.initial_value`), averaged over ranks."""
-        if not any(getattr(c.tolerance, "needs_start", False) for c in self.constraints):
-            return
-        inputs = [split_batch(to_device(b, self.device))[0] for b in itertools.islice(train_loader, batches)]
-        generator = torch.Generator(device=self.device).manual_seed(self.seed + 2)
-        self.core.resolve_tolerances(
-            lambda c: distributed.mean(
-                initial_value(c, self.model, self.symmetry, inputs, self.eval_samples, generator), self.device
-            )
-        )
-
     # ------------------------------------------------------------------ fit
 
     def fit(
@@ -343,14 +280,7 @@ class Trainer(RunState):
                     self.save_checkpoint()
             bar.close()
             self.wall_time = time.perf_counter() - started
-            if val_loader is not None and self._val_step != self.step:
-                self._log_eval("val", val_loader, final=True)
-            if test_loader is not None:
-                self._stop_if_signalled()
-                self._log_eval("test", test_loader, final=True)
-            if self.is_main and val_loader is not None:
-                splits = {"val": val_loader, **({"test": test_loader} if test_loader is not None else {})}
-                self.selected = self.selection.evaluate(self.evaluate, splits, self.device)
+            self._final_evaluations(val_loader, test_loader)
             self._stop_if_signalled()
         finally:
             restore_signals()
