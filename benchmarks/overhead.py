@@ -19,10 +19,11 @@ trainer / plain loop of the same model. Times are CPU times of this process (``t
 one torch thread: on cores shared with other work, wall-clock times also count the time the process
 waits for a core, which other processes' load changes from one round to the next.
 
-Rows and their targets (issue 8):
+Rows and their targets (issues 8 and 13):
 
 * ``gate (ACE)``: ``GateConstraint(equality=True)`` with the config's dual settings, a record every 50
-  steps; target <= 1.05 x the plain loop of the same relaxed model;
+  steps; target <= 1.02 x the plain loop of the same relaxed EGNN, <= 1.05 x on the small toy network (its
+  ~6 ms step leaves the constrained step's fixed cost more visible);
 * ``deviation k=K``: ``DeviationConstraint(samples=K)`` (the K transformed copies go through the model in
   one batched forward pass); the plain loop computes the plain loss only, so the extra forward of
   K x batch inputs is part of the cost: target <= (1 + K) x plain + 5 %;
@@ -78,7 +79,9 @@ def variants(model: str, ks: list[int]) -> list[Variant]:
     rows = []
     if model != "toy-mlp":
         rows += [
-            Variant("gate (ACE)", ["constraint.kind=gate", "log.every=50"], 1.05),
+            Variant(
+                "gate (ACE)", ["constraint.kind=gate", "log.every=50"], 1.02 if model == "nbody" else 1.05
+            ),
             Variant("gate, log every 1", ["constraint.kind=gate", "log.every=1"], None, logged=True),
             Variant("gate, log every 50", ["constraint.kind=gate", "log.every=50"], None, logged=True),
         ]
