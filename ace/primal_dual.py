@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cooper
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -285,8 +286,18 @@ class PrimalDual:
 
     def _dual_step(self, violations: dict[str, torch.Tensor]) -> None:
         """Ascent on the multipliers. The gradient of the dual Lagrangian ``sum_i lambda_i v_i`` is the
-        violation itself (rank-averaged): set it directly instead of a second autograd pass (bit for bit the
-        same as cooper's ``compute_dual_lagrangian().backward()``)."""
+        violation itself (rank-averaged): no second autograd pass. Plain SGD is applied directly,
+        ``lambda <- lambda + eta v`` then ``[.]_+`` for inequalities (bit for bit torch's SGD with
+        ``maximize=True`` and cooper's projection, without their per-step bookkeeping); nuPI and Adam go
+        through their optimiser."""
+        if self.dual.optimizer == "sgd":
+            lr = self.cooper_optimizer.dual_optimizers[0].param_groups[0]["lr"]
+            with torch.no_grad():
+                for name, c in self.cooper_constraints.items():
+                    weight = c.multiplier.weight.add_(violations[name], alpha=lr)
+                    if c.constraint_type == cooper.ConstraintType.INEQUALITY:
+                        weight.relu_()
+            return
         for name, c in self.cooper_constraints.items():
             c.multiplier.weight.grad = violations[name].clone()
         self.cooper_optimizer.dual_step()

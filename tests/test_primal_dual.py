@@ -156,3 +156,39 @@ def test_primal_lagrangian_equals_coopers_bit_for_bit(formulation):
     (g_ours,) = torch.autograd.grad(ours, theta, retain_graph=True)
     (g_theirs,) = torch.autograd.grad(theirs, theta)
     assert torch.equal(g_ours, g_theirs)
+
+
+def test_plain_sgd_dual_step_equals_torch_sgd_and_coopers_projection():
+    """The SGD dual step is applied directly: the same multipliers as torch's SGD (maximize) + cooper."""
+    from types import SimpleNamespace
+
+    from ace.dual import make_optimizer, make_problem
+
+    constraints = [
+        ace.GateConstraint(tolerance=0.0, equality=True, name="eq"),
+        ace.GateConstraint(tolerance=0.1, name="ineq"),
+    ]
+    dual = ace.DualSettings(lr=0.37)
+
+    def fresh():
+        cmp, made = make_problem(constraints, {"eq": 3, "ineq": 3}, dual, torch.device("cpu"))
+        primal = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        for c in made.values():
+            c.multiplier.weight.data = torch.tensor([0.3, 0.2, 0.05])
+        return SimpleNamespace(
+            dual=dual, cooper_optimizer=make_optimizer(cmp, [primal], dual), cooper_constraints=made
+        )
+
+    ours, reference = fresh(), fresh()
+    torch.manual_seed(0)
+    violations = {"eq": torch.randn(3), "ineq": torch.tensor([0.4, -1.0, -0.01])}  # one clipped at 0
+    ace.PrimalDual._dual_step(ours, violations)
+    for name, c in reference.cooper_constraints.items():
+        c.multiplier.weight.grad = violations[name].clone()
+    reference.cooper_optimizer.dual_step()
+    for name in violations:
+        assert torch.equal(
+            ours.cooper_constraints[name].multiplier.weight,
+            reference.cooper_constraints[name].multiplier.weight,
+        )
+    assert ours.cooper_constraints["ineq"].multiplier.weight[1] == 0  # projected onto lambda >= 0
