@@ -249,7 +249,7 @@ class PrimalDual:
         grads = [p.grad for p in (*self._weights, *self._gate_params) if p.grad is not None]
         checked = {"loss": measured.loss, **{f"constraint '{k}'": v for k, v in measured.values.items()}}
         if grads:
-            checked["gradient"] = torch.nn.utils.get_total_norm(grads)
+            checked["gradient"] = _norms(grads)
         problem = _first_nonfinite(checked)  # one host sync for all of them
         events: list[dict[str, Any]] = []
         if problem is None:
@@ -391,6 +391,15 @@ def _check_limits(max_multiplier: float | None, gate_max_step: float | None) -> 
         raise ValueError(f"max_multiplier must be > 0 or None, got {max_multiplier!r}")
     if gate_max_step is not None and not (gate_max_step > 0 and math.isfinite(gate_max_step)):
         raise ValueError(f"gate_max_step must be a positive number or None, got {gate_max_step!r}")
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's norm, stacked (non-finite where the tensor is): one fused kernel when they share a device
+    and dtype, which costs half of ``get_total_norm``'s grouping on a small model."""
+    try:
+        return torch.stack(torch._foreach_norm(tensors))
+    except RuntimeError:  # mixed devices or dtypes
+        return torch.nn.utils.get_total_norm(tensors).reshape(1)
 
 
 def _first_nonfinite(values: dict[str, torch.Tensor]) -> str | None:
