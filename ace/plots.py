@@ -6,10 +6,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .run_data import RunData
 
-__all__ = ["plot_run", "plot_compare", "ToleranceSweep", "plot_tolerance_sweeps"]
+__all__ = ["plot_run", "plot_compare", "ToleranceSweep", "plot_tolerance_sweeps", "plot_scaling"]
 
 
 def _figure(title: str, ylabel: str):
@@ -214,3 +215,25 @@ def plot_tolerance_sweeps(
     _scale(ax, plotted)
     made.append(_save(fig, out / "tolerance_vs_asymmetry.png", ax))
     return made
+
+
+def plot_scaling(
+    curves: dict[str, tuple[Sequence[float], Sequence[float], Any]], path: Path, metric: str = "test error"
+) -> Path:
+    """Log-log ``metric`` against the training-set size: per label, the runs ``(sizes, errors)`` as points and
+    the fitted :class:`ace.diagnostics.PowerLaw` (or None) as a line labelled with its exponent."""
+    fig, ax = _figure(f"{metric} against training-set size", metric)
+    ax.set_xlabel("training-set size n")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for i, (label, (sizes, errors, fit)) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        ax.plot(sizes, errors, "o", color=color, alpha=0.8)
+        if fit is not None and sizes:
+            ends = [min(sizes), max(sizes)]
+            line = [fit.C * n**-fit.alpha for n in ends]
+            text = f"{label}: alpha {fit.alpha:.2f} [{fit.low:.2f}, {fit.high:.2f}]"
+            ax.plot(ends, line, "-", color=color, label=text)
+        else:
+            ax.plot([], [], "o", color=color, label=label)
+    return _save(fig, path, ax)

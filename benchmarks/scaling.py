@@ -4,9 +4,11 @@
         1000=runs/samples_n1000 2000=runs/samples_n2000 3000=runs/nbody3000 --metric mse
 
 Each ``N=DIR`` names the runs trained on ``data.train_size = N`` (``DIR/<config>/seed*/summary.json``, as
-written by ``benchmarks/compare.py``). Every cell is the test metric of f_eq at its best validation step
-(mean +- std over the seeds found, their number in brackets); alpha is fitted over every run (seeds as
-repeated sizes) by :func:`ace.diagnostics.power_law`, with its 95 % interval.
+written by ``benchmarks/compare.py``). Every cell is the test metric at its best validation step of f_eq
+(``--variant eq``, the default) or of the relaxed model itself (``--variant model``: the one an unconstrained
+relaxation deploys; for a strict model both are the same), mean +- std over the seeds found (their number in
+brackets); alpha is fitted over every run (seeds as repeated sizes) by :func:`ace.diagnostics.power_law`, with
+its 95 % interval. ``--plot FILE`` draws the runs and the fits on log-log axes.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ace.diagnostics import power_law  # noqa: E402
 from ace.loggers import format_table  # noqa: E402
+from ace.plots import plot_scaling  # noqa: E402
 from ace.run_data import best_val_test  # noqa: E402
 
 
-def values(root: Path, config: str, metric: str) -> list[float]:
+def values(root: Path, config: str, metric: str, variant: str = "eq") -> list[float]:
     out = []
     for summary in sorted((root / config).glob("seed*/summary.json")):
-        out.append(best_val_test(json.loads(summary.read_text()))["eq"][metric])
+        out.append(best_val_test(json.loads(summary.read_text()))[variant][metric])
     return out
 
 
@@ -36,13 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("configs", nargs="+", help="config names (the folders under each DIR)")
     parser.add_argument("--runs", nargs="+", required=True, help="N=DIR pairs")
     parser.add_argument("--metric", default="mse")
+    parser.add_argument("--variant", choices=["eq", "model"], default="eq", help="f_eq or the relaxed model")
+    parser.add_argument("--plot", type=Path, help="write a log-log plot of the runs and fits here (PNG)")
     args = parser.parse_args(argv)
     sizes = {int(n): Path(d) for n, d in (item.split("=", 1) for item in args.runs)}
-    rows = []
+    rows, curves = [], {}
     for config in args.configs:
         row, xs, ys = [f"`{config}`"], [], []
         for n, root in sorted(sizes.items()):
-            found = values(root, config, args.metric)
+            found = values(root, config, args.metric, args.variant)
             xs += [n] * len(found)
             ys += found
             if not found:
@@ -55,10 +60,15 @@ def main(argv: list[str] | None = None) -> None:
             fit = power_law(xs, ys)
             row.append(f"{fit.alpha:.2f} [{fit.low:.2f}, {fit.high:.2f}]")
         except ValueError:
+            fit = None
             row.append("-")
         rows.append(row)
+        curves[config] = (xs, ys, fit)
     header = ["config", *[f"n = {n}" for n in sorted(sizes)], "alpha [95 % interval]"]
     print(format_table(header, rows))
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        print(f"plot: {plot_scaling(curves, args.plot, f'test {args.metric} ({args.variant})')}")
 
 
 if __name__ == "__main__":

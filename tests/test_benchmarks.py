@@ -65,11 +65,19 @@ def test_scaling_table_fits_the_exponent(tmp_path, capsys):
         for seed in range(2):
             run = tmp_path / f"n{n}" / "cfg" / f"seed{seed}"
             run.mkdir(parents=True)
-            summary = {"selected": {"model": {"step": 1, "test": {"mse": err}}}}
+            # the relaxed model at error ~ n^-1/2, its f_eq at ~ n^-1
+            eq = {"step": 1, "test": {"mse": err**2}}
+            summary = {"selected": {"model": {"step": 1, "test": {"mse": err}}, "eq": eq}}
             (run / "summary.json").write_text(json.dumps(summary))
-    _load("scaling").main(["cfg", "--runs", *(f"{n}={tmp_path / f'n{n}'}" for n in (100, 400, 1600))])
+    runs = ["--runs", *(f"{n}={tmp_path / f'n{n}'}" for n in (100, 400, 1600))]
+    _load("scaling").main(["cfg", *runs, "--variant", "model"])
     out = capsys.readouterr().out
     assert "| `cfg`  | 0.4 ± 0 (2) |" in out and "0.50 [0.50, 0.50]" in out
+    _load("scaling").main(["cfg", *runs])  # f_eq by default
+    assert "1.00 [1.00, 1.00]" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is not None:
+        _load("scaling").main(["cfg", *runs, "--plot", str(tmp_path / "scaling.png")])
+        assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_alignment_tabulates_and_plots_a_tolerance_sweep_per_data_set(tmp_path, capsys):
