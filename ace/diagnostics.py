@@ -34,6 +34,7 @@ __all__ = [
     "audit",
     "intrinsic_dimension",
     "gram_invariants",
+    "distance_invariants",
     "PowerLaw",
     "power_law",
 ]
@@ -243,6 +244,17 @@ def gram_invariants(x: Tensor, center: bool = True) -> Tensor:
     gram = x @ x.transpose(1, 2)
     i, j = torch.triu_indices(x.shape[1], x.shape[1])
     return gram[:, i, j]
+
+
+def distance_invariants(x: Tensor) -> Tensor:
+    """Each sample's pairwise distances between its points, sorted: invariant to rotations, reflections,
+    translations *and* the order of the points (a point cloud as a set), shape (n, P (P - 1) / 2). Not a
+    complete invariant (some non-congruent sets share their distances), but it removes the labelling of the
+    points, which the Gram matrix keeps."""
+    if x.dim() != 3:
+        raise ValueError(f"distance_invariants expects (samples, points, dim), got shape {tuple(x.shape)}")
+    i, j = torch.triu_indices(x.shape[1], x.shape[1], offset=1)
+    return (x[:, i] - x[:, j]).norm(dim=-1).sort(dim=1).values
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from .batches import split_batch
 from .diagnostics import (
     SymmetrizationGap,
     audit,
+    distance_invariants,
     gram_invariants,
     intrinsic_dimension,
     symmetrization_gap,
@@ -91,16 +92,14 @@ def probe(run_dir: str | Path, samples: int = 8, points: int = 2000) -> str:
             "no gated layers: nothing to audit"
         )
     lines += ["", "## Intrinsic dimension (TwoNN)", ""]
-    raw, invariant = input_clouds(task.train, symmetry, points)
+    raw, invariant, distances = input_clouds(task.train, symmetry, points)
     dims = [["inputs", raw.shape[1], intrinsic_dimension(raw)]]
     if invariant is not None:
-        dims.append(
-            [
-                "invariants (quotient by rotations and translations)",
-                invariant.shape[1],
-                intrinsic_dimension(invariant),
-            ]
-        )
+        name = "invariants (quotient by rotations and translations)"
+        dims.append([name, invariant.shape[1], intrinsic_dimension(invariant)])
+    if distances is not None:
+        name = "sorted distances (also forgets the order of the points)"
+        dims.append([name, distances.shape[1], intrinsic_dimension(distances)])
     lines += [
         format_table(["of", "ambient dim", "intrinsic dim"], dims),
         "",
@@ -111,13 +110,16 @@ def probe(run_dir: str | Path, samples: int = 8, points: int = 2000) -> str:
 
 def input_clouds(
     dataset: Any, symmetry: Symmetry, limit: int = 2000
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(raw, invariants)``: each input flattened, and its fields' configuration up to the group's rotations
-    and translations (Gram matrix of the centred position fields and the vector fields, plus the scalar
-    fields); ``invariants`` is None when no field is a vector or a position."""
-    raws, invariants = [], []
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(raw, invariants, distances)``: each input flattened; its fields' configuration up to the group's
+    rotations and translations (Gram matrix of the centred position fields and the vector fields, plus the
+    scalar fields; None when no field is a vector or a position); and, for graphs (whose node order is
+    arbitrary), the sorted pairwise distances of the first position or vector field's points
+    (:func:`ace.diagnostics.distance_invariants`; None for other inputs)."""
+    raws, invariants, distances = [], [], []
     for item in itertools.islice(iter(dataset), limit):
-        inputs = split_batch(item)[0] if not hasattr(item, "num_nodes") else item
+        graph = hasattr(item, "num_nodes")
+        inputs = item if graph else split_batch(item)[0]
         fields = symmetry._fields(symmetry.inputs, inputs, "input")
         tensors = [torch.as_tensor(x, dtype=torch.float64) for _, kind, x in fields if kind != "none"]
         raws.append(torch.cat([t.reshape(-1) for t in tensors]))
@@ -132,8 +134,11 @@ def input_clouds(
         if vectors:
             gram = gram_invariants(torch.cat(vectors)[None], center=False)[0]
             invariants.append(torch.cat([gram, *scalars]))
+            if graph and len(vectors[0]) > 1:
+                distances.append(distance_invariants(vectors[0][None])[0])
     if len(raws) < 20:
         raise ValueError(
             f"probe needs at least 20 training inputs for the intrinsic dimension, got {len(raws)}"
         )
-    return torch.stack(raws), (torch.stack(invariants) if invariants else None)
+    stacked = lambda rows: torch.stack(rows) if rows else None  # noqa: E731
+    return torch.stack(raws), stacked(invariants), stacked(distances)

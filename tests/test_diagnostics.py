@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import ace
 from ace.diagnostics import (
     audit,
+    distance_invariants,
     gram_invariants,
     intrinsic_dimension,
     inverse,
@@ -119,6 +120,17 @@ def test_gram_invariants_forget_rotations_and_translations_only():
     assert torch.allclose(gram_invariants(x), gram_invariants(moved), atol=1e-12)
     assert not torch.allclose(gram_invariants(x), gram_invariants(x * 1.1))
     assert gram_invariants(x).shape == (4, 21)
+
+
+def test_distance_invariants_also_forget_the_order_of_the_points():
+    g = Euclidean(SO3()).sample(4, torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    moved = torch.einsum("nij,npj->npi", g.matrix, x) + g.translation[:, None]
+    shuffled = moved[:, torch.randperm(6, generator=torch.Generator().manual_seed(1))]
+    assert torch.allclose(distance_invariants(x), distance_invariants(shuffled), atol=1e-12)
+    assert not torch.allclose(gram_invariants(x), gram_invariants(x[:, [1, 0, 2, 3, 4, 5]]))
+    assert not torch.allclose(distance_invariants(x), distance_invariants(x * 1.1))
+    assert distance_invariants(x).shape == (4, 15)
 
 
 def test_power_law_recovers_the_exponent():
