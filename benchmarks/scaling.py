@@ -8,7 +8,8 @@ written by ``benchmarks/compare.py``). Every cell is the test metric at its best
 (``--variant eq``, the default) or of the relaxed model itself (``--variant model``: the one an unconstrained
 relaxation deploys; for a strict model both are the same), mean +- std over the seeds found (their number in
 brackets); alpha is fitted over every run (seeds as repeated sizes) by :func:`ace.diagnostics.power_law`, with
-its 95 % interval. ``--plot FILE`` draws the runs and the fits on log-log axes.
+its 95 % interval. ``--plot FILE`` draws the runs and the fits on log-log axes. ``--one-minus`` tabulates and
+fits ``1 - metric``: the error rate of an accuracy (``--metric accuracy --one-minus``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from ace.plots import plot_scaling  # noqa: E402
 from ace.run_data import best_val_test  # noqa: E402
 
 
-def values(root: Path, config: str, metric: str, variant: str = "eq") -> list[float]:
+def values(root: Path, config: str, metric: str, variant: str = "eq", one_minus: bool = False) -> list[float]:
     out = []
     for summary in sorted((root / config).glob("seed*/summary.json")):
-        out.append(best_val_test(json.loads(summary.read_text()))[variant][metric])
+        value = best_val_test(json.loads(summary.read_text()))[variant][metric]
+        out.append(1.0 - value if one_minus else value)
     return out
 
 
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", nargs="+", required=True, help="N=DIR pairs")
     parser.add_argument("--metric", default="mse")
     parser.add_argument("--variant", choices=["eq", "model"], default="eq", help="f_eq or the relaxed model")
+    parser.add_argument("--one-minus", action="store_true", help="fit 1 - metric (an accuracy's error rate)")
     parser.add_argument("--plot", type=Path, help="write a log-log plot of the runs and fits here (PNG)")
     args = parser.parse_args(argv)
     sizes = {int(n): Path(d) for n, d in (item.split("=", 1) for item in args.runs)}
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     for config in args.configs:
         row, xs, ys = [f"`{config}`"], [], []
         for n, root in sorted(sizes.items()):
-            found = values(root, config, args.metric, args.variant)
+            found = values(root, config, args.metric, args.variant, args.one_minus)
             xs += [n] * len(found)
             ys += found
             if not found:
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(header, rows))
     if args.plot is not None:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        print(f"plot: {plot_scaling(curves, args.plot, f'test {args.metric} ({args.variant})')}")
+        metric = f"1 - {args.metric}" if args.one_minus else args.metric
+        print(f"plot: {plot_scaling(curves, args.plot, f'test {metric} ({args.variant})')}")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def test_scaling_table_fits_the_exponent(tmp_path, capsys):
     assert "| `cfg`  | 0.4 ± 0 (2) |" in out and "0.50 [0.50, 0.50]" in out
     _load("scaling").main(["cfg", *runs])  # f_eq by default
     assert "1.00 [1.00, 1.00]" in capsys.readouterr().out
+    _load("scaling").main(["cfg", *runs, "--variant", "model", "--one-minus"])  # 0.6, 0.8, 0.9
+    assert "| `cfg`  | 0.6 ± 0 (2) |" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib") is not None:
         _load("scaling").main(["cfg", *runs, "--plot", str(tmp_path / "scaling.png")])
         assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
