@@ -95,7 +95,8 @@ def probe(run_dir: str | Path, samples: int = 8, points: int = 2000) -> str:
     raw, invariant, distances = input_clouds(task.train, symmetry, points)
     dims = [["inputs", raw.shape[1], intrinsic_dimension(raw)]]
     if invariant is not None:
-        name = "invariants (quotient by rotations and translations)"
+        # Gram matrices forget every orthogonal map, so they quotient by at least the task's group
+        name = f"Gram invariants (quotient by O(d) and translations; the task's group: {symmetry.group!r})"
         dims.append([name, invariant.shape[1], intrinsic_dimension(invariant)])
     if distances is not None:
         name = "sorted distances (also forgets the order of the points)"

@@ -159,7 +159,7 @@ def test_probe_reports_every_section_of_a_run(runs, capsys):
     text = capsys.readouterr().out
     assert "symmetrisation gap" in text and "95 % interval" in text
     assert "| layers.0 " in text and "local: the layer on its own recorded inputs" in text
-    assert "| invariants (quotient by rotations and translations) | 1 " in text
+    assert "| Gram invariants (quotient by O(d) and translations; the task's group: SO2()) | 1 " in text
     assert main(["probe", str(plain), "--samples", "2"]) == 0
     assert "declares no layer actions" in capsys.readouterr().out
 
@@ -171,3 +171,34 @@ def test_probe_names_a_run_without_a_model(runs, tmp_path, capsys):
     (tmp_path / "run" / "config.yaml").write_text((runs[1] / "config.yaml").read_text())
     assert main(["probe", str(tmp_path / "run")]) == 1
     assert "has no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "group"),
+    [
+        ("nbody_field_unconstrained", "Euclidean(O3"),
+        ("spectral_partial_unconstrained", "SignFlip"),
+        ("images_strict", None),
+    ],
+)
+def test_probe_reads_runs_of_the_other_tasks(tmp_path, capsys, config, group):
+    from run_kit import CONFIGS
+
+    from ace.cli import main
+    from ace.config import load_config
+    from ace.experiment import run
+
+    sizes = [
+        "data.train_size=24",
+        "data.val_size=8",
+        "data.test_size=8",
+        "train.batch_size=8",
+        "train.epochs=1",
+    ]
+    cache = [f"data.cache_dir={tmp_path}"] if config.startswith("nbody") else []
+    run(load_config(CONFIGS / f"{config}.yaml", [*sizes, *cache, "log.progress=false"]), tmp_path / "run")
+    capsys.readouterr()
+    assert main(["probe", str(tmp_path / "run"), "--samples", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "symmetrisation gap" in text and "| inputs " in text
+    assert (f"the task's group: {group}" in text) == (group is not None)  # images: no vector field
