@@ -16,7 +16,7 @@ from cooper.penalty_coefficients import DensePenaltyCoefficient
 
 from .constraints import Constraint
 
-__all__ = ["DualSettings", "make_problem", "make_optimizer", "primal_lagrangian", "check_multipliers"]
+__all__ = ["DualSettings", "make_problem", "make_optimizer", "primal_lagrangian", "clamp_multipliers"]
 
 
 @dataclass(frozen=True)
@@ -144,34 +144,26 @@ def primal_lagrangian(
     return lagrangian
 
 
-def check_multipliers(
+def clamp_multipliers(
     constraints: dict[str, cooper.Constraint],
-    ceiling: float | None,
+    ceiling: float,
     warned: set[str],
     step: int,
     events: list[dict[str, Any]],
-) -> str | None:
-    """``"multiplier"`` if a multiplier is non-finite (one host sync for all of them), else None; multipliers
-    beyond ``ceiling`` are clamped to it, with a warning and an event record the first time per constraint
-    (names in ``warned``)."""
-    if not constraints:
-        return None
-    weights = {name: c.multiplier.weight for name, c in constraints.items()}
-    largest = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()]).max().item()
-    if not math.isfinite(largest):
-        return "multiplier"
-    if ceiling is not None and largest > ceiling:
-        with torch.no_grad():
-            for name, w in weights.items():
-                if w.abs().max() > ceiling and name not in warned:
-                    warned.add(name)
-                    message = (
-                        f"multiplier of constraint '{name}' reached the ceiling {ceiling:g} at step {step} "
-                        "and is clamped there: the constraint may be infeasible (raise its tolerance, make "
-                        "it resilient, or raise max_multiplier)"
-                    )
-                    warnings.warn(message, stacklevel=5)
-                    event = {"step": step, "event": "multiplier_ceiling", "constraint": name}
-                    events.append({**event, "message": message})
-                w.clamp_(-ceiling, ceiling)
-    return None
+) -> None:
+    """Clamp multipliers beyond ``ceiling`` to it, with a warning and an event record the first time per
+    constraint (names in ``warned``)."""
+    with torch.no_grad():
+        for name, c in constraints.items():
+            w = c.multiplier.weight
+            if w.abs().max() > ceiling and name not in warned:
+                warned.add(name)
+                message = (
+                    f"multiplier of constraint '{name}' reached the ceiling {ceiling:g} at step {step} "
+                    "and is clamped there: the constraint may be infeasible (raise its tolerance, make "
+                    "it resilient, or raise max_multiplier)"
+                )
+                warnings.warn(message, stacklevel=5)
+                event = {"step": step, "event": "multiplier_ceiling", "constraint": name}
+                events.append({**event, "message": message})
+            w.clamp_(-ceiling, ceiling)

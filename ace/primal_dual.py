@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 
 from . import distributed
 from .constraints import Constraint, GateConstraint, check_setup
-from .dual import DualSettings, check_multipliers, make_optimizer, make_problem, primal_lagrangian
+from .dual import DualSettings, clamp_multipliers, make_optimizer, make_problem, primal_lagrangian
 from .relax import gates as find_gates
 from .schedules import LearningRates
 from .step_result import StepResult, constraint_table
@@ -135,8 +135,8 @@ class PrimalDual:
         )
         sizes = {c.name: self._size(c) for c in self.constraints}
         self.cmp, self.cooper_constraints = make_problem(self.constraints, sizes, dual, self.device)
-        primal = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
-        self.cooper_optimizer = make_optimizer(self.cmp, primal, dual)
+        self._primal_optimizers = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
+        self.cooper_optimizer = make_optimizer(self.cmp, self._primal_optimizers, dual)
         self._gate_params = list(self.gates.values())
         gate_ids = {id(g) for g in self._gate_params}
         self._weights = [  # the primal parameters other than the gates, listed once for the hot path
@@ -199,7 +199,8 @@ class PrimalDual:
         Deviation constraints evaluate the model on transformed ``inputs`` and compare with ``output``.
         ``stop`` is a flag OR-ed over ranks on the same all-reduce (a loop's signal agreement).
         """
-        self.cooper_optimizer.zero_grad()
+        for o in self._primal_optimizers:  # the multipliers' gradients are assigned, never accumulated
+            o.zero_grad()
         tolerances = self.tolerances()
         gates = torch.stack(self._gate_params) if self._gate_params else None
         raw = {}
@@ -246,18 +247,24 @@ class PrimalDual:
             self._dual_step(measured.violations)
         lagrangian = primal_lagrangian(measured.objective, measured.observed, self.cooper_constraints)
         self.backward(lagrangian)
-        grads = [p.grad for p in (*self._weights, *self._gate_params) if p.grad is not None]
+        if self.cooper_constraints and not alternating:
+            # violations at the pre-step point; taken before the primal step, which does not read the
+            # multipliers, so that one host sync checks the new multipliers with everything else
+            self._dual_step(measured.violations)
         checked = {"loss": measured.loss, **{f"constraint '{k}'": v for k, v in measured.values.items()}}
+        multipliers = [c.multiplier.weight.detach().reshape(-1) for c in self.cooper_constraints.values()]
+        if multipliers:
+            checked["multiplier"] = torch.cat(multipliers)
+        grads = [p.grad for p in (*self._weights, *self._gate_params) if p.grad is not None]
         if grads:
             checked["gradient"] = _norms(grads)
-        problem = _first_nonfinite(checked)  # one host sync for all of them
+        problem, largest = _first_nonfinite(checked, "multiplier")  # the step's one host sync
         events: list[dict[str, Any]] = []
         if problem is None:
             self._primal_step(measured.gates)
-            if self.cooper_constraints and not alternating:
-                self._dual_step(measured.violations)  # violations at the pre-step point
-            step, warned = self.step_count + 1, self._ceiling_warned
-            problem = check_multipliers(self.cooper_constraints, self.max_multiplier, warned, step, events)
+            if self.max_multiplier is not None and largest > self.max_multiplier:
+                step, warned = self.step_count + 1, self._ceiling_warned
+                clamp_multipliers(self.cooper_constraints, self.max_multiplier, warned, step, events)
         if problem is not None:  # dropped: no gradients left, the multipliers as they were
             self.cooper_optimizer.zero_grad()
             with torch.no_grad():
@@ -402,8 +409,15 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.nn.utils.get_total_norm(tensors).reshape(1)
 
 
-def _first_nonfinite(values: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first quantity holding a NaN or Inf (one host sync when all are finite)."""
-    if torch.isfinite(torch.cat([v.reshape(-1) for v in values.values()])).all():
-        return None
-    return next(name for name, v in values.items() if not torch.isfinite(v).all())
+def _first_nonfinite(values: dict[str, torch.Tensor], measured: str) -> tuple[str | None, float]:
+    """``(name, largest)``: the name of the first quantity holding a NaN or Inf (None if all are finite) and
+    the largest absolute entry of ``values[measured]`` (0 if absent), read in one host sync when all are
+    finite."""
+    finite = torch.isfinite(torch.cat([v.reshape(-1) for v in values.values()])).all()
+    if measured in values:
+        ok, largest = torch.stack([finite.to(values[measured].dtype), values[measured].abs().max()]).tolist()
+    else:
+        ok, largest = bool(finite), 0.0
+    if ok:
+        return None, largest
+    return next(name for name, v in values.items() if not torch.isfinite(v).all()), largest

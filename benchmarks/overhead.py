@@ -30,7 +30,10 @@ Rows and their targets (issues 8 and 13):
 * ``gate, log every 1`` / ``log every 50``: the gate row with a JSONL record (written and flushed to a
   file) every step or every 50 steps.
 
-The last line is the gate-constraint ratio of every gated model.
+The last column counts the operators each step dispatches (plain loop / trainer, top-level aten calls
+recorded by ``torch.profiler`` over 4 steps): on a small model the fixed cost per step is mostly per-operator
+overhead, and the count is the same on a loaded machine and an idle one. The last line is the
+gate-constraint ratio of every gated model.
 """
 
 from __future__ import annotations
@@ -137,8 +140,20 @@ def time_block(step: Callable, batches: list, start: int, block: int) -> float:
     return (time.process_time() - t0) / block
 
 
+def op_count(step: Callable, batches: list, steps: int = 4) -> float:
+    """Operators dispatched per step (top-level aten calls, as the profiler records them): a cost that the
+    load of a shared machine cannot blur, unlike the times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(batches[i % len(batches)])
+    nested = lambda e: e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")  # noqa: E731
+    return sum(e.name.startswith("aten::") and not nested(e) for e in prof.events()) / steps
+
+
 def measure(model: str, ks: list[int], args, extra: list[str], cache: str, tmp: str) -> list[list[Any]]:
-    """Rows ``[model, variant, plain ms, trainer ms, ratio, target, ok]`` for one model."""
+    """Rows ``[model, variant, plain ms, trainer ms, ratio, target, ok, ops plain / trainer]`` for one model."""
     rows = variants(model, ks)
     plain, batches, _ = build(model, None, extra, cache, None)
     contenders: list[tuple[str, Callable]] = [("plain", plain)]
@@ -155,6 +170,7 @@ def measure(model: str, ks: list[int], args, extra: list[str], cache: str, tmp: 
             seconds = time_block(step, batches, r * args.block, args.block)
             if r >= args.warmup:
                 times[label].append(seconds)
+    ops = {label: op_count(step, batches) for label, step in contenders}
     for trainer in trainers:
         trainer.close()
     base = statistics.median(times["plain"])
@@ -164,7 +180,8 @@ def measure(model: str, ks: list[int], args, extra: list[str], cache: str, tmp: 
         ratio = t / base
         ok = "" if v.target is None else ("yes" if ratio <= v.target else "NO")
         target = "" if v.target is None else f"<= {v.target:.2f}"
-        table.append([model, v.label, f"{1e3 * base:.2f}", f"{1e3 * t:.2f}", f"{ratio:.3f}", target, ok])
+        row = [model, v.label, f"{1e3 * base:.2f}", f"{1e3 * t:.2f}", f"{ratio:.3f}", target, ok]
+        table.append([*row, f"{ops['plain']:.0f} / {ops[v.label]:.0f}"])
     return table
 
 
@@ -193,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
         for model in args.models:
             extra = QUICK_SIZES[model] if args.quick else []
             rows += measure(model, args.samples, args, extra, cache, tmp)
-    header = ["model", "trainer", "plain ms/step", "trainer ms/step", "ratio", "target", "met"]
+    header = ["model", "trainer", "plain ms/step", "trainer ms/step", "ratio", "target", "met", "ops/step"]
     print(format_table(header, rows))
     gates = [f"{r[0]} {r[4]}x" for r in rows if r[1] == "gate (ACE)"]
     print("gate-constraint ratio (trainer / plain loop): " + (", ".join(gates) or "no gated model run"))

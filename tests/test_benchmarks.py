@@ -34,6 +34,8 @@ def test_overhead_quick(capsys):
     assert "| model" in "\n".join(out) and "deviation k=1" in "\n".join(out)
     assert out[-1].startswith("gate-constraint ratio (trainer / plain loop): nbody ")
     assert {r[1] for r in rows} >= {"gate (ACE)", "gate, log every 1", "deviation k=1"}
+    ops = {r[1]: [float(n) for n in r[7].split(" / ")] for r in rows}  # plain / trainer
+    assert 0 < ops["gate (ACE)"][0] < ops["gate (ACE)"][1] < ops["deviation k=1"][1]
 
 
 def test_deviation_quick(capsys):
