@@ -153,7 +153,7 @@ def op_count(step: Callable, batches: list, steps: int = 4) -> float:
 
 
 def measure(model: str, ks: list[int], args, extra: list[str], cache: str, tmp: str) -> list[list[Any]]:
-    """Rows ``[model, variant, plain ms, trainer ms, ratio, target, ok, ops plain / trainer]`` for one model."""
+    """Rows ``[model, variant, plain ms, trainer ms, ratio, target, ok, ops plain / trainer]`` of a model."""
     rows = variants(model, ks)
     plain, batches, _ = build(model, None, extra, cache, None)
     contenders: list[tuple[str, Callable]] = [("plain", plain)]
