@@ -30,9 +30,9 @@ Rows and their targets (issues 8 and 13):
 * ``gate, log every 1`` / ``log every 50``: the gate row with a JSONL record (written and flushed to a
   file) every step or every 50 steps.
 
-The last column counts the operators each step dispatches (plain loop / trainer, top-level aten calls
-recorded by ``torch.profiler`` over 4 steps): on a small model the fixed cost per step is mostly per-operator
-overhead, and the count is the same on a loaded machine and an idle one. The last line is the
+The last column counts the operators each step dispatches to kernels, forward and backward (plain loop /
+trainer, counted by a ``TorchDispatchMode`` over 4 steps): on a small model the fixed cost per step is mostly
+per-operator overhead, and the count is the same on a loaded machine and an idle one. The last line is the
 gate-constraint ratio of every gated model.
 """
 
@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -140,16 +141,25 @@ def time_block(step: Callable, batches: list, start: int, block: int) -> float:
     return (time.process_time() - t0) / block
 
 
-def op_count(step: Callable, batches: list, steps: int = 4) -> float:
-    """Operators dispatched per step (top-level aten calls, as the profiler records them): a cost that the
-    load of a shared machine cannot blur, unlike the times."""
-    from torch.profiler import ProfilerActivity, profile
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators that reach the kernels (after autograd and composite decompositions)."""
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_count(step: Callable, batches: list, steps: int = 4) -> float:
+    """Operators dispatched per step, forward and backward: a cost that the load of a shared machine cannot
+    blur, unlike the times."""
+    with _OpCounter() as counter:
         for i in range(steps):
             step(batches[i % len(batches)])
-    nested = lambda e: e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")  # noqa: E731
-    return sum(e.name.startswith("aten::") and not nested(e) for e in prof.events()) / steps
+    return counter.count / steps
 
 
 def measure(model: str, ks: list[int], args, extra: list[str], cache: str, tmp: str) -> list[list[Any]]:
