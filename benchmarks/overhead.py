@@ -180,7 +180,7 @@ def measure(model: str, ks: list[int], args, extra: list[str], cache: str, tmp: 
             seconds = time_block(step, batches, r * args.block, args.block)
             if r >= args.warmup:
                 times[label].append(seconds)
-    ops = {label: op_count(step, batches) for label, step in contenders}
+    ops = {label: op_count(step, batches, 1 if args.quick else 4) for label, step in contenders}
     for trainer in trainers:
         trainer.close()
     base = statistics.median(times["plain"])
