@@ -258,7 +258,7 @@ class PrimalDual:
         grads = [p.grad for p in (*self._weights, *self._gate_params) if p.grad is not None]
         if grads:
             checked["gradient"] = _norms(grads)
-        problem, largest = _first_nonfinite(checked, "multiplier")  # the step's one host sync
+        problem, largest = _nonfinite_and_largest(checked, "multiplier")  # the step's one host sync
         events: list[dict[str, Any]] = []
         if problem is None:
             self._primal_step(measured.gates)
@@ -409,13 +409,14 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.nn.utils.get_total_norm(tensors).reshape(1)
 
 
-def _first_nonfinite(values: dict[str, torch.Tensor], measured: str) -> tuple[str | None, float]:
+def _nonfinite_and_largest(values: dict[str, torch.Tensor], largest_of: str) -> tuple[str | None, float]:
     """``(name, largest)``: the name of the first quantity holding a NaN or Inf (None if all are finite) and
-    the largest absolute entry of ``values[measured]`` (0 if absent), read in one host sync when all are
+    the largest absolute entry of ``values[largest_of]`` (0 if absent), read in one host sync when all are
     finite."""
     finite = torch.isfinite(torch.cat([v.reshape(-1) for v in values.values()])).all()
-    if measured in values:
-        ok, largest = torch.stack([finite.to(values[measured].dtype), values[measured].abs().max()]).tolist()
+    if largest_of in values:
+        x = values[largest_of]
+        ok, largest = torch.stack([finite.to(x.dtype), x.abs().max()]).tolist()
     else:
         ok, largest = bool(finite), 0.0
     if ok:
