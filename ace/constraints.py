@@ -69,7 +69,7 @@ class Constraint:
 
     def violation(self, value: torch.Tensor, tolerance: float, slack: torch.Tensor | None) -> torch.Tensor:
         """g - eps (- u when resilient)."""
-        violation = value - tolerance
+        violation = value - tolerance if tolerance else value  # eps = 0: no operator
         return violation - slack if slack is not None else violation
 
     def penalty_term(self, violation: torch.Tensor) -> torch.Tensor:

@@ -83,18 +83,21 @@ def mean_squared_norm(symmetry: Symmetry, output: Any) -> Tensor:
 
 def _squared_norm(symmetry: Symmetry, a: Any, b: Any = None) -> Tensor:
     """``sum over fields of mean ||a - b||^2`` (squared norm over the last dim, mean over the rest)."""
-    total = 0
+    total = None
     fields = symmetry._fields(symmetry.output, a, "output")
     others = symmetry._fields(symmetry.output, b, "output") if b is not None else [None] * len(fields)
     for (_, kind, x), other in zip(fields, others, strict=True):
         if kind == "none":
             continue
         sq = (x if other is None else x - other[2]).square()
-        total = total + (sq.sum(-1) if sq.dim() >= 2 else sq).mean()
-    return torch.as_tensor(total)
+        term = (sq.sum(-1) if sq.dim() >= 2 else sq).mean()
+        total = term if total is None else total + term
+    return torch.as_tensor(0.0) if total is None else total
 
 
 def _repeat_output(output: Any, k: int) -> Any:
+    if k == 1:
+        return output
     if torch.is_tensor(output):
         return torch.cat([output] * k)
     if isinstance(output, (tuple, list)):

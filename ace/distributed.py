@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -63,13 +64,14 @@ def mean(value: float, device: torch.device) -> float:
     return shared.item() / size
 
 
-def mean_with_flag(tensors: list[torch.Tensor], flag: bool) -> torch.Tensor | None:
-    """The rank averages of the concatenated ``tensors`` with ``flag`` (OR-ed over ranks: > 0 if any rank set
-    it) last, in one collective; None for a single process."""
+def mean_with_flag(tensors: Callable[[], list[torch.Tensor]], flag: bool) -> torch.Tensor | None:
+    """The rank averages of the concatenated ``tensors()`` with ``flag`` (OR-ed over ranks: > 0 if any rank
+    set it) last, in one collective; None for a single process, which does not call ``tensors``."""
     size = world()[0]
     if size == 1:
         return None
-    shared = torch.cat([*tensors, torch.tensor([float(flag)], device=tensors[0].device)])
+    parts = tensors()
+    shared = torch.cat([*parts, torch.tensor([float(flag)], device=parts[0].device)])
     dist.all_reduce(shared)
     return shared / size
 

@@ -246,7 +246,7 @@ class _PlaneRotation(Group):
         theta = self.angles(n, generator, dtype, device)
         c, s = theta.cos(), theta.sin()
         if self.axis is None:
-            return GroupElement(torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2))
+            return GroupElement(torch.stack([c, -s, s, c], -1).view(*c.shape, 2, 2))
         # The rotation acts in the plane (i, j) that follows the axis cyclically: z -> (x, y), x -> (y, z).
         a = _AXES[self.axis]
         i, j = (a + 1) % 3, (a + 2) % 3

@@ -35,16 +35,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cooper
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from . import distributed
 from .constraints import Constraint, GateConstraint, check_setup
-from .dual import DualSettings, clamp_multipliers, make_optimizer, make_problem, primal_lagrangian
+from .dual import (
+    DualSettings,
+    clamp_multipliers,
+    dual_step,
+    lagrangian_surrogate,
+    make_optimizer,
+    make_problem,
+    primal_lagrangian,
+)
+from .faults import StepCheck
+from .primal import PrimalSide
 from .relax import gates as find_gates
-from .schedules import LearningRates
 from .step_result import StepResult, constraint_table
 
 __all__ = ["DualSettings", "PrimalDual", "StepResult"]
@@ -62,6 +70,9 @@ class _Measured:
     violations: dict[str, torch.Tensor]
     tolerances: dict[str, float]
     gates: torch.Tensor | None  # the gates this batch saw, stacked and detached
+    gate_bounds: (
+        tuple[list[torch.Tensor], list[torch.Tensor]] | None
+    )  # each gate's lowest and highest next value
     stop: bool
 
 
@@ -116,9 +127,6 @@ class PrimalDual:
         self.constraints = list(constraints)
         self.symmetry = symmetry
         self.dual = dual
-        self.grad_clip = grad_clip
-        self.gate_max_step = gate_max_step
-        self.gate_schedule = gate_schedule
         self.max_multiplier = max_multiplier
         self.device = torch.device(device) if device is not None else module_device(model)
         self.gates = find_gates(model)
@@ -135,29 +143,25 @@ class PrimalDual:
         )
         sizes = {c.name: self._size(c) for c in self.constraints}
         self.cmp, self.cooper_constraints = make_problem(self.constraints, sizes, dual, self.device)
-        self._primal_optimizers = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
-        self.cooper_optimizer = make_optimizer(self.cmp, self._primal_optimizers, dual)
-        self._gate_params = list(self.gates.values())
-        gate_ids = {id(g) for g in self._gate_params}
-        self._weights = [  # the primal parameters other than the gates, listed once for the hot path
-            p
-            for o in self.optimizers
-            for group in o.param_groups
-            for p in group["params"]
-            if id(p) not in gate_ids
-        ]
-        if gate_schedule is not None:
-            for g in self._gate_params:
-                g.requires_grad_(False)
-        # the gates' plain-SGD rate sets the gate-multiplier damping: scaled only on request
-        self.rates = LearningRates(
-            lr_schedule, self.optimizers, skip=[] if schedule_gates else self._gate_params
+        primal_optimizers = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
+        self.cooper_optimizer = make_optimizer(self.cmp, primal_optimizers, dual)
+        self.primal = PrimalSide(
+            self.optimizers,
+            list(self.gates.values()),
+            grad_clip=grad_clip,
+            gate_max_step=gate_max_step,
+            lr_schedule=lr_schedule,
+            schedule_gates=schedule_gates,
+            gate_schedule=gate_schedule,
+            slack_optimizer=self.slack_optimizer,
         )
+        self.rates = self.primal.rates
+        self._check = StepCheck([*self.primal.weights, *self.primal.gates], self.device)
         self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward  # of the primal Lagrangian
         self.step_count = 0
         self.tolerance_starts: dict[str, float] = {}
         self._ceiling_warned: set[str] = set()
-        self._set_scheduled_gates()
+        self.primal.set_scheduled_gates(0)
 
     # ------------------------------------------------------------------ setup
 
@@ -184,13 +188,6 @@ class PrimalDual:
         """eps(t) of every constraint at the current step."""
         return {c.name: c.tolerance_at(self.step_count) for c in self.constraints}
 
-    def _set_scheduled_gates(self) -> None:
-        """``gate_schedule``: the gates of the next step, set after each update (and at the start)."""
-        if self.gate_schedule is not None:
-            with torch.no_grad():
-                for g in self._gate_params:
-                    g.fill_(self.gate_schedule(self.step_count))
-
     def measure(
         self, loss: torch.Tensor, inputs: Any = None, output: Any = None, stop: bool = False
     ) -> _Measured:
@@ -199,18 +196,17 @@ class PrimalDual:
         Deviation constraints evaluate the model on transformed ``inputs`` and compare with ``output``.
         ``stop`` is a flag OR-ed over ranks on the same all-reduce (a loop's signal agreement).
         """
-        for o in self._primal_optimizers:  # the multipliers' gradients are assigned, never accumulated
-            o.zero_grad()
+        self.primal.zero_grad()  # the multipliers' gradients are assigned, never accumulated
         tolerances = self.tolerances()
-        gates = torch.stack(self._gate_params) if self._gate_params else None
+        gates = torch.stack(self.primal.gates) if self.gates else None
         raw = {}
         for c in self.constraints:
             if isinstance(c, GateConstraint):
                 raw[c.name] = c.value(gates)
             else:
                 raw[c.name] = c.measure(self.model, inputs, self.symmetry, self.generator, output)
-        shared = distributed.mean_with_flag(
-            [loss.detach().reshape(1), *(v.detach() for v in raw.values())], stop
+        shared = distributed.mean_with_flag(  # the list is built only under torch.distributed
+            lambda: [loss.detach().reshape(1), *(v.detach() for v in raw.values())], stop
         )
         loss_all, rest = (shared[0], shared[1:]) if shared is not None else (loss.detach(), None)
         objective = loss
@@ -234,34 +230,38 @@ class PrimalDual:
             values[c.name], violations[c.name] = value_all, violation_all
         stop = bool(rest[0] > 0) if rest is not None else stop
         snapshot = None if gates is None else gates.detach()
-        return _Measured(objective, observed, loss_all, values, violations, tolerances, snapshot, stop)
+        bounds = self.primal.gate_bounds()
+        return _Measured(
+            objective, observed, loss_all, values, violations, tolerances, snapshot, bounds, stop
+        )
 
     def update(self, measured: _Measured) -> StepResult:
         """The primal-dual update of a measured batch (nothing is applied when a quantity is non-finite)."""
         # a dropped step must also undo a dual step that overflowed the multipliers: keep their values
-        kept = [c.multiplier.weight.detach().clone() for c in self.cooper_constraints.values()]
+        with torch.no_grad():
+            kept = [c.multiplier.weight.clone() for c in self.cooper_constraints.values()]
         seen = self._snapshot(kept, measured.gates)
-        self.rates.apply(self.step_count)
+        self.primal.rates.apply(self.step_count)
         alternating = self.cooper_constraints and self.dual.update == "alternating"
         if alternating:  # dual step first, so the primal Lagrangian uses the new multipliers
-            self._dual_step(measured.violations)
-        lagrangian = primal_lagrangian(measured.objective, measured.observed, self.cooper_constraints)
-        self.backward(lagrangian)
+            dual_step(self.cooper_optimizer, self.cooper_constraints, measured.violations, self.dual)
+        self.backward(lagrangian_surrogate(measured.objective, measured.observed, self.cooper_constraints))
         if self.cooper_constraints and not alternating:
             # violations at the pre-step point; taken before the primal step, which does not read the
             # multipliers, so that one host sync checks the new multipliers with everything else
-            self._dual_step(measured.violations)
-        checked = {"loss": measured.loss, **{f"constraint '{k}'": v for k, v in measured.values.items()}}
-        multipliers = [c.multiplier.weight.detach().reshape(-1) for c in self.cooper_constraints.values()]
-        if multipliers:
-            checked["multiplier"] = torch.cat(multipliers)
-        grads = [p.grad for p in (*self._weights, *self._gate_params) if p.grad is not None]
-        if grads:
-            checked["gradient"] = _norms(grads)
-        problem, largest = _nonfinite_and_largest(checked, "multiplier")  # the step's one host sync
+            dual_step(self.cooper_optimizer, self.cooper_constraints, measured.violations, self.dual)
+        quantities = {"loss": [measured.loss]}
+        quantities.update({f"constraint '{k}'": [v] for k, v in measured.values.items()})
+        quantities["multiplier"] = [c.multiplier.weight for c in self.cooper_constraints.values()]
+        numbers, gradients_finite = self._check(quantities)  # the step's one host sync
+        problem = next((k for k, xs in numbers.items() if not all(map(math.isfinite, xs))), None)
+        if problem is None and not gradients_finite:
+            problem = "gradient"
+        largest = max(map(abs, numbers["multiplier"]), default=0.0)
+        used = numbers["multiplier"] if alternating else kept  # the multipliers of the primal step
         events: list[dict[str, Any]] = []
         if problem is None:
-            self._primal_step(measured.gates)
+            self.primal.step(measured.gate_bounds)
             if self.max_multiplier is not None and largest > self.max_multiplier:
                 step, warned = self.step_count + 1, self._ceiling_warned
                 clamp_multipliers(self.cooper_constraints, self.max_multiplier, warned, step, events)
@@ -270,14 +270,13 @@ class PrimalDual:
             with torch.no_grad():
                 for c, weight in zip(self.cooper_constraints.values(), kept):
                     c.multiplier.weight.copy_(weight)
-            lagrangian = None
         self.step_count += 1
-        self._set_scheduled_gates()
+        self.primal.set_scheduled_gates(self.step_count)
         tolerances, values, violations = measured.tolerances, measured.values, measured.violations
         return StepResult(
             step=self.step_count,
             loss=measured.loss,
-            lagrangian=None if lagrangian is None else lagrangian.detach(),
+            lagrangian_of=None if problem else lambda: self._lagrangian(measured, used),
             tolerances=tolerances,
             values=values,
             violations=violations,
@@ -291,29 +290,23 @@ class PrimalDual:
         """``update(measure(loss, inputs, output))``: one primal-dual step on a batch."""
         return self.update(self.measure(loss, inputs, output))
 
-    def _dual_step(self, violations: dict[str, torch.Tensor]) -> None:
-        """Ascent on the multipliers. The gradient of the dual Lagrangian ``sum_i lambda_i v_i`` is the
-        violation itself (rank-averaged): no second autograd pass. Plain SGD is applied directly,
-        ``lambda <- lambda + eta v`` then ``[.]_+`` for inequalities (bit for bit torch's SGD with
-        ``maximize=True`` and cooper's projection, without their per-step bookkeeping); nuPI and Adam go
-        through their optimiser."""
-        if self.dual.optimizer == "sgd":
-            lr = self.cooper_optimizer.dual_optimizers[0].param_groups[0]["lr"]
-            with torch.no_grad():
-                for name, c in self.cooper_constraints.items():
-                    weight = c.multiplier.weight.add_(violations[name], alpha=lr)
-                    if c.constraint_type == cooper.ConstraintType.INEQUALITY:
-                        weight.relu_()
-            return
-        for name, c in self.cooper_constraints.items():
-            c.multiplier.weight.grad = violations[name].clone()
-        self.cooper_optimizer.dual_step()
+    def _lagrangian(self, measured: _Measured, multipliers: list[float] | list[torch.Tensor]) -> torch.Tensor:
+        """The primal Lagrangian's value at the step (for records: a step that is not logged skips it), from
+        the multipliers its primal step used: read by the step's check, or kept before a dual step."""
+        if multipliers and not torch.is_tensor(multipliers[0]):
+            sizes = [c.multiplier.weight.numel() for c in self.cooper_constraints.values()]
+            multipliers = torch.tensor(multipliers, device=self.device).split(sizes)
+        with torch.no_grad():
+            used = dict(zip(self.cooper_constraints, multipliers))
+            return primal_lagrangian(
+                measured.objective.detach(), measured.observed, used, self.cooper_constraints
+            )
 
     def _snapshot(self, multipliers: list[torch.Tensor], gates: torch.Tensor | None = None) -> dict[str, Any]:
         """Gates (``gates``: stacked, else read now), slacks and multipliers before the step's update."""
         weights = dict(zip(self.cooper_constraints, multipliers))
-        if gates is None and self._gate_params:
-            gates = torch.stack(self._gate_params).detach()
+        if gates is None and self.gates:
+            gates = torch.stack(self.primal.gates).detach()
         return {
             "gates": dict(zip(self.gates, gates.unbind())) if gates is not None else {},
             "slacks": {k: u.detach().clone() for k, u in self.slacks.items()},
@@ -322,24 +315,6 @@ class PrimalDual:
                 for c in self.constraints
             },
         }
-
-    def _primal_step(self, gates: torch.Tensor | None) -> None:
-        """Clip, step, project the slacks, bound the gates' move from ``gates`` (their values before it)."""
-        if self.grad_clip is not None:
-            # weights and gates apart: the weights' large norm must not blunt the multipliers' pull on the
-            # gates, while a runaway gate step is still bounded
-            torch.nn.utils.clip_grad_norm_(self._weights, self.grad_clip)
-            if self._gate_params:
-                torch.nn.utils.clip_grad_norm_(self._gate_params, self.grad_clip)
-        self.cooper_optimizer.primal_step()
-        with torch.no_grad():
-            for u in self.slacks.values():
-                u.clamp_(min=0.0)
-            if gates is not None and self.gate_max_step is not None:  # the gates' trust region
-                step = self.gate_max_step
-                bounded = torch.clamp(torch.stack(self._gate_params), gates - step, gates + step)
-                for g, value in zip(self._gate_params, bounded.unbind()):
-                    g.copy_(value)
 
     # ------------------------------------------------------------------ read-out
 
@@ -385,7 +360,7 @@ class PrimalDual:
         self.generator.set_state(state["generator"])
         self.rates.factor = state.get("lr_factor", 1.0)
         self._ceiling_warned |= set(state.get("ceiling_warned", ()))  # a rollback keeps its own warnings
-        self._set_scheduled_gates()
+        self.primal.set_scheduled_gates(self.step_count)
 
 
 def module_device(model: nn.Module) -> torch.device:
@@ -398,27 +373,3 @@ def _check_limits(max_multiplier: float | None, gate_max_step: float | None) -> 
         raise ValueError(f"max_multiplier must be > 0 or None, got {max_multiplier!r}")
     if gate_max_step is not None and not (gate_max_step > 0 and math.isfinite(gate_max_step)):
         raise ValueError(f"gate_max_step must be a positive number or None, got {gate_max_step!r}")
-
-
-def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Each tensor's norm, stacked (non-finite where the tensor is): one fused kernel when they share a device
-    and dtype, which costs half of ``get_total_norm``'s grouping on a small model."""
-    try:
-        return torch.stack(torch._foreach_norm(tensors))
-    except RuntimeError:  # mixed devices or dtypes
-        return torch.nn.utils.get_total_norm(tensors).reshape(1)
-
-
-def _nonfinite_and_largest(values: dict[str, torch.Tensor], largest_of: str) -> tuple[str | None, float]:
-    """``(name, largest)``: the name of the first quantity holding a NaN or Inf (None if all are finite) and
-    the largest absolute entry of ``values[largest_of]`` (0 if absent), read in one host sync when all are
-    finite."""
-    finite = torch.isfinite(torch.cat([v.reshape(-1) for v in values.values()])).all()
-    if largest_of in values:
-        x = values[largest_of]
-        ok, largest = torch.stack([finite.to(x.dtype), x.abs().max()]).tolist()
-    else:
-        ok, largest = bool(finite), 0.0
-    if ok:
-        return None, largest
-    return next(name for name, v in values.items() if not torch.isfinite(v).all()), largest

@@ -112,7 +112,6 @@ def _final_state(core: PrimalDual, deviations: dict[str, float | None]) -> StepR
     return StepResult(
         step=core.step_count,
         loss=torch.tensor(math.nan),
-        lagrangian=None,
         tolerances=tolerances,
         values=values,
         violations=violations,

@@ -20,7 +20,7 @@ class StepResult:
     Attributes:
         step: the number of steps taken, this one included (the step counts from 1).
         loss: the task loss (averaged over ranks), detached.
-        lagrangian: the primal Lagrangian (``None`` when the step was not applied).
+        lagrangian: the primal Lagrangian (``None`` when the step was not applied), computed when first read.
         tolerances: eps(t) by constraint name.
         values, violations: the constrained quantity (gate or deviation) and ``g - eps (- u)`` by constraint
             name, one entry per gate for gate constraints (averaged over ranks).
@@ -34,7 +34,6 @@ class StepResult:
 
     step: int
     loss: torch.Tensor
-    lagrangian: torch.Tensor | None
     tolerances: dict[str, float]
     values: dict[str, torch.Tensor]
     violations: dict[str, torch.Tensor]
@@ -44,6 +43,11 @@ class StepResult:
     table: Callable[[], dict[str, dict[str, float]]] = field(repr=False)
     problem: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    lagrangian_of: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def lagrangian(self) -> torch.Tensor | None:
+        return None if self.lagrangian_of is None else self.lagrangian_of()
 
     def log(self, **extra: Any) -> dict[str, Any]:
         """The flat log record: ``step``, ``extra`` (e.g. ``epoch``), ``loss``, ``lagrangian``,
