@@ -1,8 +1,8 @@
 """What stops a run: non-finite numbers, signals, and the exceptions that say which.
 
-The Trainer applies ``on_nan`` (stop, skip or rollback, see :class:`ace.Trainer`) to what
-:class:`ace.PrimalDual` reports as a step's ``problem``; SIGINT and SIGTERM set a flag that the loop reads
-after each step, so a run stops between steps with a checkpoint.
+:class:`StepCheck` finds a step's non-finite numbers; the Trainer applies ``on_nan`` (stop, skip or
+rollback, see :class:`ace.Trainer`) to what :class:`ace.PrimalDual` reports as a step's ``problem``; SIGINT
+and SIGTERM set a flag that the loop reads after each step, so a run stops between steps with a checkpoint.
 """
 
 from __future__ import annotations

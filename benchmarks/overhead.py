@@ -15,9 +15,10 @@ pre-collated batches (data loading is not timed). Every trainer variant runs thr
 ``Trainer.train_step`` and writes the records it returns, as ``Trainer.fit`` does. The variants and the
 plain loop take turns in one process, ``--block`` steps at a time in a rotating order, for ``--reps``
 rounds after ``--warmup`` rounds; each cell is the median per-step time over the rounds, and the ratio is
-trainer / plain loop of the same model. Times are CPU times of this process (``time.process_time``) with
-one torch thread: on cores shared with other work, wall-clock times also count the time the process
-waits for a core, which other processes' load changes from one round to the next.
+the median over the rounds of trainer / plain loop of the same model in that round (the machine's speed
+drifts between rounds; the two blocks of one round share it). Times are CPU times of this process
+(``time.process_time``) with one torch thread: on cores shared with other work, wall-clock times also count
+the time the process waits for a core, which other processes' load changes from one round to the next.
 
 Rows and their targets (issues 8 and 13):
 

@@ -1,4 +1,4 @@
-"""The README's result tables show the runs of the command printed above them."""
+"""The README: result tables show the runs of the command printed above them; the layout is the package's."""
 
 import re
 from pathlib import Path
@@ -30,3 +30,12 @@ def test_every_result_row_is_a_run_of_the_command_above_its_table():
     for command, names in tables:
         assert names, command
         assert [n for n in names if not covers(command, n)] == [], command
+
+
+def test_the_layout_names_every_module_and_none_that_is_gone():
+    """The README's Layout block is the map of ``ace/``: a module added or removed shows there."""
+    root = Path(__file__).parent.parent
+    layout = README.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"ace/(\w+)\.py", layout))
+    modules = {p.stem for p in (root / "ace").glob("*.py")} - {"__init__", "__main__"}
+    assert named == modules
