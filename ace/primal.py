@@ -11,8 +11,6 @@ from collections.abc import Callable
 
 import torch
 
-from .schedules import LearningRates
-
 __all__ = ["PrimalSide"]
 
 Bounds = tuple[list[torch.Tensor], list[torch.Tensor]]
@@ -22,22 +20,20 @@ class PrimalSide:
     """The primal parameters of a constrained problem and their update.
 
     Args:
-        optimizers: the user's optimisers (weights and gates), then the slacks' optimiser if any.
+        optimizers: the user's optimisers (weights and gates).
         gates: the relaxed model's gates (``ace.relax``), in a fixed order.
-        grad_clip, gate_max_step, lr_schedule, schedule_gates, gate_schedule: see :class:`ace.PrimalDual`.
+        slack_optimizer: the slacks' optimiser (resilient constraints), stepped after the others.
+        grad_clip, gate_max_step, gate_schedule: see :class:`ace.PrimalDual`.
     """
 
     def __init__(
         self,
         optimizers: list[torch.optim.Optimizer],
         gates: list[torch.Tensor],
-        *,
+        slack_optimizer: torch.optim.Optimizer | None,
         grad_clip: float | None,
         gate_max_step: float | None,
-        lr_schedule: Callable[[int], float] | None,
-        schedule_gates: bool,
         gate_schedule: Callable[[int], float] | None,
-        slack_optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.optimizers = [*optimizers, *([slack_optimizer] if slack_optimizer else [])]
         self.gates = gates
@@ -61,8 +57,6 @@ class PrimalSide:
         if gate_schedule is not None:
             for g in gates:
                 g.requires_grad_(False)
-        # the gates' plain-SGD rate sets the gate-multiplier damping: scaled only on request
-        self.rates = LearningRates(lr_schedule, optimizers, skip=[] if schedule_gates else gates)
 
     def zero_grad(self) -> None:
         for p in self._zeroed:

@@ -53,6 +53,7 @@ from .dual import (
 from .faults import StepCheck
 from .primal import PrimalSide
 from .relax import gates as find_gates
+from .schedules import LearningRates
 from .step_result import StepResult, constraint_table
 
 __all__ = ["DualSettings", "PrimalDual", "StepResult"]
@@ -145,17 +146,12 @@ class PrimalDual:
         self.cmp, self.cooper_constraints = make_problem(self.constraints, sizes, dual, self.device)
         primal_optimizers = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
         self.cooper_optimizer = make_optimizer(self.cmp, primal_optimizers, dual)
+        gates = list(self.gates.values())
         self.primal = PrimalSide(
-            self.optimizers,
-            list(self.gates.values()),
-            grad_clip=grad_clip,
-            gate_max_step=gate_max_step,
-            lr_schedule=lr_schedule,
-            schedule_gates=schedule_gates,
-            gate_schedule=gate_schedule,
-            slack_optimizer=self.slack_optimizer,
+            self.optimizers, gates, self.slack_optimizer, grad_clip, gate_max_step, gate_schedule
         )
-        self.rates = self.primal.rates
+        # the gates' plain-SGD rate sets the gate-multiplier damping: scaled only on request
+        self.rates = LearningRates(lr_schedule, self.optimizers, skip=[] if schedule_gates else gates)
         self._check = StepCheck([*self.primal.weights, *self.primal.gates], self.device)
         self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward  # of the primal Lagrangian
         self.step_count = 0
@@ -241,7 +237,7 @@ class PrimalDual:
         with torch.no_grad():
             kept = [c.multiplier.weight.clone() for c in self.cooper_constraints.values()]
         seen = self._snapshot(kept, measured.gates)
-        self.primal.rates.apply(self.step_count)
+        self.rates.apply(self.step_count)
         alternating = self.cooper_constraints and self.dual.update == "alternating"
         if alternating:  # dual step first, so the primal Lagrangian uses the new multipliers
             dual_step(self.cooper_optimizer, self.cooper_constraints, measured.violations, self.dual)
