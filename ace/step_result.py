@@ -20,7 +20,8 @@ class StepResult:
     Attributes:
         step: the number of steps taken, this one included (the step counts from 1).
         loss: the task loss (averaged over ranks), detached.
-        lagrangian: the primal Lagrangian (``None`` when the step was not applied), computed when first read.
+        lagrangian: the primal Lagrangian (``None`` when the step was not applied), computed on each read
+            (``lagrangian_of``): a step that writes no record does not pay for it.
         tolerances: eps(t) by constraint name.
         values, violations: the constrained quantity (gate or deviation) and ``g - eps (- u)`` by constraint
             name, one entry per gate for gate constraints (averaged over ranks).
@@ -47,14 +48,16 @@ class StepResult:
 
     @property
     def lagrangian(self) -> torch.Tensor | None:
+        """The primal Lagrangian, computed from the step's saved tensors on each read."""
         return None if self.lagrangian_of is None else self.lagrangian_of()
 
     def log(self, **extra: Any) -> dict[str, Any]:
         """The flat log record: ``step``, ``extra`` (e.g. ``epoch``), ``loss``, ``lagrangian``,
         ``gate/<layer>`` and ``constraint/<entry>/<key>`` (host syncs happen here, not in the step)."""
         record: dict[str, Any] = {"step": self.step, **extra, "loss": self.loss.item()}
-        if self.lagrangian is not None:
-            record["lagrangian"] = self.lagrangian.item()
+        lagrangian = self.lagrangian  # computed on each read
+        if lagrangian is not None:
+            record["lagrangian"] = lagrangian.item()
         for name, g in self.gates.items():
             record[f"gate/{name}"] = g.item()
         for entry, row in self.table().items():

@@ -190,3 +190,25 @@ def test_plain_sgd_dual_step_equals_torch_sgd_and_coopers_projection():
     for name in violations:
         assert torch.equal(ours[name].multiplier.weight, reference[name].multiplier.weight)
     assert ours["ineq"].multiplier.weight[1] == 0  # projected onto lambda >= 0
+
+
+@pytest.mark.parametrize("update", ["simultaneous", "alternating"])
+def test_the_reported_lagrangian_uses_the_multipliers_of_the_primal_step(update):
+    """The Lagrangian is computed only when read: from the multipliers before the dual step (simultaneous) or
+    after it (alternating), with the slack cost of the step's slacks."""
+    from ace.dual import primal_lagrangian
+
+    model, optimizers, constraints, settings, loader = setup()
+    settings["dual"] = ace.DualSettings(formulation="augmented", update=update, lr=0.1)
+    core = ace.PrimalDual(model, optimizers, constraints, **settings)
+    for x, y in loader:
+        with core.cached():
+            out = model(x)
+            result = core.step(nn.functional.mse_loss(out, y), inputs=x, output=out)
+    used = result.multipliers if update == "simultaneous" else core.multipliers()
+    if update == "alternating":  # the dual step before the primal one moved them
+        assert not torch.equal(used["gate"], result.multipliers["gate"])
+    slack = result.slacks["deviation"]
+    objective = result.loss + 0.5 * constraints[1].rho * slack.pow(2).sum()
+    expected = primal_lagrangian(objective, result.violations, used, core.cooper_constraints)
+    torch.testing.assert_close(result.lagrangian, expected, rtol=1e-6, atol=0)
