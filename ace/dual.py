@@ -22,6 +22,8 @@ __all__ = [
     "make_optimizer",
     "primal_lagrangian",
     "multiplier_weights",
+    "lagrangian_surrogate",
+    "dual_step",
     "clamp_multipliers",
 ]
 
