@@ -471,6 +471,28 @@ def test_nan_skip_undoes_a_bad_dual_step(monkeypatch):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_the_step_check_reads_the_numbers_and_forgets_a_bad_gradient_after_reporting_it():
+    """One sync reads the small quantities and flags a non-finite gradient once: the flag persists between
+    steps (no allocation per step), so it must be reset when read, or every later step would be dropped."""
+    from ace.faults import StepCheck
+
+    weights = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))]
+    check = StepCheck(weights, torch.device("cpu"))
+    quantities = {"loss": [torch.tensor(0.5)], "multiplier": [torch.tensor([1.0, -2.0])]}
+    for grads, finite in [
+        ((1.0, 2.0), True),
+        ((math.nan, 2.0), False),
+        ((1.0, math.inf), False),
+        ((1.0, 2.0), True),
+    ]:
+        for w, g in zip(weights, grads):
+            w.grad = torch.full_like(w, g)
+        numbers, ok = check(quantities)
+        assert numbers == {"loss": [0.5], "multiplier": [1.0, -2.0]} and ok is finite
+        for w, g in zip(weights, grads):  # the check changes no value
+            torch.testing.assert_close(w.grad, torch.full_like(w, g), rtol=0, atol=0, equal_nan=True)
+
+
 def test_nan_rollback_reloads_halves_the_lr_and_finishes(tmp_path):
     # the same step fails twice: two rollbacks to the step-4 checkpoint
     trainer = nan_trainer([7, 7], tmp_path, on_nan="rollback")
