@@ -51,16 +51,18 @@ class PrimalSide:
         self.grad_clip, self.gate_max_step, self.gate_schedule = grad_clip, gate_max_step, gate_schedule
         # torch's zero_grad sets each grad to None under a profiler scope and a compiler guard, ~0.1 ms a call
         # (a few % of a small model's step): for optimisers that keep torch's zero_grad, do just that
-        by_hand = [o for o in self.optimizers if type(o).zero_grad is torch.optim.Optimizer.zero_grad]
-        self._zeroed = [p for o in by_hand for group in o.param_groups for p in group["params"]]
-        self._zeroed_by_call = [o for o in self.optimizers if o not in by_hand]
+        # (the groups are read at each step: a group added later is zeroed too)
+        self._zeroed = [o for o in self.optimizers if type(o).zero_grad is torch.optim.Optimizer.zero_grad]
+        self._zeroed_by_call = [o for o in self.optimizers if o not in self._zeroed]
         if gate_schedule is not None:
             for g in gates:
                 g.requires_grad_(False)
 
     def zero_grad(self) -> None:
-        for p in self._zeroed:
-            p.grad = None
+        for o in self._zeroed:
+            for group in o.param_groups:
+                for p in group["params"]:
+                    p.grad = None
         for o in self._zeroed_by_call:
             o.zero_grad()
 

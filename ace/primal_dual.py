@@ -51,7 +51,7 @@ from .dual import (
     primal_lagrangian,
 )
 from .faults import StepCheck
-from .primal import PrimalSide
+from .primal import Bounds, PrimalSide
 from .relax import gates as find_gates
 from .schedules import LearningRates
 from .step_result import StepResult, constraint_table
@@ -71,9 +71,7 @@ class _Measured:
     violations: dict[str, torch.Tensor]
     tolerances: dict[str, float]
     gates: torch.Tensor | None  # the gates this batch saw, stacked and detached
-    gate_bounds: (
-        tuple[list[torch.Tensor], list[torch.Tensor]] | None
-    )  # each gate's lowest and highest next value
+    gate_bounds: Bounds | None  # each gate's lowest and highest value after the step
     stop: bool
 
 
