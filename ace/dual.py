@@ -80,10 +80,14 @@ class _Problem(cooper.ConstrainedMinimizationProblem):
 
 
 def make_problem(
-    constraints: list[Constraint], sizes: dict[str, int], dual: DualSettings, device: torch.device
+    constraints: list[Constraint],
+    sizes: dict[str, int],
+    dual: DualSettings,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[_Problem, dict[str, cooper.Constraint]]:
-    """The cooper problem and, by name, a cooper constraint with ``sizes[name]`` multipliers for every
-    constraint that has multipliers (fixed-penalty constraints have none)."""
+    """The cooper problem and, by name, a cooper constraint with ``sizes[name]`` multipliers (of ``dtype``,
+    the model's) for every constraint that has multipliers (fixed-penalty constraints have none)."""
     cmp = _Problem()
     made = {}
     augmented = dual.formulation == "augmented"
@@ -95,9 +99,11 @@ def make_problem(
         made[c.name] = cooper.Constraint(
             constraint_type=kind,
             formulation_type=AugmentedLagrangian if augmented else Lagrangian,
-            multiplier=DenseMultiplier(init=torch.full((n,), float(dual.init), device=device)),
+            multiplier=DenseMultiplier(init=torch.full((n,), float(dual.init), device=device), dtype=dtype),
             penalty_coefficient=(
-                DensePenaltyCoefficient(torch.full((n,), dual.penalty_coefficient, device=device))
+                DensePenaltyCoefficient(
+                    torch.full((n,), dual.penalty_coefficient, device=device, dtype=dtype)
+                )
                 if augmented
                 else None
             ),

@@ -128,12 +128,13 @@ class PrimalDual:
         self.dual = dual
         self.max_multiplier = max_multiplier
         self.device = torch.device(device) if device is not None else module_device(model)
+        self.dtype = module_dtype(model)  # multipliers and slacks in the model's precision (float64 too)
         self.gates = find_gates(model)
         check_setup(self.constraints, self.gates, model, self.optimizers, symmetry, gate_schedule)
         _check_limits(max_multiplier, gate_max_step)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.slacks = {
-            c.name: nn.Parameter(torch.zeros(self._size(c), device=self.device))
+            c.name: nn.Parameter(torch.zeros(self._size(c), device=self.device, dtype=self.dtype))
             for c in self.constraints
             if c.resilient
         }
@@ -141,7 +142,7 @@ class PrimalDual:
             torch.optim.SGD(list(self.slacks.values()), lr=slack_lr) if self.slacks else None
         )
         sizes = {c.name: self._size(c) for c in self.constraints}
-        self.cmp, self.cooper_constraints = make_problem(self.constraints, sizes, dual, self.device)
+        self.cmp, self.cooper_constraints = make_problem(self.constraints, sizes, dual, self.device, self.dtype)
         primal_optimizers = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
         self.cooper_optimizer = make_optimizer(self.cmp, primal_optimizers, dual)
         gates = list(self.gates.values())
@@ -198,7 +199,9 @@ class PrimalDual:
             if isinstance(c, GateConstraint):
                 raw[c.name] = c.value(gates)
             else:
-                raw[c.name] = c.measure(self.model, inputs, self.symmetry, self.generator, output)
+                # in the multipliers' dtype: under autocast the deviation may come out in bfloat16
+                deviation = c.measure(self.model, inputs, self.symmetry, self.generator, output)
+                raw[c.name] = deviation.to(self.dtype)
         shared = distributed.mean_with_flag(  # the list is built only under torch.distributed
             lambda: [loss.detach().reshape(1), *(v.detach() for v in raw.values())], stop
         )
@@ -360,6 +363,12 @@ class PrimalDual:
 def module_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def module_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (torch's default where it has none)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.get_default_dtype()
 
 
 def _check_limits(max_multiplier: float | None, gate_max_step: float | None) -> None:
