@@ -14,11 +14,11 @@ from . import bound, diagnostics, gconv, groups, schedules, sign, testing
 from .constraints import DeviationConstraint, GateConstraint
 from .deviation import equivariance_deviation
 from .primal_dual import DualSettings, PrimalDual, StepResult
-from .relax import GatedLayer, equivariant, gates, relax, strip
+from .relax import GatedLayer, equivariant, gates, relax, strip, weights
 from .symmetry import Symmetry, call_model
 from .trainer import Trainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "bound",
@@ -42,4 +42,5 @@ __all__ = [
     "sign",
     "strip",
     "testing",
+    "weights",
 ]

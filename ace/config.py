@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .scale import check_scale
 from .config_schema import (  # re-exported: ace.config is where users and tasks import them from
     MAX_SEED,
     METHODS,
@@ -320,6 +321,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"seed: must be < 2**63, got {cfg.seed!r}")
     if cfg.dual.max_multiplier is not None and not cfg.dual.max_multiplier > 0:
         raise ConfigError(f"dual.max_multiplier: must be > 0 or null, got {cfg.dual.max_multiplier!r}")
+    try:
+        check_scale(cfg.dual.scale)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.train.threads is not None and not cfg.train.threads > 0:
         raise ConfigError(f"train.threads: must be > 0 or null, got {cfg.train.threads!r}")
     for key in ("gate_max_step", "decay_every"):

@@ -95,21 +95,33 @@ class ConstraintConfig:
 @dataclass
 class DualConfig:
     formulation: str = opt(
-        "lagrangian", "'lagrangian' or 'augmented' (adds c/2 relu(g)^2)", choices=("lagrangian", "augmented")
+        "augmented",
+        "'augmented' (adds c/2 relu(g)^2: the damping of each gate-multiplier pair) or 'lagrangian'",
+        choices=("lagrangian", "augmented"),
     )
     optimizer: str = opt(
         "sgd", "dual optimiser: 'sgd' (no momentum), 'nupi' or 'adam'", choices=("sgd", "nupi", "adam")
     )
-    lr: float = opt(1.0e-2, "dual step size eta_lambda (with 'augmented', set it to penalty_coefficient)")
+    lr: float = opt(
+        0.2,
+        "dual step size eta_lambda; with the defaults the gate-multiplier pair is critically damped, "
+        "eta_lambda = optim.gate_lr * c^2 / 4",
+    )
     update: str = opt(
-        "simultaneous",
-        "'simultaneous' or 'alternating' (dual step first, then the primal step with the new multipliers)",
+        "alternating",
+        "'alternating' (dual step first, then the primal step with the new multipliers) or 'simultaneous'",
         choices=("simultaneous", "alternating"),
     )
-    penalty_coefficient: float = opt(1.0, "c of the augmented Lagrangian")
+    penalty_coefficient: float = opt(4.0, "c of the augmented Lagrangian: the damping of each gate")
     kp: float = opt(0.0, "nuPI proportional gain")
     ki: float = opt(1.0, "nuPI integral gain")
     init: float = opt(0.0, "initial multiplier value")
+    scale: Any = opt(
+        "initial",
+        "unit of the multipliers: 'initial' (the mean loss of the first 20 steps: multipliers are prices "
+        "relative to the untrained model's loss, rho is relative to it, no gain depends on the loss's units), "
+        "'none' (units of the loss, as before ace 0.2) or a fixed positive number",
+    )
     max_multiplier: float | None = opt(
         1.0e6, "ceiling on abs(multiplier): clamped there with a warning in the log (null = none)"
     )
@@ -121,7 +133,15 @@ class OptimConfig:
     lr: float = opt(1.0e-3, "primal learning rate")
     weight_decay: float = opt(0.0, "weight decay (gates excluded)")
     gate_lr: float = opt(
-        0.05, "learning rate of the gates gamma (plain SGD: the multipliers' pull stays proportional)"
+        0.05,
+        "learning rate eta_gamma of the gates (plain SGD on the loss-scaled gradient, stepped by ace: the "
+        "multipliers' pull stays proportional)",
+    )
+    gates: str = opt(
+        "ace",
+        "who steps the gates: 'ace' (plain SGD at gate_lr on the loss-scaled Lagrangian) or 'optimizer' (the "
+        "weights' optimiser optim.name at optim.lr, as in the ACE paper's code)",
+        choices=("ace", "optimizer"),
     )
     momentum: float = opt(0.9, "momentum for 'sgd'")
     grad_clip: float | None = opt(

@@ -147,6 +147,7 @@ def check_setup(
     optimizers: list[torch.optim.Optimizer],
     symmetry: Any,
     gate_schedule: Callable[[int], float] | None,
+    step_gates: bool = True,
 ) -> None:
     """Clear errors for constraints that cannot work with this model, symmetry and optimisers."""
     names = [c.name for c in constraints]
@@ -164,15 +165,16 @@ def check_setup(
     if gate_schedule is not None and any(isinstance(c, GateConstraint) for c in constraints):
         raise ValueError("gate_schedule fixes the gates; it cannot be combined with a GateConstraint")
     in_optimizer = {id(p) for o in optimizers for group in o.param_groups for p in group["params"]}
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    gate_ids = {id(g) for g in gates.values()} if step_gates else set()
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     if trainable and not any(id(p) in in_optimizer for p in trainable):
         raise ValueError(
             "the optimizer holds none of the model's parameters, so training would move no weight: "
             "build it from model.parameters() of this model"
         )
     missing = [n for n, g in gates.items() if id(g) not in in_optimizer]
-    if missing and gate_schedule is None:
+    if missing and gate_schedule is None and not step_gates:
         raise ValueError(
-            f"the optimizer does not hold the gates {missing}: build it from model.parameters() "
-            "after ace.relax(model, ...)"
+            f"step_gates=False leaves the gates to the optimizer, which does not hold {missing}: build it "
+            "from model.parameters() after ace.relax(model, ...)"
         )

@@ -15,6 +15,7 @@ from cooper.optim import nuPI, nuPIInitType
 from cooper.penalty_coefficients import DensePenaltyCoefficient
 
 from .constraints import Constraint
+from .scale import check_scale
 
 __all__ = [
     "DualSettings",
@@ -30,29 +31,43 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DualSettings:
-    """How the multipliers are updated.
+    """How the multipliers are updated. The defaults close the gates of any relaxed model at any loss scale:
+    with the loss measured in units of its initial scale (``scale="initial"``, :mod:`ace.scale`) every gain is
+    dimensionless, and the gate-multiplier pair of an equality ``gamma_i = 0``,
+
+    .. math::
+        \\gamma_i \\leftarrow \\gamma_i - \\eta_\\gamma \\big(\\partial_{\\gamma_i} \\ell / s_t + \\lambda_i + c\\,\\gamma_i\\big),
+        \\qquad \\lambda_i \\leftarrow \\lambda_i + \\eta_\\lambda\\, \\gamma_i,
+
+    is a PI controller, critically damped at ``eta_lambda = eta_gamma c^2 / 4`` (``eta_gamma`` = 0.05, the
+    gates' rate of :class:`ace.PrimalDual`; c = 4, eta_lambda = 0.2: a time constant ``2 / (eta_gamma c)`` of
+    10 steps).
 
     Attributes:
-        formulation: ``"lagrangian"`` or ``"augmented"`` (adds ``c/2 * relu(g)^2``, and ``c/2 g^2`` for
-            equalities, to the primal Lagrangian).
+        formulation: ``"augmented"`` (adds ``c/2 * relu(g)^2``, and ``c/2 g^2`` for equalities, to the primal
+            Lagrangian: the damping of the gate-multiplier pair) or ``"lagrangian"``.
         optimizer: ``"sgd"`` (plain ascent, no momentum), ``"nupi"`` (PI control, Kp/Ki) or ``"adam"``.
-        lr: dual step size eta_lambda. With the augmented Lagrangian, set it equal to
-            ``penalty_coefficient`` for the method of multipliers (cooper does not couple them).
-        update: ``"simultaneous"`` (primal and dual steps from one evaluation) or ``"alternating"``
-            (dual step first, then the primal step with the updated multipliers; no extra forward).
+        lr: dual step size eta_lambda.
+        update: ``"alternating"`` (dual step first, then the primal step with the updated multipliers; no
+            extra forward) or ``"simultaneous"`` (primal and dual steps from one evaluation).
         penalty_coefficient: c of the augmented Lagrangian.
         kp, ki: nuPI gains.
         init: initial multiplier value.
+        scale: the unit of the multipliers: ``"initial"`` (the mean loss of the first 20 steps,
+            :mod:`ace.scale`: multipliers are prices relative to the untrained model's loss and ``rho`` is
+            relative to it), ``"none"`` (units of the loss, the behaviour before ace 0.2: every gain then
+            depends on the loss's scale) or a fixed positive number.
     """
 
-    formulation: str = "lagrangian"
+    formulation: str = "augmented"
     optimizer: str = "sgd"
-    lr: float = 1e-2
-    update: str = "simultaneous"
-    penalty_coefficient: float = 1.0
+    lr: float = 0.2
+    update: str = "alternating"
+    penalty_coefficient: float = 4.0
     kp: float = 0.0
     ki: float = 1.0
     init: float = 0.0
+    scale: str | float = "initial"
 
     def __post_init__(self) -> None:
         choices = {
@@ -70,6 +85,7 @@ class DualSettings:
         for key in ("lr", "penalty_coefficient", "kp", "ki", "init"):
             if not math.isfinite(getattr(self, key)):
                 raise ValueError(f"dual.{key} must be a finite number, got {getattr(self, key)!r}")
+        check_scale(self.scale)
 
 
 class _Problem(cooper.ConstrainedMinimizationProblem):
@@ -133,9 +149,10 @@ def primal_lagrangian(
     violations: dict[str, torch.Tensor],
     multipliers: dict[str, torch.Tensor],
     constraints: dict[str, cooper.Constraint],
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The primal Lagrangian ``objective + sum_i lambda_i^T v_i``, with the augmented terms where the
-    constraint has a penalty coefficient c:
+    """The primal Lagrangian ``objective + s sum_i lambda_i^T v_i`` (``s`` the loss scale, 1 when ``None``),
+    with the augmented terms where the constraint has a penalty coefficient c:
 
     .. math::
         \\lambda^\\top h + \\tfrac{1}{2} c^\\top h^2 \\;\\text{(equality)}, \\qquad
@@ -157,7 +174,7 @@ def primal_lagrangian(
             rho = c.penalty_coefficient.value
             shifted = torch.relu(multiplier + rho * violation) ** 2
             term = 0.5 * torch.dot(1 / rho, shifted - multiplier**2)
-        lagrangian = lagrangian + term
+        lagrangian = lagrangian + (term if scale is None else scale * term)
     return lagrangian
 
 
@@ -193,13 +210,16 @@ def multiplier_weights(
 
 
 def lagrangian_surrogate(
-    objective: torch.Tensor, violations: dict[str, torch.Tensor], constraints: dict[str, cooper.Constraint]
+    objective: torch.Tensor,
+    violations: dict[str, torch.Tensor],
+    constraints: dict[str, cooper.Constraint],
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``objective + sum_i w_i^T v_i`` (:func:`multiplier_weights`), whose gradient is the primal
-    Lagrangian's."""
+    """``objective + s sum_i w_i^T v_i`` (:func:`multiplier_weights`; ``s`` the loss scale, 1 when ``None``),
+    whose gradient is the primal Lagrangian's."""
     surrogate = objective
     for name, w in multiplier_weights(violations, constraints).items():
-        surrogate = surrogate + torch.dot(w, violations[name])
+        surrogate = surrogate + torch.dot(w if scale is None else w * scale, violations[name])
     return surrogate
 
 

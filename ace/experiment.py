@@ -153,25 +153,24 @@ class _Tightening(Schedule):
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> list[torch.optim.Optimizer]:
-    """The primal optimisers: ``optim.name`` for the weights, plain SGD (``optim.gate_lr``) for the gates.
+    """The primal optimiser ``optim.name`` over the weights (the gates too with ``optim.gates: optimizer``).
 
-    Gates get their own SGD because an adaptive optimiser moves every parameter by about ``lr`` per step
-    whatever its gradient: the multiplier's pull on a gate would then be blind to the multiplier's size,
-    and gates overshoot past 0. Gates get no weight decay (it would bias them toward 0 outside the
-    constraint).
+    By default the gates are not in it: :class:`ace.PrimalDual` steps them with plain SGD, because an adaptive
+    optimiser moves every parameter by about ``lr`` per step whatever its gradient: the multiplier's pull on
+    a gate would then be blind to the multiplier's size, and gates overshoot past 0. Gates get no weight
+    decay (it would bias them toward 0 outside the constraint).
     """
     gate_params = list(gates(model).values())
     gate_ids = {id(g) for g in gate_params}
     params = [p for p in model.parameters() if id(p) not in gate_ids]
     o = cfg.optim
+    groups: list[dict[str, Any]] = [{"params": params, "weight_decay": o.weight_decay}]
+    if gate_params and o.gates == "optimizer":
+        groups.append({"params": gate_params, "weight_decay": 0.0})
     if o.name == "sgd":
-        optimizers = [torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)]
-    else:
-        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        optimizers = [cls(params, lr=o.lr, weight_decay=o.weight_decay)]
-    if gate_params:
-        optimizers.append(torch.optim.SGD(gate_params, lr=o.gate_lr))
-    return optimizers
+        return [torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)]
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return [cls(groups, lr=o.lr)]
 
 
 def _device(name: str) -> torch.device:
@@ -281,7 +280,7 @@ def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) ->
         symmetry=task.symmetry,
         constraints=parts["constraints"],
         dual=DualSettings(
-            d.formulation, d.optimizer, d.lr, d.update, d.penalty_coefficient, d.kp, d.ki, d.init
+            d.formulation, d.optimizer, d.lr, d.update, d.penalty_coefficient, d.kp, d.ki, d.init, d.scale
         ),
         metrics=task.metrics,
         gate_schedule=parts["gate_schedule"],
@@ -291,6 +290,8 @@ def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) ->
         schedule_gates=o.schedule_gates,
         select=cfg.train.select or ("accuracy" if "accuracy" in task.metrics else "loss"),
         slack_lr=cfg.optim.slack_lr,
+        gate_lr=o.gate_lr,
+        step_gates=o.gates == "ace",
         eval_samples=cfg.train.eval_samples,
         log_dir=out,
         log_every=cfg.log.every,

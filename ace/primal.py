@@ -1,8 +1,9 @@
 """The primal side of a constrained step: the weights, gates and slacks, and what each step does to them.
 
-Each step zeroes their gradients, clips them (the weights and the gates apart), steps the primal optimisers,
-projects the slacks onto ``u >= 0`` and bounds each gate's move (a trust region). Under a gate schedule the
-gates are set, not learned. :class:`ace.PrimalDual` owns one :class:`PrimalSide`.
+Each step zeroes their gradients, divides the gates' and slacks' by the loss scale, clips them (the weights
+and the gates apart), steps the primal optimisers and the gates (plain SGD, unless the user's optimiser holds
+them), projects the slacks onto ``u >= 0`` and bounds each gate's move (a trust region). Under a gate schedule
+the gates are set, not learned. :class:`ace.PrimalDual` owns one :class:`PrimalSide`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ class PrimalSide:
     """The primal parameters of a constrained problem and their update.
 
     Args:
-        optimizers: the user's optimisers (weights and gates).
+        optimizers: the user's optimisers (the weights, and the gates when ``gate_lr`` is None).
         gates: the relaxed model's gates (``ace.relax``), in a fixed order.
         slack_optimizer: the slacks' optimiser (resilient constraints), stepped after the others.
         grad_clip, gate_max_step, gate_schedule: see :class:`ace.PrimalDual`.
+        gate_lr: the gates' plain-SGD rate when this side steps them (``None``: an optimiser holds them).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class PrimalSide:
         grad_clip: float | None,
         gate_max_step: float | None,
         gate_schedule: Callable[[int], float] | None,
+        gate_lr: float | None = None,
     ) -> None:
         self.optimizers = [*optimizers, *([slack_optimizer] if slack_optimizer else [])]
         self.gates = gates
@@ -49,6 +52,7 @@ class PrimalSide:
             [p for group in slack_optimizer.param_groups for p in group["params"]] if slack_optimizer else []
         )
         self.grad_clip, self.gate_max_step, self.gate_schedule = grad_clip, gate_max_step, gate_schedule
+        self.gate_lr = gate_lr
         # torch's zero_grad sets each grad to None under a profiler scope and a compiler guard, ~0.1 ms a call
         # (a few % of a small model's step): for optimisers that keep torch's zero_grad, do just that
         # (the groups are read at each step: a group added later is zeroed too)
@@ -65,6 +69,9 @@ class PrimalSide:
                     p.grad = None
         for o in self._zeroed_by_call:
             o.zero_grad()
+        if self.gate_lr is not None:  # the gates this side steps may be in no optimiser
+            for g in self.gates:
+                g.grad = None
 
     def gate_bounds(self) -> Bounds | None:
         """The lowest and highest value each gate may take in the coming step (None: unbounded)."""
@@ -74,17 +81,33 @@ class PrimalSide:
             step = self.gate_max_step
             return torch._foreach_sub(self.gates, step), torch._foreach_add(self.gates, step)
 
-    def step(self, gate_bounds: Bounds | None) -> None:
-        """Clip, step, project the slacks, keep each gate within ``gate_bounds``."""
+    def step(self, gate_bounds: Bounds | None, scale: torch.Tensor | None = None) -> None:
+        """Scale, clip, step, project the slacks, keep each gate within ``gate_bounds``.
+
+        ``scale`` (the loss scale s_t) divides the gradients of the gates and slacks, whose every term but the
+        loss's pull carries a factor s_t: the update then reads the loss in units of its own scale.
+        """
+        if scale is not None:
+            own = [p.grad for p in (*self.gates, *self.slacks) if p.grad is not None]
+            if own:
+                torch._foreach_div_(own, scale)
         if self.grad_clip is not None:
             # weights and gates apart: the weights' large norm must not blunt the multipliers' pull on the
             # gates, while a runaway gate step is still bounded
             torch.nn.utils.clip_grad_norm_(self.weights, self.grad_clip)
             if self.gates:
                 torch.nn.utils.clip_grad_norm_(self.gates, self.grad_clip)
+        stepped = [g for g in self.gates if g.grad is not None] if self.gate_lr is not None else []
+        grads = [g.grad for g in stepped]
+        for g in stepped:  # an optimiser that holds a gate skips it: a parameter without a gradient
+            g.grad = None
         for o in self.optimizers:
             o.step()
         with torch.no_grad():
+            if stepped:  # plain SGD: the multipliers' pull stays proportional to them
+                torch._foreach_add_(stepped, grads, alpha=-self.gate_lr)
+                for g, grad in zip(stepped, grads, strict=True):
+                    g.grad = grad
             for u in self.slacks:
                 u.clamp_(min=0.0)
             if gate_bounds is not None:

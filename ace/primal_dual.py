@@ -14,12 +14,20 @@ For constraints ``g_i(theta) <= eps_i(t)`` (or ``= eps_i(t)``) with multipliers 
     \\theta, \\gamma, u \\leftarrow \\text{primal step on } \\nabla_{\\theta, \\gamma, u} L, \\quad
     u \\leftarrow \\max(u, 0), \\quad |\\Delta \\gamma_i| \\le \\delta_{\\max}
 
+With ``dual.scale="initial"`` (the default) every term but the loss is multiplied by the loss's scale ``s_t``
+(its mean over the first 20 steps, :mod:`ace.scale`): the multipliers are prices relative to the untrained
+model's loss and ``rho`` is relative to it, so no gain depends on the loss's units. The gates are ace's: your optimiser's update skips them and the core steps
+them itself, ``gamma <- gamma - eta_gamma grad_gamma L / s_t`` (plain SGD at ``gate_lr``; an adaptive
+optimiser moves a gate by about its learning rate whatever the multiplier's size, and the pair oscillates), and
+so the slacks, ``u <- max(u - eta_u grad_u L / s_t, 0)``.
+
 Fixed-penalty constraints add ``w * relu(g - eps)`` to the loss and have no multiplier. The tolerance
 ``eps(t)`` and the learning-rate factor are pure functions of the step, so resuming needs only the state
 dict. :class:`PrimalDual` is the whole of it; :class:`ace.Trainer` is a loop around it, and a plain PyTorch
 loop uses it the same way::
 
-    core = ace.PrimalDual(model, optimizer, [ace.GateConstraint(equality=True)], symmetry=sym)
+    core = ace.PrimalDual(model, torch.optim.Adam(model.parameters()), [ace.GateConstraint(equality=True)],
+                          symmetry=sym)         # the Adam skips the gates: ace steps them
     for x, y in loader:
         with core.cached():                       # bounded branches: one normalisation per step
             out = model(x)
@@ -31,6 +39,7 @@ loop uses it the same way::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +62,7 @@ from .dual import (
 from .faults import StepCheck
 from .primal import Bounds, PrimalSide
 from .relax import gates as find_gates
+from .scale import LossScale
 from .schedules import LearningRates
 from .step_result import StepResult, constraint_table
 
@@ -73,6 +83,7 @@ class _Measured:
     gates: torch.Tensor | None  # the gates this batch saw, stacked and detached
     gate_bounds: Bounds | None  # each gate's lowest and highest value after the step
     stop: bool
+    scale: torch.Tensor | None  # the loss scale s_t of this step (None: units of the loss)
 
 
 class PrimalDual:
@@ -81,11 +92,15 @@ class PrimalDual:
     Args:
         model: the model (relaxed with :func:`ace.relax` for gate constraints); the bare module, not a
             DistributedDataParallel wrapper.
-        optimizer: the primal optimiser over the model's parameters (gates included), or a list of them.
+        optimizer: the primal optimiser over the model's parameters, or a list of them. Its update skips the
+            gates (said once, as a warning), which the core steps, unless ``step_gates=False``.
         constraints: :class:`ace.GateConstraint` / :class:`ace.DeviationConstraint` objects.
         symmetry: the :class:`ace.Symmetry` deviation constraints are measured under.
         dual: :class:`DualSettings`.
-        slack_lr: learning rate of the slacks (SGD).
+        slack_lr: learning rate of the slacks (SGD, on the gradient divided by the loss scale).
+        gate_lr: learning rate ``eta_gamma`` of the gates (plain SGD on the gradient divided by the loss scale).
+        step_gates: the core steps the gates (default); ``False`` leaves them to ``optimizer``, which must then
+            hold them (the ACE paper's recipe: one Adam over weights and gates).
         grad_clip: clip the gradient norm of the weights, and separately of the gates, to this value.
         gate_max_step: largest change of a gate in one step (``None``: unbounded), a trust region: at a large
             loss scale one plain-SGD gate step can otherwise throw a gate far past 0.
@@ -112,6 +127,8 @@ class PrimalDual:
         symmetry: Any = None,
         dual: DualSettings = DualSettings(),
         slack_lr: float = 1e-2,
+        gate_lr: float = 0.05,
+        step_gates: bool = True,
         grad_clip: float | None = None,
         gate_max_step: float | None = 0.1,
         lr_schedule: Callable[[int], float] | None = None,
@@ -130,8 +147,13 @@ class PrimalDual:
         self.device = torch.device(device) if device is not None else module_device(model)
         self.dtype = module_dtype(model)  # multipliers and slacks in the model's precision (float64 too)
         self.gates = find_gates(model)
-        check_setup(self.constraints, self.gates, model, self.optimizers, symmetry, gate_schedule)
+        check_setup(self.constraints, self.gates, model, self.optimizers, symmetry, gate_schedule, step_gates)
         _check_limits(max_multiplier, gate_max_step)
+        if not (gate_lr > 0 and math.isfinite(gate_lr)):
+            raise ValueError(f"gate_lr must be a positive number, got {gate_lr!r}")
+        if step_gates:
+            _warn_if_held(self.optimizers, list(self.gates.values()))
+        self.scale = LossScale(dual.scale, self.device, self.dtype)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.slacks = {
             c.name: nn.Parameter(torch.zeros(self._size(c), device=self.device, dtype=self.dtype))
@@ -147,10 +169,19 @@ class PrimalDual:
         self.cooper_optimizer = make_optimizer(self.cmp, primal_optimizers, dual)
         gates = list(self.gates.values())
         self.primal = PrimalSide(
-            self.optimizers, gates, self.slack_optimizer, grad_clip, gate_max_step, gate_schedule
+            self.optimizers,
+            gates,
+            self.slack_optimizer,
+            grad_clip,
+            gate_max_step,
+            gate_schedule,
+            gate_lr if step_gates else None,
         )
-        # the gates' plain-SGD rate sets the gate-multiplier damping: scaled only on request
-        self.rates = LearningRates(lr_schedule, self.optimizers, skip=[] if schedule_gates else gates)
+        self.gate_lr, self.schedule_gates = gate_lr, schedule_gates
+        # the gates' rate sets the gate-multiplier damping: scaled only on request (the core's own rate follows
+        # it in update(); an optimiser's group that holds gates it steps keeps its rate)
+        skip = [] if schedule_gates or step_gates else gates
+        self.rates = LearningRates(lr_schedule, self.optimizers, skip=skip)
         self._check = StepCheck([*self.primal.weights, *self.primal.gates], self.device)
         self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward  # of the primal Lagrangian
         self.step_count = 0
@@ -206,6 +237,7 @@ class PrimalDual:
             lambda: [loss.detach().reshape(1), *(v.detach() for v in raw.values())], stop
         )
         loss_all, rest = (shared[0], shared[1:]) if shared is not None else (loss.detach(), None)
+        scale = self.scale.update(loss_all)
         objective = loss
         observed, values, violations = {}, {}, {}
         for c in self.constraints:
@@ -219,7 +251,8 @@ class PrimalDual:
                     value_all, tolerances[c.name], None if slack is None else slack.detach()
                 )
             if slack is not None:
-                objective = objective + 0.5 * c.rho * slack.pow(2).sum()
+                cost = 0.5 * c.rho * slack.pow(2).sum()
+                objective = objective + (cost if scale is None else scale * cost)
             if c.dual:
                 observed[c.name] = violation
             else:
@@ -229,7 +262,7 @@ class PrimalDual:
         snapshot = None if gates is None else gates.detach()
         bounds = self.primal.gate_bounds()
         return _Measured(
-            objective, observed, loss_all, values, violations, tolerances, snapshot, bounds, stop
+            objective, observed, loss_all, values, violations, tolerances, snapshot, bounds, stop, scale
         )
 
     def update(self, measured: _Measured) -> StepResult:
@@ -242,7 +275,14 @@ class PrimalDual:
         alternating = self.cooper_constraints and self.dual.update == "alternating"
         if alternating:  # dual step first, so the primal Lagrangian uses the new multipliers
             dual_step(self.cooper_optimizer, self.cooper_constraints, measured.violations, self.dual)
-        self.backward(lagrangian_surrogate(measured.objective, measured.observed, self.cooper_constraints))
+        if self.primal.gate_lr is not None:  # the gates' rate follows the schedule only on request
+            scheduled = self.schedule_gates and self.rates.schedule is not None
+            factor = self.rates.schedule(self.step_count) if scheduled else 1.0
+            self.primal.gate_lr = self.gate_lr * factor * self.rates.factor
+        surrogate = lagrangian_surrogate(
+            measured.objective, measured.observed, self.cooper_constraints, measured.scale
+        )
+        self.backward(surrogate)
         if self.cooper_constraints and not alternating:
             # violations at the pre-step point; taken before the primal step, which does not read the
             # multipliers, so that one host sync checks the new multipliers with everything else
@@ -258,12 +298,13 @@ class PrimalDual:
         used = numbers["multiplier"] if alternating else kept  # the multipliers of the primal step
         events: list[dict[str, Any]] = []
         if problem is None:
-            self.primal.step(measured.gate_bounds)
+            self.primal.step(measured.gate_bounds, measured.scale)
             if self.max_multiplier is not None and largest > self.max_multiplier:
                 step, warned = self.step_count + 1, self._ceiling_warned
                 clamp_multipliers(self.cooper_constraints, self.max_multiplier, warned, step, events)
-        if problem is not None:  # dropped: no gradients left, the multipliers as they were
+        if problem is not None:  # dropped: no gradients left, the multipliers and scale as they were
             self.cooper_optimizer.zero_grad()
+            self.scale.restore()
             with torch.no_grad():
                 for c, weight in zip(self.cooper_constraints.values(), kept):
                     c.multiplier.weight.copy_(weight)
@@ -296,7 +337,7 @@ class PrimalDual:
         with torch.no_grad():
             used = dict(zip(self.cooper_constraints, multipliers))
             return primal_lagrangian(
-                measured.objective.detach(), measured.observed, used, self.cooper_constraints
+                measured.objective.detach(), measured.observed, used, self.cooper_constraints, measured.scale
             )
 
     def _snapshot(self, multipliers: list[torch.Tensor], gates: torch.Tensor | None = None) -> dict[str, Any]:
@@ -338,6 +379,7 @@ class PrimalDual:
             "generator": self.generator.get_state(),
             "lr_factor": self.rates.factor,
             "ceiling_warned": sorted(self._ceiling_warned),
+            "loss_scale": self.scale.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -357,6 +399,8 @@ class PrimalDual:
         self.generator.set_state(state["generator"])
         self.rates.factor = state.get("lr_factor", 1.0)
         self._ceiling_warned |= set(state.get("ceiling_warned", ()))  # a rollback keeps its own warnings
+        if "loss_scale" in state:  # absent in checkpoints of ace < 0.2, which had no scale
+            self.scale.load_state_dict(state["loss_scale"])
         self.primal.set_scheduled_gates(self.step_count)
 
 
@@ -369,6 +413,18 @@ def module_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter (torch's default where it has none)."""
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     return p.dtype if p is not None else torch.get_default_dtype()
+
+
+def _warn_if_held(optimizers: list[torch.optim.Optimizer], gates: list[torch.Tensor]) -> None:
+    """Say once that the core steps the gates that the optimisers hold (their own updates skip them)."""
+    ids = {id(g) for g in gates}
+    if any(id(p) in ids for o in optimizers for group in o.param_groups for p in group["params"]):
+        warnings.warn(
+            f"ace.PrimalDual steps the {len(gates)} gates itself (plain SGD at gate_lr on the loss-scaled "
+            "Lagrangian); your optimiser holds them and its updates skip them. Pass step_gates=False to leave "
+            "them to it, or build it from ace.weights(model)",
+            stacklevel=3,
+        )
 
 
 def _check_limits(max_multiplier: float | None, gate_max_step: float | None) -> None:

@@ -326,6 +326,13 @@ def gates(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: m.gate for name, m in model.named_modules() if isinstance(m, GatedLayer)}
 
 
+def weights(model: nn.Module) -> list[nn.Parameter]:
+    """The model's parameters without its gates: what an optimiser needs when :class:`ace.PrimalDual` steps the
+    gates (``torch.optim.Adam(ace.weights(model))``)."""
+    gate_ids = {id(g) for g in gates(model).values()}
+    return [p for p in model.parameters() if id(p) not in gate_ids]
+
+
 @contextmanager
 def equivariant(model: nn.Module, keep: Collection[str] = ()) -> Iterator[nn.Module]:
     """Context in which every :class:`GatedLayer` of ``model`` skips its branch: exactly f_eq.

@@ -51,12 +51,12 @@ class Trainer(RunState, RunEvaluation):
     Args:
         model: any ``nn.Module``; for gate constraints, a model relaxed with :func:`ace.relax`.
         loss: ``(output, target) -> scalar``.
-        optimizer: the primal optimiser over the model's parameters (gates included), or a list of
-            optimisers that together hold them (e.g. plain SGD for the gates, Adam for the rest).
+        optimizer: the primal optimiser over the model's parameters, or a list of optimisers that together
+            hold them; the gates are stepped by the core (see :class:`ace.PrimalDual`, ``step_gates``).
         symmetry: the :class:`ace.Symmetry` the deviation is measured under (needed by deviation
             constraints and for the deviation reported at evaluation).
         constraints, dual, gate_schedule, grad_clip, gate_max_step, lr_schedule, schedule_gates, slack_lr,
-            max_multiplier: the constrained problem and its update, see :class:`ace.PrimalDual`.
+            gate_lr, step_gates, max_multiplier: the constrained problem and its update, see :class:`ace.PrimalDual`.
         metrics: extra evaluation metrics ``{name: (output, target) -> batch mean}``.
         select: the validation metric that picks each variant's best step (``"loss"``, or a metric name
             such as ``"accuracy"``, maximised); see :mod:`ace.selection`.
@@ -99,6 +99,8 @@ class Trainer(RunState, RunEvaluation):
         schedule_gates: bool = False,
         select: str = "loss",
         slack_lr: float = 1e-2,
+        gate_lr: float = 0.05,
+        step_gates: bool = True,
         eval_samples: int = 4,
         log_dir: str | os.PathLike | None = None,
         log_every: int = 10,
@@ -136,6 +138,8 @@ class Trainer(RunState, RunEvaluation):
             symmetry=symmetry,
             dual=dual,
             slack_lr=slack_lr,
+            gate_lr=gate_lr,
+            step_gates=step_gates,
             grad_clip=grad_clip,
             gate_max_step=gate_max_step,
             lr_schedule=lr_schedule,

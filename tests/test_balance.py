@@ -52,26 +52,23 @@ def branch(name: str, module: nn.Module) -> nn.Module:
     return RawBranch() if name == "out" else MLPBranch(module.in_features, module.out_features, hidden=16)
 
 
-def train(seed: int, breaking: float) -> dict:
+def train(seed: int, breaking: float, epochs: int = 10) -> dict:
     torch.manual_seed(seed)
     x = torch.randn(256, 2)
     y = x * x.norm(dim=-1, keepdim=True) + breaking * torch.tensor([1.0, 0.0])  # equivariant + constant field
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     model = ace.relax(Net(), where=["s0", "s1", "out"], branch=branch)
-    gate_params = list(ace.gates(model).values())
-    weights = [p for p in model.parameters() if all(p is not g for g in gate_params)]
-    trainer = ace.Trainer(
+    trainer = ace.Trainer(  # ace's defaults: the core steps the gates, gains in units of the loss's scale
         model,
         nn.functional.mse_loss,
-        [torch.optim.Adam(weights, lr=1e-2), torch.optim.SGD(gate_params, lr=0.05)],
+        torch.optim.Adam(ace.weights(model), lr=1e-2),
         symmetry=ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector"),
         constraints=[ace.GateConstraint(resilient=True, rho=1.0)],
-        dual=ace.DualSettings(formulation="augmented", update="alternating", lr=0.1),
         slack_lr=0.1,
         seed=seed,
         progress=False,
     )
-    return trainer.fit(loader, loader, epochs=10, eval_every=10, print_summary=False)
+    return trainer.fit(loader, loader, epochs=epochs, eval_every=epochs, print_summary=False)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +86,9 @@ def test_measured_deviation_names_the_only_layer_that_can_break_the_symmetry(bro
 
 
 def test_broken_and_symmetric_data_differ_tenfold_in_deviation_and_slack(broken):
-    symmetric = train(0, breaking=0.0)["layers"]["out"]
+    # on symmetric data the slack decays from the gates' start at 1: 160 steps (80 on broken data, where it
+    # holds at ~0.4 from step 80 on) leave it ~20x apart (5x at 80 steps, 80x at 240)
+    symmetric = train(0, breaking=0.0, epochs=20)["layers"]["out"]
     out = broken[0]["layers"]["out"]
     assert out["relative_deviation"] >= 100 * symmetric["relative_deviation"]
-    assert out["slack"] >= 5 * symmetric["slack"]  # the slack decays slowly: 80 steps leave it at ~8x
+    assert out["slack"] >= 10 * symmetric["slack"]

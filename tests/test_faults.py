@@ -30,6 +30,8 @@ from ace.trainer import CheckpointError, Interrupted, NonFiniteError, Trainer
 
 ROOT = Path(__file__).parent.parent
 TOY = str(ROOT / "configs" / "toy.yaml")
+# plain ascent in units of the loss (ace < 0.2's defaults): the multiplier grows without bound when infeasible
+OLD_DUAL = ace.DualSettings(formulation="lagrangian", update="simultaneous", lr=1.0, scale="none")
 # 4 steps per epoch, 3 epochs, a checkpoint after each epoch (steps 4, 8, 12)
 ARGS = [
     "train.epochs=3",
@@ -334,7 +336,7 @@ def test_resuming_a_finished_run_writes_no_record_twice(tmp_path, reference):
 def test_multiplier_ceiling_events_are_not_written_again_after_a_resume(tmp_path):
     def ceiling_trainer(**kw):
         return make_trainer(
-            tmp_path, model=ConstantField(), dual=ace.DualSettings(lr=1.0), max_multiplier=2.0, **kw
+            tmp_path, model=ConstantField(), dual=OLD_DUAL, max_multiplier=2.0, **kw
         )
 
     with pytest.warns(UserWarning, match="reached the ceiling"):
@@ -608,7 +610,7 @@ class ConstantField(nn.Module):
 
 
 def test_infeasible_constraint_hits_the_multiplier_ceiling(tmp_path):
-    trainer = make_trainer(tmp_path, model=ConstantField(), dual=ace.DualSettings(lr=1.0), max_multiplier=2.0)
+    trainer = make_trainer(tmp_path, model=ConstantField(), dual=OLD_DUAL, max_multiplier=2.0)
     with pytest.warns(UserWarning, match="reached the ceiling 2 .*may be infeasible"):
         trainer.fit(loader(), epochs=3, print_summary=False)
     assert trainer.multipliers()["deviation"].item() == 2.0

@@ -209,6 +209,7 @@ def test_the_reported_lagrangian_uses_the_multipliers_of_the_primal_step(update)
     if update == "alternating":  # the dual step before the primal one moved them
         assert not torch.equal(used["gate"], result.multipliers["gate"])
     slack = result.slacks["deviation"]
-    objective = result.loss + 0.5 * constraints[1].rho * slack.pow(2).sum()
-    expected = primal_lagrangian(objective, result.violations, used, core.cooper_constraints)
+    scale = core.scale.mean  # every term but the loss is in units of the loss's initial scale
+    objective = result.loss + scale * (0.5 * constraints[1].rho * slack.pow(2).sum())
+    expected = primal_lagrangian(objective, result.violations, used, core.cooper_constraints, scale)
     torch.testing.assert_close(result.lagrangian, expected, rtol=1e-6, atol=0)

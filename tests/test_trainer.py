@@ -18,33 +18,71 @@ class One(nn.Module):
         return torch.ones_like(x)
 
 
-def gate_problem(constraint, dual_lr=0.2, steps=800, **kw):
-    """min (gamma - 1)^2 with f_eq = 0 and f_neq = 1, so the model output is gamma itself.
+# the Lagrangian in units of the loss, the optimiser stepping the gate: ace < 0.2's defaults
+CLASSIC = dict(formulation="lagrangian", update="simultaneous", scale="none")
+
+
+def gate_problem(constraint, dual_lr=0.2, steps=800, dtype=torch.float32, loss_scale=1.0, **kw):
+    """min a (gamma - 1)^2 with f_eq = 0 and f_neq = 1, so the model output is gamma itself.
 
     Solved by the constrained step alone (ace.PrimalDual, which Trainer.fit runs bit for bit, see
-    test_primal_dual.py): a loader and records would only add time.
+    test_primal_dual.py): a loader and records would only add time. ``kw`` are DualSettings, over CLASSIC's,
+    and ``step_gates``.
     """
     torch.manual_seed(0)
-    model = ace.relax(nn.Sequential(Zero()), where=["0"], branch=lambda name, m: One())
+    model = ace.relax(nn.Sequential(Zero()), where=["0"], branch=lambda name, m: One()).to(dtype)
+    step_gates = kw.pop("step_gates", False)
     core = ace.PrimalDual(
         model,
         torch.optim.SGD(model.parameters(), lr=0.1),
         [constraint],
-        dual=ace.DualSettings(lr=dual_lr, **kw),
+        dual=ace.DualSettings(**{**CLASSIC, "lr": dual_lr, **kw}),
         slack_lr=0.1,
+        gate_lr=0.1,
+        step_gates=step_gates,
     )
-    x, y = torch.zeros(1, 1), torch.ones(1, 1)
+    x, y = torch.zeros(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype)
     for _ in range(steps):
-        core.step(nn.functional.mse_loss(model(x), y))
+        core.step(loss_scale * nn.functional.mse_loss(model(x), y))
     gate = model[0].gate.item()
     return core, gate, core.multipliers()[constraint.name].item()
 
 
-def test_equality_gate_reaches_zero_with_known_multiplier():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equality_gate_reaches_zero_with_known_multiplier(dtype):
     # L = (g-1)^2 + lam g  ->  g* = 0, lam* = 2
-    _, gate, lam = gate_problem(ace.GateConstraint(tolerance=0.0, equality=True))
+    core, gate, lam = gate_problem(ace.GateConstraint(tolerance=0.0, equality=True), dtype=dtype)
     assert gate == pytest.approx(0.0, abs=1e-4)
     assert lam == pytest.approx(2.0, abs=1e-3)
+    assert core.multipliers()["gate"].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("loss_scale", [1.0, 8.0])
+def test_in_units_of_the_loss_scale_the_multiplier_is_a_relative_price(dtype, loss_scale):
+    # L = a (g-1)^2 + s (lam g + c/2 g^2) with s = 2a  ->  g* = 0, lam* = 2a / s = 1, whatever a;
+    # the core steps the gate (ace's default) by -eta grad / s
+    core, gate, lam = gate_problem(
+        ace.GateConstraint(tolerance=0.0, equality=True),
+        dtype=dtype,
+        loss_scale=loss_scale,
+        scale=2.0 * loss_scale,
+        formulation="augmented",
+        update="alternating",
+        step_gates=True,
+    )
+    assert gate == pytest.approx(0.0, abs=1e-4)
+    assert lam == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("rho", [0.5, 2.0])
+def test_resilient_rho_is_relative_to_the_loss_scale(rho):
+    # min a (g-1)^2 / s + rho/2 u^2 s.t. |g| <= u with s = a  ->  u* = 2/(2+rho), lam* = rho u*, whatever a
+    for a in (1.0, 100.0):
+        constraint = ace.GateConstraint(resilient=True, rho=rho)
+        core, gate, lam = gate_problem(constraint, steps=1500, loss_scale=a, scale=a, step_gates=True)
+        assert core.slacks["gate"].item() == pytest.approx(2 / (2 + rho), abs=1e-3)
+        assert lam == pytest.approx(rho * 2 / (2 + rho), abs=1e-3)
 
 
 def test_inequality_gate_reaches_tolerance():
@@ -98,7 +136,8 @@ def test_inequality_multipliers_stay_nonnegative_and_equality_ones_take_either_s
             nn.functional.mse_loss,
             torch.optim.SGD(model.parameters(), lr=0.1),
             constraints=[constraint],
-            dual=ace.DualSettings(lr=0.2),
+            dual=ace.DualSettings(lr=0.2, **CLASSIC),
+            step_gates=False,
             log_every=1,
             progress=False,
         )
@@ -123,12 +162,15 @@ def test_gate_constraint_without_gates_is_refused():
         )
 
 
-def test_optimizer_missing_the_gates_is_refused():
+def test_optimizer_missing_the_gates_is_refused_when_it_should_step_them():
     model = nn.Sequential(nn.Linear(2, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ace.relax(model, where=["0"])
-    with pytest.raises(ValueError, match="does not hold the gates"):
-        ace.Trainer(model, nn.functional.mse_loss, optimizer, constraints=[ace.GateConstraint()])
+    with pytest.raises(ValueError, match="does not hold"):
+        ace.Trainer(
+            model, nn.functional.mse_loss, optimizer, constraints=[ace.GateConstraint()], step_gates=False
+        )
+    ace.Trainer(model, nn.functional.mse_loss, optimizer, constraints=[ace.GateConstraint()])  # ace steps them
 
 
 def test_resilient_equality_is_refused():
