@@ -71,7 +71,8 @@ RUNS = [
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
 def test_config_trains_a_few_steps(path, tmp_path, cache_dir):
     cfg = load_config(path, [*TINY, f"data.cache_dir={cache_dir}"])
-    assert cfg.method == path.stem.removeprefix("nbody_").removeprefix("field_").removeprefix("dev_")
+    method = path.stem.removeprefix("nbody_").removeprefix("field_").removeprefix("dev_").removesuffix("_paper")
+    assert cfg.method == method
     assert (cfg.data.field_strength != 0) == ("field" in path.stem)
     summary = run(cfg, tmp_path / "run")
     assert summary["steps"] == 2
@@ -84,6 +85,32 @@ def test_config_trains_a_few_steps(path, tmp_path, cache_dir):
         expected = {f"gate.layers.{i}" for i in range(cfg.model.layers)}
         assert set(summary["constraints"]) == (expected if cfg.constraint.kind == "gate" else {"deviation"})
         assert all("multiplier" in row for row in summary["constraints"].values())
+
+
+@pytest.mark.parametrize("name", ["nbody_ace_paper", "nbody_ace_resilient_paper"])
+def test_the_paper_recipe_steps_gates_and_multipliers_with_adam(name, cache_dir):
+    import torch
+
+    from ace.experiment import prepare_run
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", [*TINY, f"data.cache_dir={cache_dir}"])
+    trainer, loaders = prepare_run(cfg, None)
+    core = trainer.core
+    (adam,) = core.optimizers
+    held = {id(p) for group in adam.param_groups for p in group["params"]}
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 9.0e-4
+    assert all(id(g) in held for g in core.gates.values()) and core.primal.gate_lr is None
+    assert isinstance(core.cooper_optimizer.dual_optimizers[0], torch.optim.Adam)
+    assert core.dual.formulation == "lagrangian" and core.dual.scale == "none"
+    assert core.primal.gate_max_step is None
+    x = next(iter(loaders["train"]))
+    before = {n: g.item() for n, g in core.gates.items()}
+    trainer.train_step(x)
+    # Adam's first step moves every gate by lr, and every multiplier by the dual lr (8e-4), whatever the gradient
+    for n, g in core.gates.items():
+        assert abs(g.item() - before[n]) == pytest.approx(9.0e-4, rel=1e-3)
+    multipliers = core.multipliers()["gate"]  # the violations gamma_i = 1 (and |gamma_i| - u_i = 1) > 0
+    assert torch.allclose(multipliers, torch.full_like(multipliers, 8.0e-4), rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["nbody_strict", "nbody_ace"])
