@@ -21,8 +21,7 @@ class VectorField(pl.LightningModule):  # your module, unchanged: a loss and its
         return nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
-        weights = [p for n, p in self.named_parameters() if not n.endswith("gate")]
-        return [torch.optim.Adam(weights, lr=3e-3), torch.optim.SGD(list(ace.gates(self).values()), lr=0.05)]
+        return torch.optim.Adam(ace.weights(self), lr=3e-3)  # the gates are ace's
 
 
 torch.manual_seed(0)
@@ -32,7 +31,6 @@ model = ace.lightning.Constrained(
     VectorField(),
     [ace.GateConstraint(tolerance=0.0, equality=True)],  # ACE, Algorithm 1
     symmetry=ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector"),
-    dual=ace.DualSettings(formulation="augmented", update="alternating", lr=0.1),
 )
 trainer = pl.Trainer(max_epochs=10, accelerator="cpu", logger=False, enable_checkpointing=False)
 trainer.fit(model, loader)

@@ -15,13 +15,11 @@ model = ace.relax(
 )
 symmetry = ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector")
 
-weights = [p for n, p in model.named_parameters() if not n.endswith("gate")]
 core = ace.PrimalDual(
     model,
-    [torch.optim.Adam(weights, lr=3e-3), torch.optim.SGD(list(ace.gates(model).values()), lr=0.05)],
+    torch.optim.Adam(ace.weights(model), lr=3e-3),  # or model.parameters(): ace steps the gates either way
     [ace.GateConstraint(tolerance=0.0, equality=True)],  # ACE, Algorithm 1
     symmetry=symmetry,
-    dual=ace.DualSettings(formulation="augmented", update="alternating", lr=0.1),
 )
 for epoch in range(10):
     for xb, yb in loader:

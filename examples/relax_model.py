@@ -14,14 +14,12 @@ loader = DataLoader(TensorDataset(x, target(x)), batch_size=64, shuffle=True)
 model = RadialVectorNet(hidden=64, layers=2)  # exactly SO(2)-equivariant
 ace.relax(model, where=lambda name, m: isinstance(m, RadialVectorLayer), example=x[:4])  # f_eq + gamma f_neq
 symmetry = ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector")
-weights = [p for n, p in model.named_parameters() if not n.endswith("gate")]
 trainer = ace.Trainer(
     model,
     nn.functional.mse_loss,
-    [torch.optim.Adam(weights, lr=3e-3), torch.optim.SGD(list(ace.gates(model).values()), lr=0.05)],
+    torch.optim.Adam(model.parameters(), lr=3e-3),  # ace steps the gates itself (and says so once)
     symmetry=symmetry,
     constraints=[ace.GateConstraint(tolerance=0.0, equality=True)],  # ACE, Algorithm 1
-    dual=ace.DualSettings(formulation="augmented", update="alternating", lr=0.1, penalty_coefficient=1.0),
 )
 trainer.fit(loader, loader, epochs=10)
 exact = ace.strip(model).double()  # f_eq alone: exactly equivariant
