@@ -20,7 +20,6 @@ from typing import Any
 
 import yaml
 
-from .scale import check_scale
 from .config_schema import (  # re-exported: ace.config is where users and tasks import them from
     MAX_SEED,
     METHODS,
@@ -37,6 +36,7 @@ from .config_schema import (  # re-exported: ace.config is where users and tasks
     TrainConfig,
     opt,
 )
+from .scale import check_scale
 
 __all__ = [
     "Config",

@@ -119,7 +119,8 @@ class DualConfig:
     scale: Any = opt(
         "initial",
         "unit of the multipliers: 'initial' (the mean loss of the first 20 steps: multipliers are prices "
-        "relative to the untrained model's loss, rho is relative to it, no gain depends on the loss's units), "
+        "relative to the untrained model's loss, rho is relative to it, no gain depends on the loss's "
+        "units), "
         "'none' (units of the loss, as before ace 0.2) or a fixed positive number",
     )
     max_multiplier: float | None = opt(

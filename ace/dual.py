@@ -36,7 +36,8 @@ class DualSettings:
     dimensionless, and the gate-multiplier pair of an equality ``gamma_i = 0``,
 
     .. math::
-        \\gamma_i \\leftarrow \\gamma_i - \\eta_\\gamma \\big(\\partial_{\\gamma_i} \\ell / s_t + \\lambda_i + c\\,\\gamma_i\\big),
+        \\gamma_i \\leftarrow \\gamma_i
+            - \\eta_\\gamma \\big(\\partial_{\\gamma_i} \\ell / s + \\lambda_i + c\\,\\gamma_i\\big),
         \\qquad \\lambda_i \\leftarrow \\lambda_i + \\eta_\\lambda\\, \\gamma_i,
 
     is a PI controller, critically damped at ``eta_lambda = eta_gamma c^2 / 4`` (``eta_gamma`` = 0.05, the

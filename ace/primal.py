@@ -8,6 +8,7 @@ the gates are set, not learned. :class:`ace.PrimalDual` owns one :class:`PrimalS
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -53,6 +54,14 @@ class PrimalSide:
         )
         self.grad_clip, self.gate_max_step, self.gate_schedule = grad_clip, gate_max_step, gate_schedule
         self.gate_lr = gate_lr
+        held = {id(p) for o in optimizers for group in o.param_groups for p in group["params"]}
+        if gate_lr is not None and gate_ids & held:  # said once (Python shows a warning once per place)
+            warnings.warn(
+                f"ace.PrimalDual steps the {len(gates)} gates itself (plain SGD at gate_lr on the "
+                "loss-scaled Lagrangian); your optimiser holds them and its updates skip them. Pass "
+                "step_gates=False to leave them to it, or build it from ace.weights(model)",
+                stacklevel=4,
+            )
         # torch's zero_grad sets each grad to None under a profiler scope and a compiler guard, ~0.1 ms a call
         # (a few % of a small model's step): for optimisers that keep torch's zero_grad, do just that
         # (the groups are read at each step: a group added later is zeroed too)

@@ -14,12 +14,12 @@ For constraints ``g_i(theta) <= eps_i(t)`` (or ``= eps_i(t)``) with multipliers 
     \\theta, \\gamma, u \\leftarrow \\text{primal step on } \\nabla_{\\theta, \\gamma, u} L, \\quad
     u \\leftarrow \\max(u, 0), \\quad |\\Delta \\gamma_i| \\le \\delta_{\\max}
 
-With ``dual.scale="initial"`` (the default) every term but the loss is multiplied by the loss's scale ``s_t``
+With ``dual.scale="initial"`` (the default) every term but the loss is multiplied by the loss's scale ``s``
 (its mean over the first 20 steps, :mod:`ace.scale`): the multipliers are prices relative to the untrained
-model's loss and ``rho`` is relative to it, so no gain depends on the loss's units. The gates are ace's: your optimiser's update skips them and the core steps
-them itself, ``gamma <- gamma - eta_gamma grad_gamma L / s_t`` (plain SGD at ``gate_lr``; an adaptive
-optimiser moves a gate by about its learning rate whatever the multiplier's size, and the pair oscillates), and
-so the slacks, ``u <- max(u - eta_u grad_u L / s_t, 0)``.
+model's loss and ``rho`` is relative to it, so no gain depends on the loss's units. The gates are ace's: your
+optimiser's update skips them and the core steps them itself, ``gamma <- gamma - eta_gamma grad_gamma L / s``
+(plain SGD at ``gate_lr``: an adaptive optimiser moves a gate by about its learning rate whatever the
+multiplier's size, and the pair oscillates), and so the slacks, ``u <- max(u - eta_u grad_u L / s, 0)``.
 
 Fixed-penalty constraints add ``w * relu(g - eps)`` to the loss and have no multiplier. The tolerance
 ``eps(t)`` and the learning-rate factor are pure functions of the step, so resuming needs only the state
@@ -39,7 +39,6 @@ loop uses it the same way::
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,9 +97,10 @@ class PrimalDual:
         symmetry: the :class:`ace.Symmetry` deviation constraints are measured under.
         dual: :class:`DualSettings`.
         slack_lr: learning rate of the slacks (SGD, on the gradient divided by the loss scale).
-        gate_lr: learning rate ``eta_gamma`` of the gates (plain SGD on the gradient divided by the loss scale).
-        step_gates: the core steps the gates (default); ``False`` leaves them to ``optimizer``, which must then
-            hold them (the ACE paper's recipe: one Adam over weights and gates).
+        gate_lr: learning rate ``eta_gamma`` of the gates (plain SGD on the gradient divided by the loss
+            scale).
+        step_gates: the core steps the gates (default); ``False`` leaves them to ``optimizer``, which must
+            then hold them (the ACE paper's recipe: one Adam over weights and gates).
         grad_clip: clip the gradient norm of the weights, and separately of the gates, to this value.
         gate_max_step: largest change of a gate in one step (``None``: unbounded), a trust region: at a large
             loss scale one plain-SGD gate step can otherwise throw a gate far past 0.
@@ -151,8 +151,6 @@ class PrimalDual:
         _check_limits(max_multiplier, gate_max_step)
         if not (gate_lr > 0 and math.isfinite(gate_lr)):
             raise ValueError(f"gate_lr must be a positive number, got {gate_lr!r}")
-        if step_gates:
-            _warn_if_held(self.optimizers, list(self.gates.values()))
         self.scale = LossScale(dual.scale, self.device, self.dtype)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.slacks = {
@@ -164,7 +162,9 @@ class PrimalDual:
             torch.optim.SGD(list(self.slacks.values()), lr=slack_lr) if self.slacks else None
         )
         sizes = {c.name: self._size(c) for c in self.constraints}
-        self.cmp, self.cooper_constraints = make_problem(self.constraints, sizes, dual, self.device, self.dtype)
+        self.cmp, self.cooper_constraints = make_problem(
+            self.constraints, sizes, dual, self.device, self.dtype
+        )
         primal_optimizers = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
         self.cooper_optimizer = make_optimizer(self.cmp, primal_optimizers, dual)
         gates = list(self.gates.values())
@@ -178,8 +178,8 @@ class PrimalDual:
             gate_lr if step_gates else None,
         )
         self.gate_lr, self.schedule_gates = gate_lr, schedule_gates
-        # the gates' rate sets the gate-multiplier damping: scaled only on request (the core's own rate follows
-        # it in update(); an optimiser's group that holds gates it steps keeps its rate)
+        # the gates' rate sets the gate-multiplier damping: scaled only on request (the core's own rate
+        # follows it in update(); an optimiser's group that holds gates it steps keeps its rate)
         skip = [] if schedule_gates or step_gates else gates
         self.rates = LearningRates(lr_schedule, self.optimizers, skip=skip)
         self._check = StepCheck([*self.primal.weights, *self.primal.gates], self.device)
@@ -413,18 +413,6 @@ def module_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter (torch's default where it has none)."""
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     return p.dtype if p is not None else torch.get_default_dtype()
-
-
-def _warn_if_held(optimizers: list[torch.optim.Optimizer], gates: list[torch.Tensor]) -> None:
-    """Say once that the core steps the gates that the optimisers hold (their own updates skip them)."""
-    ids = {id(g) for g in gates}
-    if any(id(p) in ids for o in optimizers for group in o.param_groups for p in group["params"]):
-        warnings.warn(
-            f"ace.PrimalDual steps the {len(gates)} gates itself (plain SGD at gate_lr on the loss-scaled "
-            "Lagrangian); your optimiser holds them and its updates skip them. Pass step_gates=False to leave "
-            "them to it, or build it from ace.weights(model)",
-            stacklevel=3,
-        )
 
 
 def _check_limits(max_multiplier: float | None, gate_max_step: float | None) -> None:

@@ -61,6 +61,8 @@ def summary(
         "layers": layers,
         "gates": {name: row["gate"] for name, row in layers.items()},
         "tolerance_starts": core.tolerance_starts,
+        # the unit of the multipliers and of rho (ace.scale): a multiplier times it is a price in loss units
+        "loss_scale": core.scale.value(),
         "best": fields.pop("best"),
         "val": last_eval,
         **fields,

@@ -327,8 +327,8 @@ def gates(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def weights(model: nn.Module) -> list[nn.Parameter]:
-    """The model's parameters without its gates: what an optimiser needs when :class:`ace.PrimalDual` steps the
-    gates (``torch.optim.Adam(ace.weights(model))``)."""
+    """The model's parameters without its gates: what an optimiser needs when :class:`ace.PrimalDual` steps
+    the gates (``torch.optim.Adam(ace.weights(model))``)."""
     gate_ids = {id(g) for g in gates(model).values()}
     return [p for p in model.parameters() if id(p) not in gate_ids]
 

@@ -85,7 +85,10 @@ class RunState:
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
-            **{k: core[k] for k in ("cooper_optimizer", "cmp", "slacks", "step", "tolerance_starts", "loss_scale")},
+            **{
+                k: core[k]
+                for k in ("cooper_optimizer", "cmp", "slacks", "step", "tolerance_starts", "loss_scale")
+            },
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "rng": rng_state(self.generator),

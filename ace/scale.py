@@ -7,7 +7,8 @@ measures the loss in units of its scale at the start of training,
 
 .. math::
     s = \\frac{1}{K} \\sum_{t=1}^{K} |\\ell_t| \\quad (K = 20 \\text{ steps, then fixed}), \\qquad
-    L = \\ell + s \\Big(\\sum_i \\lambda_i\\, h_i + \\tfrac{\\rho_i}{2} u_i^2 \\;[+ \\tfrac{c}{2} h_i^2]\\Big),
+    L = \\ell + s \\Big(\\sum_i \\lambda_i\\, h_i + \\tfrac{\\rho_i}{2} u_i^2
+        \\;[+ \\tfrac{c}{2} h_i^2]\\Big),
 
 and prices every constraint in those units: a multiplier is the fraction of the untrained model's loss that
 one unit of tolerance would save, ``rho`` is relative to that loss, and the gates and slacks that
@@ -40,7 +41,11 @@ def check_scale(scale: Any) -> None:
     """``ValueError`` unless ``scale`` is ``"initial"``, ``"none"`` or a positive finite number."""
     if scale in ("initial", "none"):
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not (scale > 0 and math.isfinite(scale))
+    ):
         raise ValueError(f"dual.scale must be 'initial', 'none' or a positive number, got {scale!r}")
 
 

@@ -1,8 +1,8 @@
-"""A model the package has never seen: an O(3)-invariant polynomial written as e3nn's tetris example writes it.
+"""A model the package has never seen: an O(3)-invariant polynomial as e3nn's tetris example writes it.
 
-Two ``FullyConnectedTensorProduct``\\ s of spherical harmonics on a torch_geometric batch, a sum over neighbours
-and over nodes; the output ``0o + 6x0e`` tells the 8 tetris shapes apart (the pseudoscalar the two chiral
-ones). Neighbours within 1.1 are found with ``torch.cdist`` (no torch-cluster here).
+Two ``FullyConnectedTensorProduct``\\ s of spherical harmonics on a torch_geometric batch, a sum over
+neighbours and over nodes; the output ``0o + 6x0e`` tells the 8 tetris shapes apart (the pseudoscalar the two
+chiral ones). Neighbours within 1.1 are found with ``torch.cdist`` (no torch-cluster here).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ SHAPES = [
     [(0, 0, 0), (1, 0, 0), (1, 1, 0), (2, 1, 0)],  # zigzag
 ]
 LABELS = torch.tensor(
-    [[1, 0, 0, 0, 0, 0, 0], [-1, 0, 0, 0, 0, 0, 0]] + [[0] + [int(i == j) for i in range(6)] for j in range(6)],
+    [[1, 0, 0, 0, 0, 0, 0], [-1, 0, 0, 0, 0, 0, 0]]
+    + [[0] + [int(i == j) for i in range(6)] for j in range(6)],
     dtype=torch.get_default_dtype(),
 )
 
 
 def tetris(rotate: torch.Generator | None = None) -> Batch:
-    """The 8 shapes as one batch (``pos``, ``y`` of shape (8, 7)), each under a random rotation if ``rotate``."""
+    """The 8 shapes as one batch (``pos``, ``y`` of shape (8, 7)), each randomly rotated if ``rotate``."""
     graphs = []
     for shape, label in zip(SHAPES, LABELS, strict=True):
         pos = torch.tensor(shape, dtype=torch.get_default_dtype())
@@ -58,9 +59,13 @@ class Polynomial(nn.Module):
     def forward(self, data: Batch) -> torch.Tensor:
         pos, batch = data.pos, data.batch
         same = batch[:, None] == batch[None, :]
-        close = (torch.cdist(pos, pos) < 1.1) & same & ~torch.eye(len(pos), dtype=torch.bool, device=pos.device)
+        close = (
+            (torch.cdist(pos, pos) < 1.1) & same & ~torch.eye(len(pos), dtype=torch.bool, device=pos.device)
+        )
         dst, src = close.nonzero(as_tuple=True)
-        sh = o3.spherical_harmonics(self.irreps_sh, pos[src] - pos[dst], normalize=False, normalization="component")
+        sh = o3.spherical_harmonics(
+            self.irreps_sh, pos[src] - pos[dst], normalize=False, normalization="component"
+        )
         n, norm = len(pos), 2**0.5  # about two neighbours a node
         nodes = scatter_sum(sh, dst, n) / norm
         nodes = scatter_sum(self.tp1(nodes[src], sh), dst, n) / norm

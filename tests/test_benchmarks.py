@@ -116,3 +116,33 @@ def test_alignment_tabulates_and_plots_a_tolerance_sweep_per_data_set(tmp_path, 
         "tolerance_sweep.png",
         "tolerance_vs_asymmetry.png",
     ]
+
+
+def _fake_long_run(path, val, gates, test):
+    path.mkdir(parents=True)
+    lines = [{"step": s, "loss": 1.0, "gate/layers.0": g, "gate/layers.1": -g / 2} for s, g in gates]
+    lines += [{"step": s, "val/loss": v, "val/mse": v, "val/eq/mse": v} for s, v in val]
+    (path / "metrics.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in lines) + "\n")
+    summary = {"selected": {"eq": {"test": {"mse": test}}}}
+    (path / "summary.json").write_text(__import__("json").dumps(summary))
+
+
+def test_long_budget_table_reads_crossings_and_the_convergence_claim(tmp_path, capsys, monkeypatch):
+    for seed, offset in ((0, 0.0), (1, 0.1)):
+        _fake_long_run(tmp_path / "strict" / f"seed{seed}", [(10, 3.0), (20, 2.0 + offset)], [], 2.0 + offset)
+        gates = [(1, 1.0), (5, 0.05), (8, 0.02), (9, 0.005), (12, 0.001)]
+        _fake_long_run(tmp_path / "ace" / f"seed{seed}", [(10, 1.5), (20, 1.0)], gates, 1.9 + offset)
+    monkeypatch.setattr(
+        sys, "argv", ["long_budget.py", str(tmp_path), "strict", "ace", "--plot", str(tmp_path / "p.png")]
+    )
+    _load("long_budget").main()
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| `")
+    }
+    cells = [c.strip() for c in rows["`ace`"].split("|")[1:-1]]
+    assert cells[1] == "2" and cells[3] == "-0.1, -0.1"  # paired with strict, seed by seed
+    assert cells[4:7] == ["5, 5", "9, 9", "8, 8"]  # below 0.1 at 5, below 0.01 at 9, last above 0.01 at 8
+    assert cells[7] == "10, 10"  # f_eq reaches strict's best validation (2.0, 2.1) at its first validation
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -50,7 +50,9 @@ def train(model, constraint, dtype, formulation, steps=6, autocast=False):
 @pytest.mark.parametrize("kind", ["gate", "deviation"])
 @pytest.mark.parametrize("formulation", ["lagrangian", "augmented"])
 def test_every_constraint_trains_in_the_models_dtype(dtype, method, kind, formulation):
-    model = relaxed_net(dtype) if kind == "gate" else nn.Sequential(nn.Linear(2, 8), nn.SiLU(), nn.Linear(8, 2))
+    model = (
+        relaxed_net(dtype) if kind == "gate" else nn.Sequential(nn.Linear(2, 8), nn.SiLU(), nn.Linear(8, 2))
+    )
     model.to(dtype)
     make = ace.GateConstraint if kind == "gate" else ace.DeviationConstraint
     core, result, moved = train(model, make(**CONSTRAINTS[method]), dtype, formulation)
@@ -66,8 +68,9 @@ def test_every_constraint_trains_in_the_models_dtype(dtype, method, kind, formul
 def test_bfloat16_autocast_trains(kind):
     model = relaxed_net(torch.float32) if kind == "gate" else nn.Sequential(nn.Linear(2, 8), nn.Linear(8, 2))
     make = ace.GateConstraint if kind == "gate" else ace.DeviationConstraint
-    _, result, moved = train(model, make(tolerance=0.0, equality=kind == "gate"), torch.float32, "augmented",
-                             autocast=True)
+    _, result, moved = train(
+        model, make(tolerance=0.0, equality=kind == "gate"), torch.float32, "augmented", autocast=True
+    )
     assert moved and torch.isfinite(result.loss)
 
 

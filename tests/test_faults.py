@@ -335,9 +335,7 @@ def test_resuming_a_finished_run_writes_no_record_twice(tmp_path, reference):
 
 def test_multiplier_ceiling_events_are_not_written_again_after_a_resume(tmp_path):
     def ceiling_trainer(**kw):
-        return make_trainer(
-            tmp_path, model=ConstantField(), dual=OLD_DUAL, max_multiplier=2.0, **kw
-        )
+        return make_trainer(tmp_path, model=ConstantField(), dual=OLD_DUAL, max_multiplier=2.0, **kw)
 
     with pytest.warns(UserWarning, match="reached the ceiling"):
         ceiling_trainer().fit(loader(), epochs=1, print_summary=False)  # the ceiling comes before step 4

@@ -71,7 +71,9 @@ RUNS = [
 @pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
 def test_config_trains_a_few_steps(path, tmp_path, cache_dir):
     cfg = load_config(path, [*TINY, f"data.cache_dir={cache_dir}"])
-    method = path.stem.removeprefix("nbody_").removeprefix("field_").removeprefix("dev_").removesuffix("_paper")
+    method = (
+        path.stem.removeprefix("nbody_").removeprefix("field_").removeprefix("dev_").removesuffix("_paper")
+    )
     assert cfg.method == method
     assert (cfg.data.field_strength != 0) == ("field" in path.stem)
     summary = run(cfg, tmp_path / "run")
@@ -106,7 +108,8 @@ def test_the_paper_recipe_steps_gates_and_multipliers_with_adam(name, cache_dir)
     x = next(iter(loaders["train"]))
     before = {n: g.item() for n, g in core.gates.items()}
     trainer.train_step(x)
-    # Adam's first step moves every gate by lr, and every multiplier by the dual lr (8e-4), whatever the gradient
+    # Adam's first step moves every gate by lr, and every multiplier by the dual lr (8e-4), whatever the
+    # gradient
     for n, g in core.gates.items():
         assert abs(g.item() - before[n]) == pytest.approx(9.0e-4, rel=1e-3)
     multipliers = core.multipliers()["gate"]  # the violations gamma_i = 1 (and |gamma_i| - u_i = 1) > 0

@@ -64,8 +64,22 @@ def test_trajectories_are_bit_for_bit_equal_at_power_of_two_loss_scales_in_float
 
 def test_in_units_of_the_loss_the_same_dynamics_would_differ():
     # the test above would pass for a trivially scale-free update: scale='none' must break it
-    a, _ = trajectory(1.0, ace.GateConstraint(equality=True), 20, torch.float64, eps=0.0, dual=ace.DualSettings(scale="none"))
-    b, _ = trajectory(64.0, ace.GateConstraint(equality=True), 20, torch.float64, eps=0.0, dual=ace.DualSettings(scale="none"))
+    a, _ = trajectory(
+        1.0,
+        ace.GateConstraint(equality=True),
+        20,
+        torch.float64,
+        eps=0.0,
+        dual=ace.DualSettings(scale="none"),
+    )
+    b, _ = trajectory(
+        64.0,
+        ace.GateConstraint(equality=True),
+        20,
+        torch.float64,
+        eps=0.0,
+        dual=ace.DualSettings(scale="none"),
+    )
     assert not torch.equal(a[-1][0], b[-1][0])
 
 
@@ -127,3 +141,23 @@ def test_the_users_optimiser_skips_the_gates_and_says_so_once():
         assert gate not in optimizer.state
     # ace.weights lists the rest, for an optimiser that never sees the gates
     assert len(ace.weights(model)) == len(list(model.parameters())) - 2
+
+
+def test_the_natural_call_through_the_trainer_closes_the_gates_at_a_large_loss_scale():
+    model = relaxed()
+    torch.manual_seed(1)
+    x = torch.randn(256, 2)
+    batches = [(x[i : i + 32], target(x[i : i + 32])) for i in range(0, 256, 32)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ace steps the gates itself"
+        trainer = ace.Trainer(
+            model,
+            lambda out, y: 1e4 * nn.functional.mse_loss(out, y),
+            torch.optim.Adam(model.parameters(), lr=3e-3),
+            symmetry=SO2,
+            constraints=[ace.GateConstraint(tolerance=0.0, equality=True)],
+            progress=False,
+        )
+    summary = trainer.fit(batches, epochs=30, print_summary=False)
+    assert max(abs(g) for g in summary["gates"].values()) <= 1e-2
+    assert 1e3 < summary["loss_scale"] < 1e4  # the untrained model's mse (O(0.1 - 1)) times 1e4

@@ -170,7 +170,9 @@ def test_optimizer_missing_the_gates_is_refused_when_it_should_step_them():
         ace.Trainer(
             model, nn.functional.mse_loss, optimizer, constraints=[ace.GateConstraint()], step_gates=False
         )
-    ace.Trainer(model, nn.functional.mse_loss, optimizer, constraints=[ace.GateConstraint()])  # ace steps them
+    ace.Trainer(
+        model, nn.functional.mse_loss, optimizer, constraints=[ace.GateConstraint()]
+    )  # ace steps them
 
 
 def test_resilient_equality_is_refused():
