@@ -161,3 +161,30 @@ def test_the_natural_call_through_the_trainer_closes_the_gates_at_a_large_loss_s
     summary = trainer.fit(batches, epochs=30, print_summary=False)
     assert max(abs(g) for g in summary["gates"].values()) <= 1e-2
     assert 1e3 < summary["loss_scale"] < 1e4  # the untrained model's mse (O(0.1 - 1)) times 1e4
+
+
+def test_a_deviation_constraint_is_priced_in_units_of_the_loss_scale_too():
+    # a plain network under D <= eps: the weights see grad l + s lambda grad D, so l -> a l changes nothing
+    def run(scale):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 16), nn.SiLU(), nn.Linear(16, 2)).double()
+        x = torch.randn(64, 2, dtype=torch.float64)
+        core = ace.PrimalDual(
+            model,
+            torch.optim.Adam(model.parameters(), lr=1e-2, eps=0.0),
+            [ace.DeviationConstraint(tolerance=1e-3, relative=True)],
+            symmetry=SO2,
+        )
+        out = []
+        for _ in range(20):
+            prediction = model(x)
+            result = core.step(
+                scale * nn.functional.mse_loss(prediction, target(x)), inputs=x, output=prediction
+            )
+            out.append((result.values["deviation"], result.multipliers["deviation"].clone()))
+        return out
+
+    reference = run(1.0)
+    assert reference[-1][1].item() > 0  # the constraint acted
+    for a, b in zip(reference, run(2.0**9), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
