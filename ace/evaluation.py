@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -32,15 +32,20 @@ def evaluate(
     samples: int = 4,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    variants: Collection[str] = ("model", "eq"),
 ) -> dict[str, float]:
     """Loss and metrics of the model and, for gated models, of f_eq (keys ``eq/...``), averaged over samples.
 
     With a symmetry, also the measured deviation ``deviation`` (absolute, ``samples`` group elements per
-    batch from a generator seeded with ``seed``, so evaluations are comparable) and ``relative_deviation``
+    batch from a generator seeded with ``seed``, so evaluations are comparable, the same elements for every
+    variant) and ``relative_deviation``
     (divided by the mean squared norm of the output). For gated models (``gate_names``): ``eq/deviation``
     (0 up to rounding when f_eq is exactly equivariant) and, per gated layer, ``deviation/<layer>`` and
     ``relative_deviation/<layer>``: the deviation of the model with only that layer's branch enabled, the
     measured read-out of how much symmetry that layer gives up.
+
+    ``variants`` limits the work to what is asked for: ``"model"`` (the model, and its per-layer deviations)
+    and ``"eq"`` (f_eq); a variant's scores do not depend on whether the other is evaluated.
     """
     was_training = model.training
     model.eval()
@@ -51,7 +56,9 @@ def evaluate(
         inputs, target = split_batch(to_device(batch, device))
         n = batch_size(inputs, target)
         count += n
-        for prefix, suffix, context in _variants(model, gate_names, symmetry is not None):
+        draws = generator.get_state()  # every variant sees the same group elements: comparable deviations
+        for prefix, suffix, context in _variants(model, gate_names, symmetry is not None, variants):
+            generator.set_state(draws)
             with context:
                 output = call_model(model, inputs)
                 scores = {}
@@ -74,14 +81,15 @@ def evaluate(
     return {k: v / count for k, v in totals.items()}
 
 
-def _variants(model: nn.Module, gate_names: list[str], per_layer: bool):
+def _variants(model: nn.Module, gate_names: list[str], per_layer: bool, variants: Collection[str]):
     """(key prefix, key suffix, context): the model, f_eq, and the model relaxed at one layer only."""
-    yield "", "", contextlib.nullcontext()
-    if gate_names:
+    if "model" in variants:
+        yield "", "", contextlib.nullcontext()
+    if gate_names and "eq" in variants:
         yield "eq/", "", equivariant(model)
-        if per_layer:
-            for name in gate_names:
-                yield "", f"/{name}", equivariant(model, keep=[name])
+    if gate_names and per_layer and "model" in variants:
+        for name in gate_names:
+            yield "", f"/{name}", equivariant(model, keep=[name])
 
 
 def track_best(best: dict[str, dict[str, float]], record: dict[str, Any], step: int) -> None:

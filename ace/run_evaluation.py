@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ __all__ = ["RunEvaluation"]
 class RunEvaluation:
     """Evaluation of :class:`ace.Trainer` (a part of it, not used alone)."""
 
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
+    def evaluate(self, loader: Iterable, variants: Collection[str] = ("model", "eq")) -> dict[str, float]:
         """Loss, metrics and deviations of the model and of f_eq, see :func:`ace.evaluation.evaluate`."""
         return evaluate(
             self.model,
@@ -32,6 +32,7 @@ class RunEvaluation:
             samples=self.eval_samples,
             seed=self.seed + 1,
             device=self.device,
+            variants=variants,
         )
 
     def _log_eval(self, split: str, loader: Iterable, final: bool = False) -> dict[str, Any]:
@@ -90,4 +91,5 @@ class RunEvaluation:
             self._log_eval("test", test_loader, final=True)
         if self.is_main and val_loader is not None:
             splits = {"val": val_loader, **({"test": test_loader} if test_loader is not None else {})}
-            self.selected = self.selection.evaluate(self.evaluate, splits, self.device)
+            final = {"val": self.last_eval, "test": self.test_scores}  # the final weights' records
+            self.selected = self.selection.evaluate(self.evaluate, splits, self.device, final)

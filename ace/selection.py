@@ -61,7 +61,8 @@ class BestCheckpoints:
                 continue
             best = self.steps.get(variant)
             if best is None or (value > best["value"] if self.higher else value < best["value"]):
-                self.steps[variant] = {"step": step, "value": value}
+                # the record that selected it: the variant's validation scores need no second evaluation
+                self.steps[variant] = {"step": step, "value": value, "val": own(record, variant, "val")}
                 state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 if self.folder is None:
                     self._memory[variant] = state
@@ -70,12 +71,14 @@ class BestCheckpoints:
                 improved.append(variant)
         return improved
 
-    def restored(self, device: torch.device) -> Iterator[tuple[str, int]]:
-        """Load each variant's best weights in turn, yielding ``(variant, step)``; the current weights
-        come back afterwards."""
+    def restored(self, device: torch.device, only: list[str] | None = None) -> Iterator[tuple[str, int]]:
+        """Load each variant's (or each of ``only``'s) best weights in turn, yielding ``(variant, step)``; the
+        current weights come back afterwards."""
         current = copy.deepcopy(self.model.state_dict())
         try:
             for variant, best in self.steps.items():
+                if only is not None and variant not in only:
+                    continue
                 if self.folder is None:
                     state = self._memory.get(variant)
                 else:
@@ -89,20 +92,53 @@ class BestCheckpoints:
             self.model.load_state_dict(current)
 
     def evaluate(
-        self, evaluate: Callable[[Any], dict[str, float]], loaders: dict[str, Any], device: torch.device
+        self,
+        evaluate: Callable[..., dict[str, float]],
+        loaders: dict[str, Any],
+        device: torch.device,
+        final: dict[str, dict[str, Any]] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """``{variant: {"step", "val": {...}, "test": {...}}}``: each variant's own metrics (``eq/`` keys for
-        f_eq, without the prefix) at its best validation step, on every loader given."""
-        out = {}
-        for variant, step in self.restored(device):
-            prefix = VARIANTS[variant]
-            entry: dict[str, Any] = {"step": step, "selected_on": f"val/{prefix}{self.metric}"}
-            for split, loader in loaders.items():
-                scores = evaluate(loader)
-                entry[split] = {
-                    k[len(prefix) :]: v
-                    for k, v in scores.items()
-                    if k.startswith(prefix) and (prefix or not k.startswith("eq/"))
-                }
+        f_eq, without the prefix) at its best validation step, on every loader given.
+
+        No checkpoint is evaluated twice: the validation scores are those of the record that selected the
+        step; a variant whose best step is the final one reads ``final`` (``{split: record}`` of the final
+        weights, with their ``step``); the variants that share a best step are evaluated together, and only
+        the variants asked for. ``evaluate(loader, variants=...)`` is :func:`ace.evaluation.evaluate`.
+        """
+        final = final or {}
+        out: dict[str, dict[str, Any]] = {}
+        pending: dict[int, list[str]] = {}  # best step -> variants still to evaluate there
+        for variant, best in self.steps.items():
+            entry: dict[str, Any] = {
+                "step": best["step"],
+                "selected_on": f"val/{VARIANTS[variant]}{self.metric}",
+            }
+            for split in loaders:
+                if split == "val" and "val" in best:
+                    entry["val"] = best["val"]
+                elif final.get(split, {}).get("step") == best["step"]:
+                    entry[split] = own(final[split], variant, split)
             out[variant] = entry
-        return out
+            if any(split not in entry for split in loaders):
+                pending.setdefault(best["step"], []).append(variant)
+        for _, step in self.restored(device, only=[vs[0] for vs in pending.values()]):
+            variants = pending[step]
+            for split, loader in loaders.items():
+                if any(split not in out[v] for v in variants):
+                    scores = {f"{split}/{k}": v for k, v in evaluate(loader, variants=variants).items()}
+                    for v in variants:
+                        out[v].setdefault(split, own(scores, v, split))
+        # a variant whose weights are gone (resumed in another process without a run directory) is left out
+        return {v: entry for v, entry in out.items() if all(split in entry for split in loaders)}
+
+
+def own(record: dict[str, Any], variant: str, split: str) -> dict[str, Any]:
+    """A variant's scores in an evaluation record of ``split``: ``split/eq/...`` for f_eq, the rest (without
+    ``eq/``) for the model; keys without their prefixes."""
+    prefix = f"{split}/{VARIANTS[variant]}"
+    return {
+        k[len(prefix) :]: v
+        for k, v in record.items()
+        if k.startswith(prefix) and (variant != "model" or not k.startswith(f"{split}/eq/"))
+    }
