@@ -325,6 +325,10 @@ def _validate(cfg: Config) -> None:
         check_scale(cfg.dual.scale)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if not cfg.train.readout_every >= 0:
+        raise ConfigError(f"train.readout_every: must be >= 0, got {cfg.train.readout_every!r}")
+    if cfg.train.readout_batches is not None and not cfg.train.readout_batches > 0:
+        raise ConfigError(f"train.readout_batches: must be > 0 or null, got {cfg.train.readout_batches!r}")
     if cfg.train.threads is not None and not cfg.train.threads > 0:
         raise ConfigError(f"train.threads: must be > 0 or null, got {cfg.train.threads!r}")
     for key in ("gate_max_step", "decay_every"):

@@ -181,7 +181,21 @@ class TrainConfig:
     eval_batch_size: int = opt(256, "batch size for validation and test")
     eval_every: int = opt(1, "epochs between validation passes")
     checkpoint_every: int = opt(1, "epochs between checkpoints (checkpoints/last.pt, previous.pt kept)")
-    eval_samples: int = opt(4, "group elements per batch for the deviation reported at evaluation")
+    eval_samples: int = opt(
+        4,
+        "group elements per batch for the deviation reported at evaluation: a validation pass costs "
+        "(1 + eval_samples) forward passes a batch for the model, as many for f_eq, and as many per gated "
+        "layer for the read-out",
+    )
+    readout_every: int = opt(
+        1,
+        "validation passes between two measurements of the per-layer deviations (the read-out of a relaxed "
+        "model, the largest part of its validation cost); 0 = only at the end (final validation, test and "
+        "the best checkpoints always have them)",
+    )
+    readout_batches: int | None = opt(
+        None, "measure the per-layer deviations on the first validation and test batches only (null = all)"
+    )
     device: str = opt(
         "cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available; under torchrun: the local rank's GPU)"
     )

@@ -33,6 +33,7 @@ def evaluate(
     seed: int = 0,
     device: torch.device | str = "cpu",
     variants: Collection[str] = ("model", "eq"),
+    layer_batches: int | None = None,
 ) -> dict[str, float]:
     """Loss and metrics of the model and, for gated models, of f_eq (keys ``eq/...``), averaged over samples.
 
@@ -46,18 +47,21 @@ def evaluate(
 
     ``variants`` limits the work to what is asked for: ``"model"`` (the model, and its per-layer deviations)
     and ``"eq"`` (f_eq); a variant's scores do not depend on whether the other is evaluated.
+    ``layer_batches`` measures the per-layer deviations on the first batches only (``0``: not at all;
+    ``None``: every batch): each gated layer costs ``1 + samples`` forward passes a batch, as much as the
+    model's own loss and deviation.
     """
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     totals: dict[str, float] = {}
-    count = 0
-    for batch in loader:
+    counts: dict[str, int] = {}
+    for index, batch in enumerate(loader):
         inputs, target = split_batch(to_device(batch, device))
         n = batch_size(inputs, target)
-        count += n
+        per_layer = symmetry is not None and (layer_batches is None or index < layer_batches)
         draws = generator.get_state()  # every variant sees the same group elements: comparable deviations
-        for prefix, suffix, context in _variants(model, gate_names, symmetry is not None, variants):
+        for prefix, suffix, context in _variants(model, gate_names, per_layer, variants):
             generator.set_state(draws)
             with context:
                 output = call_model(model, inputs)
@@ -75,10 +79,11 @@ def evaluate(
             for key, value in scores.items():
                 name = prefix + key + suffix
                 totals[name] = totals.get(name, 0.0) + float(value) * n
+                counts[name] = counts.get(name, 0) + n
     model.train(was_training)
-    if count == 0:
+    if not counts:
         raise ValueError("evaluate() got an empty loader")
-    return {k: v / count for k, v in totals.items()}
+    return {k: v / counts[k] for k, v in totals.items()}
 
 
 def _variants(model: nn.Module, gate_names: list[str], per_layer: bool, variants: Collection[str]):

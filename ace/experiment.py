@@ -293,6 +293,8 @@ def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) ->
         gate_lr=o.gate_lr,
         step_gates=o.gates == "ace",
         eval_samples=cfg.train.eval_samples,
+        readout_every=cfg.train.readout_every,
+        readout_batches=cfg.train.readout_batches,
         log_dir=out,
         log_every=cfg.log.every,
         progress=cfg.log.progress,

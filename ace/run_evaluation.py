@@ -20,8 +20,11 @@ __all__ = ["RunEvaluation"]
 class RunEvaluation:
     """Evaluation of :class:`ace.Trainer` (a part of it, not used alone)."""
 
-    def evaluate(self, loader: Iterable, variants: Collection[str] = ("model", "eq")) -> dict[str, float]:
-        """Loss, metrics and deviations of the model and of f_eq, see :func:`ace.evaluation.evaluate`."""
+    def evaluate(
+        self, loader: Iterable, variants: Collection[str] = ("model", "eq"), readout: bool = True
+    ) -> dict[str, float]:
+        """Loss, metrics and deviations of the model and of f_eq, see :func:`ace.evaluation.evaluate`; the
+        per-layer deviations (on ``readout_batches``) only with ``readout``."""
         return evaluate(
             self.model,
             loader,
@@ -33,16 +36,19 @@ class RunEvaluation:
             seed=self.seed + 1,
             device=self.device,
             variants=variants,
+            layer_batches=self.readout_batches if readout else 0,
         )
 
-    def _log_eval(self, split: str, loader: Iterable, final: bool = False) -> dict[str, Any]:
-        """Evaluate and log ``split``. Non-finite losses or weights are handled by ``on_nan`` (``skip``: this
-        evaluation is not tracked and its checkpoint not written); at the end of a run (``final``) they
-        always raise: a run that ends non-finite is not finished. Returns the record, with ``finite: False``
-        (not logged) after a skipped one."""
+    def _log_eval(
+        self, split: str, loader: Iterable, final: bool = False, readout: bool = True
+    ) -> dict[str, Any]:
+        """Evaluate and log ``split`` (the per-layer deviations with ``readout``). Non-finite losses or
+        weights are handled by ``on_nan`` (``skip``: this evaluation is not tracked and its checkpoint not
+        written); at the end of a run (``final``) they always raise: a run that ends non-finite is not
+        finished. Returns the record, with ``finite: False`` (not logged) after a skipped one."""
         record, problem = {}, None
         if self.is_main:  # evaluation needs no collective: rank 0 does it while the others wait
-            scores = self.evaluate(loader)
+            scores = self.evaluate(loader, readout=readout)
             record = {
                 "step": self.step,
                 "epoch": self.epoch,

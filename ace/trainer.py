@@ -62,6 +62,11 @@ class Trainer(RunState, RunEvaluation):
         select: the validation metric that picks each variant's best step (``"loss"``, or a metric name
             such as ``"accuracy"``, maximised); see :mod:`ace.selection`.
         eval_samples: group samples per batch for the deviation reported at evaluation.
+        readout_every: validation passes between two measurements of the per-layer deviations (the read-out
+            of a relaxed model, ``1 + eval_samples`` forward passes per gated layer and batch); ``0``: only
+            at the end. The final validation, the test and the best checkpoints' tests always have them.
+        readout_batches: the per-layer deviations on the first validation (and test) batches only (``None``:
+            all), a fixed subsample.
         log_dir: run directory (:mod:`ace.run_dir`); ``None`` keeps records in ``trainer.history`` only. A
             directory that already holds a run is refused unless ``resume`` or ``overwrite``.
         resume: continue the run in ``log_dir``: append to its records (then :meth:`load_checkpoint` and
@@ -103,6 +108,8 @@ class Trainer(RunState, RunEvaluation):
         gate_lr: float = 0.05,
         step_gates: bool = True,
         eval_samples: int = 4,
+        readout_every: int = 1,
+        readout_batches: int | None = None,
         log_dir: str | os.PathLike | None = None,
         log_every: int = 10,
         progress: bool | None = None,
@@ -119,6 +126,10 @@ class Trainer(RunState, RunEvaluation):
     ) -> None:
         if not (isinstance(eval_samples, int) and eval_samples >= 1):
             raise ValueError(f"eval_samples must be an integer >= 1, got {eval_samples!r}")
+        if not (isinstance(readout_every, int) and readout_every >= 0):
+            raise ValueError(f"readout_every must be an integer >= 0, got {readout_every!r}")
+        if readout_batches is not None and not (isinstance(readout_batches, int) and readout_batches >= 1):
+            raise ValueError(f"readout_batches must be an integer >= 1 or None, got {readout_batches!r}")
         if not (isinstance(log_every, int) and log_every >= 1):
             raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
         if on_nan not in NAN_POLICIES:
@@ -126,6 +137,7 @@ class Trainer(RunState, RunEvaluation):
         self.model, self.loss_fn, self.symmetry = model, loss, symmetry
         self.metrics = dict(metrics or {})
         self.eval_samples, self.log_every, self.progress = eval_samples, log_every, progress
+        self.readout_every, self.readout_batches = readout_every, readout_batches
         self.config, self.seed = config, seed
         self.on_nan, self.max_rollbacks, self.rollback_lr_factor = on_nan, max_rollbacks, rollback_lr_factor
         self.device = torch.device(device) if device is not None else module_device(model)
@@ -277,7 +289,9 @@ class Trainer(RunState, RunEvaluation):
                     last = self.step >= total
                     good = True  # a checkpoint after a non-finite validation would not be a good state
                     if val_loader is not None and (self.epoch % eval_every == 0 or last):
-                        good = self._log_eval("val", val_loader).get("finite", True)
+                        every = self.readout_every
+                        readout = last or (every > 0 and (self.epoch // eval_every) % every == 0)
+                        good = self._log_eval("val", val_loader, readout=readout).get("finite", True)
                 except RolledBack:
                     bar.n = self.step
                     continue

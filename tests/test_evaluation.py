@@ -1,0 +1,53 @@
+"""The read-out's cost is the user's to choose: how often, and on how many batches, the layers are measured."""
+
+import torch
+from torch import nn
+
+import ace
+from ace.evaluation import evaluate
+from ace.tasks.toy import RadialVectorLayer, RadialVectorNet, target
+
+SO2 = ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector")
+
+
+def relaxed():
+    torch.manual_seed(0)
+    net = RadialVectorNet(hidden=16, layers=2)
+    return ace.relax(
+        net, where=lambda n, m: isinstance(m, RadialVectorLayer), hidden=16, example=torch.randn(4, 2)
+    )
+
+
+def data(seed, n=64):
+    torch.manual_seed(seed)
+    x = torch.randn(n, 2)
+    return [(x[i : i + 16], target(x[i : i + 16])) for i in range(0, n, 16)]
+
+
+def test_per_layer_deviations_on_the_first_batches_equal_those_batches_alone():
+    model, val = relaxed(), data(1)
+    kw = dict(symmetry=SO2, gate_names=["layers.0", "layers.1"], samples=2, seed=3)
+    subsample = evaluate(model, val, nn.functional.mse_loss, layer_batches=1, **kw)
+    first = evaluate(model, val[:1], nn.functional.mse_loss, **kw)
+    whole = evaluate(model, val, nn.functional.mse_loss, **kw)
+    assert subsample["deviation/layers.0"] == first["deviation/layers.0"]
+    assert subsample["loss"] == whole["loss"] and subsample["deviation"] == whole["deviation"]
+    assert "deviation/layers.0" not in evaluate(model, val, nn.functional.mse_loss, layer_batches=0, **kw)
+
+
+def test_readout_every_zero_measures_the_layers_at_the_end_only():
+    model = relaxed()
+    trainer = ace.Trainer(
+        model,
+        nn.functional.mse_loss,
+        torch.optim.Adam(ace.weights(model), lr=3e-3),
+        symmetry=SO2,
+        constraints=[ace.GateConstraint(equality=True)],
+        readout_every=0,
+        progress=False,
+    )
+    summary = trainer.fit(data(1), data(2), epochs=3, test_loader=data(3), print_summary=False)
+    vals = [r for r in trainer.history if "val/loss" in r]
+    assert ["val/deviation/layers.0" in r for r in vals] == [False, False, True]
+    assert "test/deviation/layers.0" in trainer.test_scores
+    assert all("relative_deviation" in row for row in summary["layers"].values())
