@@ -1,4 +1,4 @@
-"""The read-out's cost is the user's to choose: how often, and on how many batches, the layers are measured."""
+"""The read-out's cost is the user's to choose: how often, and on how many batches, layers are measured."""
 
 import torch
 from torch import nn

@@ -31,9 +31,9 @@ def trainer(**kw):
     calls = []
     original = t.evaluate
 
-    def counted(loader, variants=("model", "eq")):
+    def counted(loader, variants=("model", "eq"), readout=True):
         calls.append(tuple(variants))
-        return original(loader, variants)
+        return original(loader, variants, readout)
 
     t.evaluate = counted
     return t, calls
