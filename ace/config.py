@@ -341,6 +341,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps: must be > 0 or null, got {cfg.train.max_steps!r}")
     if cfg.train.epochs == 0 and cfg.train.max_steps is None:
         raise ConfigError("train.epochs: 0 epochs and no train.max_steps would train nothing")
+    from .constraints import check_tolerance
     from .schedule_config import schedule_from_config
     from .schedules import is_nonincreasing
 
@@ -350,12 +351,11 @@ def _validate(cfg: Config) -> None:
         except (ValueError, TypeError) as err:
             raise ConfigError(f"constraint.{key}: {err}") from err
         auto = getattr(schedule, "needs_start", False)
-        if key == "tolerance":  # any start >= 0 shows the sign of the rest; 10**9: after explicit step counts
-            resolved = schedule.resolve(start=1.0) if auto else schedule
-            if min(resolved(t) for t in (*range(1001), 10**9)) < 0:
-                raise ConfigError(
-                    "constraint.tolerance: a tolerance must be >= 0, but this schedule goes below 0"
-                )
+        if key == "tolerance":  # any start >= 0 shows the sign of the rest
+            try:
+                check_tolerance(schedule.resolve(start=1.0) if auto else schedule, "constraint.tolerance")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if key == "tolerance" and cfg.method == "scheduled" and not auto:
             if not is_nonincreasing(schedule, 1000):
                 raise ConfigError(

@@ -23,7 +23,14 @@ import torch
 
 from .deviation import equivariance_deviation
 
-__all__ = ["Constraint", "GateConstraint", "DeviationConstraint", "Tolerance", "check_setup"]
+__all__ = [
+    "Constraint",
+    "GateConstraint",
+    "DeviationConstraint",
+    "Tolerance",
+    "check_setup",
+    "check_tolerance",
+]
 
 Tolerance = float | Callable[[int], float]
 
@@ -57,6 +64,8 @@ class Constraint:
             self.tolerance = float(self.tolerance)
             if not self.tolerance >= 0:
                 raise ValueError(f"constraint '{self.name}': tolerance must be >= 0, got {self.tolerance!r}")
+        elif not getattr(self.tolerance, "needs_start", False):  # an auto start is checked once it is known
+            check_tolerance(self.tolerance, f"constraint '{self.name}'")
 
     def tolerance_at(self, step: int) -> float:
         """eps(step)."""
@@ -138,6 +147,14 @@ class DeviationConstraint(Constraint):
             output=output,
         )
         return deviation.reshape(1)
+
+
+def check_tolerance(schedule: Callable[[int], float], what: str) -> None:
+    """``ValueError`` if the tolerance ``schedule`` goes below 0 at a step in 0 .. 1000 or at 10**9 (after any
+    explicit step count a schedule's end)."""
+    low = min(schedule(t) for t in (*range(1001), 10**9))
+    if not low >= 0:
+        raise ValueError(f"{what}: a tolerance must be >= 0, but this schedule goes down to {low:g}")
 
 
 def check_setup(

@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import distributed
-from .constraints import Constraint, GateConstraint, check_setup
+from .constraints import Constraint, GateConstraint, check_setup, check_tolerance
 from .dual import (
     DualSettings,
     clamp_multipliers,
@@ -200,7 +200,9 @@ class PrimalDual:
             if getattr(c.tolerance, "needs_start", False):
                 if c.name not in self.tolerance_starts:
                     self.tolerance_starts[c.name] = measure(c)
-                c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
+                start = self.tolerance_starts[c.name]
+                c.tolerance = c.tolerance.resolve(start=start)
+                check_tolerance(c.tolerance, f"constraint '{c.name}' (measured start {start:.4g})")
 
     # ------------------------------------------------------------------ one step
 

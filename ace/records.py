@@ -24,16 +24,14 @@ from .step_result import StepResult
 __all__ = ["summary", "format_balance"]
 
 
-def summary(
-    core: PrimalDual, history: list[dict[str, Any]], last_eval: dict[str, Any], **fields: Any
-) -> dict:
-    """The summary of a run whose constrained state is ``core``, whose records are ``history`` and whose last
-    validation record is ``last_eval``; ``fields`` are the run's other entries (steps, best, test, ...).
+def summary(core: PrimalDual, last_train: dict[str, Any], last_eval: dict[str, Any], **fields: Any) -> dict:
+    """The summary of a run whose constrained state is ``core``, whose last training record is ``last_train``
+    and whose last validation record is ``last_eval``; ``fields`` are the run's other entries (steps, best,
+    test, ...).
 
     A deviation constraint's final value is the deviation of the final validation pass (the last training
     batch's estimate when there was none).
     """
-    last_train = next((r for r in reversed(history) if "loss" in r), {})
     deviations = {}
     for c in core.constraints:
         key = "val/relative_deviation" if getattr(c, "relative", False) else "val/deviation"

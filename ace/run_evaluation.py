@@ -90,12 +90,17 @@ class RunEvaluation:
     def _final_evaluations(self, val_loader: Iterable | None, test_loader: Iterable | None) -> None:
         """The end of a run: validation at the last step (unless just done), test, and each variant's test
         at its best validation step (``self.selected``)."""
+        # a loader's iterator draws a seed from torch's generator: the final evaluations leave it as training
+        # did, so every checkpoint from here on (and a resumed finished run's) holds the same state
         if val_loader is not None and self._val_step != self.step:
-            self._log_eval("val", val_loader, final=True)
+            with torch.random.fork_rng(devices=[]):
+                self._log_eval("val", val_loader, final=True)
         if test_loader is not None:
             self._stop_if_signalled()
-            self._log_eval("test", test_loader, final=True)
+            with torch.random.fork_rng(devices=[]):
+                self._log_eval("test", test_loader, final=True)
         if self.is_main and val_loader is not None:
             splits = {"val": val_loader, **({"test": test_loader} if test_loader is not None else {})}
             final = {"val": self.last_eval, "test": self.test_scores}  # the final weights' records
-            self.selected = self.selection.evaluate(self.evaluate, splits, self.device, final)
+            with torch.random.fork_rng(devices=[]):
+                self.selected = self.selection.evaluate(self.evaluate, splits, self.device, final)

@@ -98,6 +98,8 @@ class RunState:
             "last_eval": self.last_eval,
             "wall_time": self.wall_time,
             "rollbacks": self.rollbacks,
+            # the run's final record even for a resumed run that trains no further step (summary.json)
+            "last_record": self.last_record(),
             "ceiling_warned": core["ceiling_warned"],
             "config": self.config,
         }
@@ -127,6 +129,7 @@ class RunState:
         self.selection.steps = state.get("selected_steps", {})
         self.wall_time = state["wall_time"]
         self.rollbacks = state.get("rollbacks", 0)
+        self._loaded_record = state.get("last_record") or {}
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
         """Write ``checkpoints/last.pt`` atomically, keeping the one before as ``previous.pt``.
@@ -144,6 +147,10 @@ class RunState:
         path = save_atomic(self.state_dict(), path)
         distributed.barrier()
         return path
+
+    def last_record(self) -> dict[str, Any]:
+        """The last training record: of this process's steps, else the one a loaded checkpoint held."""
+        return next((r for r in reversed(self.history) if "loss" in r), self._loaded_record)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load a checkpoint written by :meth:`save_checkpoint` (tensors only: no code runs from it)."""

@@ -188,6 +188,7 @@ class Trainer(RunState, RunEvaluation):
         self._val_step: int | None = None  # the step of the last finite validation
         self.wall_time = 0.0
         self._epoch_rng: dict | None = None
+        self._loaded_record: dict[str, Any] = {}  # the last training record of a loaded checkpoint
         self.rollbacks = 0
         self._stop_signal: int | None = None
         self._stop_agreed = False
@@ -341,7 +342,7 @@ class Trainer(RunState, RunEvaluation):
         """The final state and metrics (schema: :mod:`ace.records`)."""
         return records.summary(
             self.core,
-            self.history,
+            self.last_record(),
             self.last_eval,
             steps=self.step,
             epochs=self.epoch,

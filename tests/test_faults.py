@@ -537,8 +537,8 @@ class FailingEval:
         self.evaluate, self.steps, self.trainer = trainer.evaluate, list(steps), trainer
         trainer.evaluate = self
 
-    def __call__(self, loader):
-        scores = self.evaluate(loader)
+    def __call__(self, loader, *args, **kwargs):
+        scores = self.evaluate(loader, *args, **kwargs)
         if self.trainer.step in self.steps:
             self.steps.remove(self.trainer.step)
             scores["loss"] = float("nan")
