@@ -331,7 +331,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.readout_batches: must be > 0 or null, got {cfg.train.readout_batches!r}")
     if cfg.train.threads is not None and not cfg.train.threads > 0:
         raise ConfigError(f"train.threads: must be > 0 or null, got {cfg.train.threads!r}")
-    for key in ("gate_max_step", "decay_every"):
+    for key in ("gate_max_step", "decay_every", "close_gates_below"):
         value = getattr(cfg.optim, key)
         if value is not None and not value > 0:
             raise ConfigError(f"optim.{key}: must be > 0 or null, got {value!r}")

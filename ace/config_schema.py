@@ -152,6 +152,12 @@ class OptimConfig:
     gate_max_step: float | None = opt(
         0.1, "largest change of a gate in one step, a trust region safe at any loss scale (null = none)"
     )
+    close_gates_below: float | None = opt(
+        None,
+        "method 'ace': a gate below this is closed for good (set to 0, its branch no longer computed, an "
+        "event 'gate_closed' in metrics.jsonl): the model is f_eq up to that layer and steps get cheaper as "
+        "gates close (null = never)",
+    )
     schedule: str = opt(
         "constant",
         "learning-rate schedule of the weights (not the gates): 'constant', 'cosine' (warm-up, then cosine "

@@ -157,6 +157,22 @@ def check_tolerance(schedule: Callable[[int], float], what: str) -> None:
         raise ValueError(f"{what}: a tolerance must be >= 0, but this schedule goes down to {low:g}")
 
 
+def check_limits(**limits: float | None) -> None:
+    """``ValueError`` for a limit of the step that is not a positive number: ``gate_lr`` must be one;
+    ``max_multiplier`` and ``gate_max_step`` may also be None."""
+    for name, value in limits.items():
+        if value is None and name != "gate_lr":
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (value > 0 and math.isfinite(value))
+        ):
+            raise ValueError(
+                f"{name} must be a positive number{' or None' if name != 'gate_lr' else ''}, got {value!r}"
+            )
+
+
 def check_setup(
     constraints: list[Constraint],
     gates: dict[str, torch.Tensor],

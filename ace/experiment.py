@@ -304,6 +304,7 @@ def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) ->
         config=config_to_dict(cfg),
         on_nan=cfg.train.on_nan,
         max_multiplier=cfg.dual.max_multiplier,
+        close_gates_below=cfg.optim.close_gates_below,
         resume=True,  # the caller has checked or cleared the directory
     )
     trainer.total_steps = total

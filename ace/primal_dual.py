@@ -48,7 +48,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import distributed
-from .constraints import Constraint, GateConstraint, check_setup, check_tolerance
+from .closing import ClosedGates
+from .constraints import Constraint, GateConstraint, check_limits, check_setup, check_tolerance
 from .dual import (
     DualSettings,
     clamp_multipliers,
@@ -111,6 +112,10 @@ class PrimalDual:
         gate_schedule: the gates are not learned but set to ``gate_schedule(step)`` before each step (the
             constraint-relaxation baseline ``cr``).
         max_multiplier: multipliers are clamped to ``[-max, max]`` (warning once per constraint).
+        close_gates_below: a gate held at 0 by an equality :class:`ace.GateConstraint` whose value falls below
+            this is closed for good: set to 0 and no longer learned, its branch no longer computed (an event
+            ``gate_closed`` in the step's record). The model is then f_eq up to that layer, and a step costs
+            less as gates close. ``None`` (default): never.
         seed: seeds the generator of the group elements that deviation constraints sample.
         device: where the multipliers and slacks live (default: the model's device).
 
@@ -135,6 +140,7 @@ class PrimalDual:
         schedule_gates: bool = False,
         gate_schedule: Callable[[int], float] | None = None,
         max_multiplier: float | None = 1e6,
+        close_gates_below: float | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
@@ -148,9 +154,8 @@ class PrimalDual:
         self.dtype = module_dtype(model)  # multipliers and slacks in the model's precision (float64 too)
         self.gates = find_gates(model)
         check_setup(self.constraints, self.gates, model, self.optimizers, symmetry, gate_schedule, step_gates)
-        _check_limits(max_multiplier, gate_max_step)
-        if not (gate_lr > 0 and math.isfinite(gate_lr)):
-            raise ValueError(f"gate_lr must be a positive number, got {gate_lr!r}")
+        check_limits(max_multiplier=max_multiplier, gate_max_step=gate_max_step, gate_lr=gate_lr)
+        self.closed = ClosedGates(model, close_gates_below, self.constraints, step_gates)
         self.scale = LossScale(dual.scale, self.device, self.dtype)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.slacks = {
@@ -301,6 +306,9 @@ class PrimalDual:
         events: list[dict[str, Any]] = []
         if problem is None:
             self.primal.step(measured.gate_bounds, measured.scale)
+            if self.closed.threshold is not None:
+                values = {c.name: numbers[f"constraint '{c.name}'"] for c in self.closed.equalities}
+                self.closed.update(self.gates, values, measured.tolerances, self.step_count + 1, events)
             if self.max_multiplier is not None and largest > self.max_multiplier:
                 step, warned = self.step_count + 1, self._ceiling_warned
                 clamp_multipliers(self.cooper_constraints, self.max_multiplier, warned, step, events)
@@ -382,6 +390,7 @@ class PrimalDual:
             "lr_factor": self.rates.factor,
             "ceiling_warned": sorted(self._ceiling_warned),
             "loss_scale": self.scale.state_dict(),
+            "closed_gates": sorted(self.closed.names),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -403,6 +412,8 @@ class PrimalDual:
         self._ceiling_warned |= set(state.get("ceiling_warned", ()))  # a rollback keeps its own warnings
         if "loss_scale" in state:  # absent in checkpoints of ace < 0.2, which had no scale
             self.scale.load_state_dict(state["loss_scale"])
+        for name in state.get("closed_gates", ()):
+            self.closed.close(name)
         self.primal.set_scheduled_gates(self.step_count)
 
 
@@ -415,10 +426,3 @@ def module_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter (torch's default where it has none)."""
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     return p.dtype if p is not None else torch.get_default_dtype()
-
-
-def _check_limits(max_multiplier: float | None, gate_max_step: float | None) -> None:
-    if max_multiplier is not None and not max_multiplier > 0:
-        raise ValueError(f"max_multiplier must be > 0 or None, got {max_multiplier!r}")
-    if gate_max_step is not None and not (gate_max_step > 0 and math.isfinite(gate_max_step)):
-        raise ValueError(f"gate_max_step must be a positive number or None, got {gate_max_step!r}")

@@ -87,7 +87,15 @@ class RunState:
             "model": self.model.state_dict(),
             **{
                 k: core[k]
-                for k in ("cooper_optimizer", "cmp", "slacks", "step", "tolerance_starts", "loss_scale")
+                for k in (
+                    "cooper_optimizer",
+                    "cmp",
+                    "slacks",
+                    "step",
+                    "tolerance_starts",
+                    "loss_scale",
+                    "closed_gates",
+                )
             },
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,

@@ -56,8 +56,8 @@ class Trainer(RunState, RunEvaluation):
         symmetry: the :class:`ace.Symmetry` the deviation is measured under (needed by deviation
             constraints and for the deviation reported at evaluation).
         constraints, dual, gate_schedule, grad_clip, gate_max_step, lr_schedule, schedule_gates, slack_lr,
-            gate_lr, step_gates, max_multiplier: the constrained problem and its update, see
-            :class:`ace.PrimalDual`.
+            gate_lr, step_gates, max_multiplier, close_gates_below: the constrained problem and its update,
+            see :class:`ace.PrimalDual`.
         metrics: extra evaluation metrics ``{name: (output, target) -> batch mean}``.
         select: the validation metric that picks each variant's best step (``"loss"``, or a metric name
             such as ``"accuracy"``, maximised); see :mod:`ace.selection`.
@@ -119,6 +119,7 @@ class Trainer(RunState, RunEvaluation):
         config: dict | None = None,
         on_nan: str = "stop",
         max_multiplier: float | None = 1e6,
+        close_gates_below: float | None = None,
         max_rollbacks: int = 3,
         rollback_lr_factor: float = 0.5,
         resume: bool = False,
@@ -159,6 +160,7 @@ class Trainer(RunState, RunEvaluation):
             schedule_gates=schedule_gates,
             gate_schedule=gate_schedule,
             max_multiplier=max_multiplier,
+            close_gates_below=close_gates_below,
             seed=seed,
             device=self.device,
         )
