@@ -168,9 +168,9 @@ class OptimConfig:
         0.0, "linear warm-up of the learning rate: a fraction of the run (< 1) or steps (>= 1)"
     )
     schedule_gates: bool = opt(
-        False,
-        "apply optim.schedule to the gates' learning rate too: their noise around equilibrium shrinks "
-        "with it, so equality-constrained gates settle at 0 by the end (it also changes their damping)",
+        True,
+        "apply optim.schedule to the gates' learning rate too: their batch noise around equilibrium shrinks "
+        "with it, so equality-constrained gates settle at 0 by the end (false: the gates keep optim.gate_lr)",
     )
     min_lr_factor: float = opt(0.0, "'cosine': the final learning rate as a fraction of optim.lr")
     decay_every: float | None = opt(

@@ -105,10 +105,10 @@ class PrimalDual:
         grad_clip: clip the gradient norm of the weights, and separately of the gates, to this value.
         gate_max_step: largest change of a gate in one step (``None``: unbounded), a trust region: at a large
             loss scale one plain-SGD gate step can otherwise throw a gate far past 0.
-        lr_schedule: a factor ``step -> float`` on the learning rate of every parameter group without gates;
-            the gates' plain-SGD rate (it sets the damping of the gate-multiplier pair) only with
-            ``schedule_gates``: a gate's batch noise around its equilibrium scales with the square root of its
-            rate, so a decaying rate lets an equality-constrained gate settle.
+        lr_schedule: a factor ``step -> float`` on the learning rate of every parameter group, and with
+            ``schedule_gates`` (default) on the gates' rate: a gate's batch noise around its equilibrium scales
+            with its rate, so a decaying rate lets an equality-constrained gate settle (eigenvectors: one seed
+            of three ended at 0.013 without it, every seed below 2.4e-3 with it).
         gate_schedule: the gates are not learned but set to ``gate_schedule(step)`` before each step (the
             constraint-relaxation baseline ``cr``).
         max_multiplier: multipliers are clamped to ``[-max, max]`` (warning once per constraint).
@@ -137,7 +137,7 @@ class PrimalDual:
         grad_clip: float | None = None,
         gate_max_step: float | None = 0.1,
         lr_schedule: Callable[[int], float] | None = None,
-        schedule_gates: bool = False,
+        schedule_gates: bool = True,
         gate_schedule: Callable[[int], float] | None = None,
         max_multiplier: float | None = 1e6,
         close_gates_below: float | None = None,

@@ -102,7 +102,7 @@ class Trainer(RunState, RunEvaluation):
         grad_clip: float | None = None,
         gate_max_step: float | None = 0.1,
         lr_schedule: Callable[[int], float] | None = None,
-        schedule_gates: bool = False,
+        schedule_gates: bool = True,
         select: str = "loss",
         slack_lr: float = 1e-2,
         gate_lr: float = 0.05,
