@@ -106,9 +106,8 @@ class PrimalDual:
         gate_max_step: largest change of a gate in one step (``None``: unbounded), a trust region: at a large
             loss scale one plain-SGD gate step can otherwise throw a gate far past 0.
         lr_schedule: a factor ``step -> float`` on the learning rate of every parameter group, and with
-            ``schedule_gates`` (default) on the gates' rate: a gate's batch noise around its equilibrium scales
-            with its rate, so a decaying rate lets an equality-constrained gate settle (eigenvectors: one seed
-            of three ended at 0.013 without it, every seed below 2.4e-3 with it).
+            ``schedule_gates`` (default) on the gates' rate: a gate's batch noise around its equilibrium
+            scales with its rate, so a decaying rate lets an equality-constrained gate settle.
         gate_schedule: the gates are not learned but set to ``gate_schedule(step)`` before each step (the
             constraint-relaxation baseline ``cr``).
         max_multiplier: multipliers are clamped to ``[-max, max]`` (warning once per constraint).
