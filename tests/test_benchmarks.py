@@ -146,3 +146,16 @@ def test_long_budget_table_reads_crossings_and_the_convergence_claim(tmp_path, c
     assert cells[4:7] == ["5, 5", "9, 9", "8, 8"]  # below 0.1 at 5, below 0.01 at 9, last above 0.01 at 8
     assert cells[7] == "10, 10"  # f_eq reaches strict's best validation (2.0, 2.1) at its first validation
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_run_cost_quick(capsys):
+    rows = _load("run_cost").main(["--quick", "--tasks", "toy"])
+    assert [r[1] for r in rows] == [
+        "strict",
+        "ace",
+        "ace, closing gates",
+        "ace, read-out at the end",
+        "unconstrained",
+    ]
+    assert rows[0][3] == "1.00" and rows[0][5] == "1.00"  # strict against itself
+    assert "| task | method | ms a step" in capsys.readouterr().out
