@@ -64,22 +64,9 @@ def test_trajectories_are_bit_for_bit_equal_at_power_of_two_loss_scales_in_float
 
 def test_in_units_of_the_loss_the_same_dynamics_would_differ():
     # the test above would pass for a trivially scale-free update: scale='none' must break it
-    a, _ = trajectory(
-        1.0,
-        ace.GateConstraint(equality=True),
-        20,
-        torch.float64,
-        eps=0.0,
-        dual=ace.DualSettings(scale="none"),
-    )
-    b, _ = trajectory(
-        64.0,
-        ace.GateConstraint(equality=True),
-        20,
-        torch.float64,
-        eps=0.0,
-        dual=ace.DualSettings(scale="none"),
-    )
+    unscaled = dict(dual=ace.DualSettings(scale="none"), eps=0.0)
+    a, _ = trajectory(1.0, ace.GateConstraint(equality=True), 20, torch.float64, **unscaled)
+    b, _ = trajectory(64.0, ace.GateConstraint(equality=True), 20, torch.float64, **unscaled)
     assert not torch.equal(a[-1][0], b[-1][0])
 
 
