@@ -282,9 +282,7 @@ class PrimalDual:
         if alternating:  # dual step first, so the primal Lagrangian uses the new multipliers
             dual_step(self.cooper_optimizer, self.cooper_constraints, measured.violations, self.dual)
         if self.primal.gate_lr is not None:  # the gates' rate follows the schedule only on request
-            scheduled = self.schedule_gates and self.rates.schedule is not None
-            factor = self.rates.schedule(self.step_count) if scheduled else 1.0
-            self.primal.gate_lr = self.gate_lr * factor * self.rates.factor
+            self.primal.gate_lr = self.rates.rate(self.gate_lr, self.step_count, self.schedule_gates)
         surrogate = lagrangian_surrogate(
             measured.objective, measured.observed, self.cooper_constraints, measured.scale
         )

@@ -377,6 +377,11 @@ class LearningRates:
         ]
         self.factor = 1.0
 
+    def rate(self, base: float, step: int, scheduled: bool = True) -> float:
+        """``base * schedule(step) * factor`` (without the schedule when it is None or not ``scheduled``):
+        the rate of a parameter no optimiser holds, such as the gates that :class:`ace.PrimalDual` steps."""
+        return base * (self.schedule(step) if scheduled and self.schedule is not None else 1.0) * self.factor
+
     def apply(self, step: int) -> None:
         if self.schedule is not None:
             scale = self.schedule(step) * self.factor
