@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, dump_config, load_config
+from .config import ConfigError, dump_config, load_config, run_name
 from .config_reference import reference
 
 __all__ = ["main"]
@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a config into a run directory")
     train.add_argument("config", help="YAML config file (see configs/)")
     train.add_argument("overrides", nargs="*", help="dotted overrides such as train.epochs=2 optim.lr=1e-3")
-    train.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    train.add_argument("--out", default=None, help="run directory (default: runs/<config name>_<method>)")
     train.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace) -> None:
     from .experiment import run
 
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    out = Path(args.out) if args.out else Path("runs") / run_name(args.config, cfg.method)
     summary = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     import torch.distributed as dist
 

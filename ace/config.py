@@ -44,6 +44,7 @@ __all__ = [
     "METHODS",
     "TASKS",
     "load_config",
+    "run_name",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
@@ -104,6 +105,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(apply_overrides(raw, overrides))
+
+
+def run_name(path: str | Path, method: str) -> str:
+    """The name of a run of config file ``path`` under ``method``: ``<stem>_<method>`` (``nbody_strict``
+    for ``configs/nbody.yaml method=strict``), so that one config's methods never share a run directory;
+    the stem alone where it already ends with the method (ace 0.1's per-method files, ``nbody_ace.yaml``)."""
+    stem = Path(path).stem
+    return stem if stem.endswith(f"_{method}") else f"{stem}_{method}"
 
 
 class _DuplicateKey(yaml.constructor.ConstructorError):

@@ -1,20 +1,22 @@
 """Train a set of configs at one budget for several seeds and tabulate them.
 
-    python benchmarks/compare.py nbody nbody_field --seeds 3 --epochs 20 --out runs/compare
-    python benchmarks/compare.py configs/nbody_ace.yaml configs/nbody_strict.yaml train.batch_size=50
-    python benchmarks/compare.py shapes --quick --out /tmp/cmp
+    python benchmarks/compare.py nbody nbody_field --methods ace strict --seeds 3 --epochs 20 --out runs/cmp
+    python benchmarks/compare.py configs/nbody.yaml:ace,strict train.batch_size=50
+    python benchmarks/compare.py shapes:ace shapes_upright:ace_resilient --quick --out /tmp/cmp
 
-Targets are config files or family names: family ``P`` means every ``configs/P_<method>.yaml`` that
-exists, for ``<method>`` in :data:`ace.config.METHODS` (so ``nbody`` and ``nbody_field`` are two
-families). Arguments of the form ``key=value`` are overrides applied to every config; ``--epochs E`` is
-``train.epochs=E``; seed ``s`` is ``seed=s`` (s = 0 .. N-1).
+Targets are config files or config names (``nbody`` is ``configs/nbody.yaml``), each optionally followed by
+the methods to run it with: ``nbody:ace,strict``. ``--methods M ...`` gives the methods of every target that
+names none; a target without methods runs with its config's own ``method``. Run ``<config>_<method>``
+(:func:`ace.config.run_name`, e.g. ``nbody_strict``) is that config with ``method=<method>``. Arguments of the
+form ``key=value`` are overrides applied to every run; ``--epochs E`` is ``train.epochs=E``; seed ``s`` is
+``seed=s`` (s = 0 .. N-1).
 
-Each run goes through :func:`ace.experiment.run` into ``OUT/<config>/seed<s>``. The script is resumable:
-a run whose ``summary.json`` exists is read, not trained again, and an interrupted run continues from its
-last checkpoint. ``--jobs N`` > 1 runs N trainings at once, each in its own process; every training
-uses ``--threads`` torch threads.
+Each run goes through :func:`ace.experiment.run` into ``OUT/<config>_<method>/seed<s>``. The script is
+resumable: a run whose ``summary.json`` exists is read, not trained again, and an interrupted run continues
+from its last checkpoint. ``--jobs N`` > 1 runs N trainings at once, each in its own process; every
+training uses ``--threads`` torch threads.
 
-The table (stdout and ``OUT/table.md``) has one row per config: mean ± std over seeds (sample std,
+The table (stdout and ``OUT/table.md``) has one row per run name: mean ± std over seeds (sample std,
 ddof = 1) of each test metric found in the summaries (``mse``, ``accuracy``, ...) AT THE BEST VALIDATION
 STEP (``summary.json["selected"]``, the papers' protocol), for the relaxed model and for f_eq (the relaxed
 model with every gate at 0; the same model for runs without gates), each variant selected on its own
@@ -38,7 +40,7 @@ import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -54,26 +56,49 @@ QUICK = [
 ]
 
 
-def resolve_targets(targets: list[str], configs_dir: Path = CONFIGS) -> list[Path]:
-    """Config paths for a list of config files and family names (order kept, duplicates dropped)."""
-    from ace.config import METHODS
+class Run(NamedTuple):
+    """One row of the table: config file ``path`` trained with ``method`` (None: the config's own)."""
 
-    paths: list[Path] = []
+    name: str
+    path: Path
+    method: str | None
+
+
+def resolve_targets(
+    targets: list[str],
+    methods: list[str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    configs_dir: Path = CONFIGS,
+) -> list[Run]:
+    """The runs of a list of targets ``FILE_OR_NAME[:METHOD,...]`` (order kept, duplicates dropped).
+
+    ``methods`` stands in for a target's missing list; the run's name comes from the method it trains
+    with, which for a target with none is its config's ``method`` after ``overrides``."""
+    from ace.config import METHODS, ConfigError, load_config, run_name
+
+    runs: list[Run] = []
     for target in targets:
-        path = Path(target)
-        if path.suffix in (".yaml", ".yml"):
-            if not path.is_file():
-                raise SystemExit(f"compare: config file not found: {target}")
-            found = [path]
-        else:
-            found = [configs_dir / f"{target}_{m}.yaml" for m in METHODS]
-            found = [p for p in found if p.is_file()]
-            if not found:
-                raise SystemExit(
-                    f"compare: no config of family {target!r} (no {configs_dir}/{target}_<method>.yaml)"
-                )
-        paths += [p for p in found if p not in paths]
-    return paths
+        where, colon, listed = target.rpartition(":")
+        if not colon:
+            where, listed = target, ""
+        path = Path(where) if where.endswith((".yaml", ".yml")) else configs_dir / f"{where}.yaml"
+        if not path.is_file():
+            raise SystemExit(f"compare: config not found: {where} (no {path})")
+        wanted = listed.split(",") if listed else methods or [None]
+        unknown = [m for m in wanted if m is not None and m not in METHODS]
+        if unknown:
+            raise SystemExit(
+                f"compare: unknown method {unknown[0]!r} in {target!r}; one of {', '.join(METHODS)}"
+            )
+        for method in wanted:
+            try:
+                trained = method or load_config(path, overrides).method
+            except ConfigError as err:
+                raise SystemExit(f"compare: {err}") from None
+            run = Run(run_name(path, trained), path, method)
+            if run.name not in [r.name for r in runs]:
+                runs.append(run)
+    return runs
 
 
 def _train_one(config: str, overrides: list[str], out: str, threads: int) -> dict[str, Any]:
@@ -90,7 +115,7 @@ def _train_one(config: str, overrides: list[str], out: str, threads: int) -> dic
 
 
 def run_all(
-    paths: list[Path],
+    runs: list[Run],
     seeds: int,
     overrides: list[str],
     out: Path,
@@ -101,15 +126,16 @@ def run_all(
     """Train (or read back) every config for seeds 0 .. seeds-1; returns config name -> summaries.
 
     With ``train=False`` only finished runs are read (the table then counts the seeds it found)."""
-    tasks, summaries = [], {p.stem: [] for p in paths}
+    tasks, summaries = [], {r.name: [] for r in runs}
     for seed in range(seeds):  # seed-major: a run cut short still has every config at the first seeds
-        for path in paths:
-            run_dir = out / path.stem / f"seed{seed}"
+        for r in runs:
+            run_dir = out / r.name / f"seed{seed}"
             done = run_dir / "summary.json"
             if done.exists():
-                summaries[path.stem].append(json.loads(done.read_text()))
+                summaries[r.name].append(json.loads(done.read_text()))
             else:
-                tasks.append((path, [*overrides, f"seed={seed}", "log.progress=false"], run_dir))
+                method = [f"method={r.method}"] if r.method else []
+                tasks.append((r, [*overrides, *method, f"seed={seed}", "log.progress=false"], run_dir))
     if tasks and not train:
         print(f"compare: {len(tasks)} unfinished run(s) left out of the table", file=sys.stderr, flush=True)
         tasks = []
@@ -120,8 +146,8 @@ def run_all(
 
         previous = torch.get_num_threads()
         try:
-            for path, extra, run_dir in tasks:
-                summaries[path.stem].append(_train_one(str(path), extra, str(run_dir), threads))
+            for r, extra, run_dir in tasks:
+                summaries[r.name].append(_train_one(str(r.path), extra, str(run_dir), threads))
                 print(f"compare: done {run_dir}", file=sys.stderr, flush=True)
         finally:
             torch.set_num_threads(previous)
@@ -129,11 +155,11 @@ def run_all(
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = [
-            (path, run_dir, pool.submit(_train_one, str(path), extra, str(run_dir), threads))
-            for path, extra, run_dir in tasks
+            (r, run_dir, pool.submit(_train_one, str(r.path), extra, str(run_dir), threads))
+            for r, extra, run_dir in tasks
         ]
-        for path, run_dir, future in futures:
-            summaries[path.stem].append(future.result())
+        for r, run_dir, future in futures:
+            summaries[r.name].append(future.result())
             print(f"compare: done {run_dir}", file=sys.stderr, flush=True)
     return summaries
 
@@ -264,7 +290,16 @@ def format_markdown(metrics: list[str], rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("targets", nargs="+", help="config files, family names, and key=value overrides")
+    parser.add_argument(
+        "targets",
+        nargs="+",
+        help="config files or names, each optionally :METHOD,..., and key=value overrides",
+    )
+    from ace.config import METHODS
+
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=None, help="methods of every target that names none"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per config (default 3)")
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every run")
     parser.add_argument("--out", default="runs/compare", help="folder of the runs and the table")
@@ -280,15 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [t for t in args.targets if "=" in t]
     targets = [t for t in args.targets if "=" not in t]
     if not targets:
-        parser.error("give at least one config file or family name")
+        parser.error("give at least one config file or name")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.quick:
         overrides = [*QUICK, *overrides]
-    paths = resolve_targets(targets)
+    runs = resolve_targets(targets, args.methods, overrides)
     out = Path(args.out)
     summaries = run_all(
-        paths, args.seeds, overrides, out, jobs=args.jobs, threads=args.threads, train=not args.table_only
+        runs, args.seeds, overrides, out, jobs=args.jobs, threads=args.threads, train=not args.table_only
     )
     metrics, rows = aggregate(summaries)
     table = format_markdown(metrics, rows)

@@ -48,7 +48,11 @@ from ace.symmetry import call_model  # noqa: E402
 
 #: (config, overrides, batch size)
 MODELS = {
-    "nbody-egnn": ("nbody_strict.yaml", ["data.train_size=100", "data.val_size=1", "data.test_size=1"], 100),
+    "nbody-egnn": (
+        "nbody.yaml",
+        ["method=strict", "data.train_size=100", "data.val_size=1", "data.test_size=1"],
+        100,
+    ),
     "toy-mlp": ("toy.yaml", ["data.train_size=64"], 64),
 }
 

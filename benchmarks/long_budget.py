@@ -1,9 +1,8 @@
 """ACE at a long budget: paired differences by seed, the gates' trajectory and the validation curves.
 
-    python benchmarks/compare.py configs/nbody_strict.yaml configs/nbody_ace.yaml \\
-        configs/nbody_ace_paper.yaml --seeds 3 --jobs 2 --out runs/nbody30k \\
+    python benchmarks/compare.py nbody:strict,ace nbody_paper:ace --seeds 3 --jobs 2 --out runs/nbody30k \\
         train.epochs=1000 train.eval_every=25 train.checkpoint_every=25
-    python benchmarks/long_budget.py runs/nbody30k nbody_strict nbody_ace nbody_ace_paper \\
+    python benchmarks/long_budget.py runs/nbody30k nbody_strict nbody_ace nbody_paper_ace \\
         --plot docs/long_budget/nbody30k.png
 
 Reads ``RUNS/<config>/seed<s>`` (``benchmarks/compare.py``'s layout) and prints, per config, test mse of

@@ -115,16 +115,20 @@ def e3nn(seed: int, steps: int, relaxed: bool = True) -> tuple[float, float, flo
 
 
 def nbody_resilient(field: float, scale: float, steps: int, seed: int = 0) -> tuple[float, float]:
-    """Resilient ACE on N-body (``configs/nbody_ace_resilient.yaml`` at ace's defaults, its mse times
+    """Resilient ACE on N-body (``configs/nbody.yaml method=ace_resilient`` at ace's defaults, its mse times
     ``scale``, ``data.field_strength=field``): the largest final slack and layer relative deviation (val)."""
     from ace.config import load_config
     from ace.experiment import prepare_run
 
-    overrides = [f"data.field_strength={field}", f"seed={seed}", "log.progress=false", "train.eval_samples=1"]
+    overrides = [
+        "method=ace_resilient",
+        f"data.field_strength={field}",
+        f"seed={seed}",
+        "log.progress=false",
+        "train.eval_samples=1",
+    ]
     overrides += [f"train.max_steps={steps}", "train.epochs=1000"]
-    cfg = load_config(
-        Path(__file__).resolve().parent.parent / "configs" / "nbody_ace_resilient.yaml", overrides
-    )
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "nbody.yaml", overrides)
     trainer, loaders = prepare_run(cfg, None)
     loss = trainer.loss_fn
     trainer.loss_fn = lambda out, y: scale * loss(out, y)

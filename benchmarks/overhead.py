@@ -5,8 +5,8 @@
 
 Three models, each built by :func:`ace.experiment.prepare_run` from a shipped config:
 
-* ``nbody``: the relaxed EGNN of ``configs/nbody_ace.yaml`` (4 layers, batch of 100 systems);
-* ``toy-gated``: the relaxed ``RadialVectorNet`` of ``configs/toy_ace.yaml`` (batch 64);
+* ``nbody``: the relaxed EGNN of ``configs/nbody.yaml`` (4 layers, batch of 100 systems);
+* ``toy-gated``: the relaxed ``RadialVectorNet`` of ``configs/toy_relaxed.yaml`` (batch 64);
 * ``toy-mlp``: the plain MLP of ``configs/toy.yaml`` (batch 64; no gates, so deviation rows only).
 
 For each model the plain loop is ``zero_grad; loss_fn(model(x), y).backward(); optimiser.step()`` with a
@@ -63,8 +63,8 @@ from ace.loggers import format_table  # noqa: E402
 
 #: (model label, config file, overrides shared by all its variants)
 MODELS = {
-    "nbody": ("nbody_ace.yaml", ["data.train_size=1000", "data.val_size=10", "data.test_size=10"]),
-    "toy-gated": ("toy_ace.yaml", []),
+    "nbody": ("nbody.yaml", ["data.train_size=1000", "data.val_size=10", "data.test_size=10"]),
+    "toy-gated": ("toy_relaxed.yaml", []),
     "toy-mlp": ("toy.yaml", ["method=ace"]),
 }
 QUICK_SIZES = {"nbody": ["data.train_size=40", "train.batch_size=20"], "toy-gated": [], "toy-mlp": []}

@@ -18,6 +18,6 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     gated, plain = root / "gated", root / "plain"
-    run(load_config(CONFIGS / "toy_ace.yaml", [*TINY, "method=ace_resilient"]), gated)
+    run(load_config(CONFIGS / "toy_relaxed.yaml", [*TINY, "method=ace_resilient"]), gated)
     run(load_config(CONFIGS / "toy.yaml", TINY), plain)
     return gated, plain

@@ -12,7 +12,9 @@ from ace.loggers import read_metrics
 
 def closing_run(out, steps=3, **kw):
     overrides = [*TINY, "optim.close_gates_below=0.5", "train.epochs=4", *(f"{k}={v}" for k, v in kw.items())]
-    return run(load_config(CONFIGS / "toy_ace.yaml", overrides), out, resume=(out / "config.yaml").exists())
+    return run(
+        load_config(CONFIGS / "toy_relaxed.yaml", overrides), out, resume=(out / "config.yaml").exists()
+    )
 
 
 def test_a_gate_below_the_threshold_is_closed_for_good(tmp_path):
@@ -28,7 +30,7 @@ def test_a_gate_below_the_threshold_is_closed_for_good(tmp_path):
 
 def test_a_closed_gate_stays_closed_after_a_resume(tmp_path):
     whole = closing_run(tmp_path / "whole")
-    cfg = load_config(CONFIGS / "toy_ace.yaml", [*TINY, "optim.close_gates_below=0.5", "train.epochs=2"])
+    cfg = load_config(CONFIGS / "toy_relaxed.yaml", [*TINY, "optim.close_gates_below=0.5", "train.epochs=2"])
     run(cfg, tmp_path / "half")
     cfg.train.epochs = 4
     resumed = run(cfg, tmp_path / "half", resume=True)

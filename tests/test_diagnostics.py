@@ -176,9 +176,9 @@ def test_probe_names_a_run_without_a_model(runs, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("config", "group"),
     [
-        ("nbody_field_unconstrained", "Euclidean(O3"),
-        ("spectral_partial_unconstrained", "SignFlip"),
-        ("images_strict", None),
+        ("nbody_field:unconstrained", "Euclidean(O3"),
+        ("spectral_partial:unconstrained", "SignFlip"),
+        ("images:strict", None),
     ],
 )
 def test_probe_reads_runs_of_the_other_tasks(tmp_path, capsys, config, group):
@@ -195,8 +195,10 @@ def test_probe_reads_runs_of_the_other_tasks(tmp_path, capsys, config, group):
         "train.batch_size=8",
         "train.epochs=1",
     ]
-    cache = [f"data.cache_dir={tmp_path}"] if config.startswith("nbody") else []
-    run(load_config(CONFIGS / f"{config}.yaml", [*sizes, *cache, "log.progress=false"]), tmp_path / "run")
+    name, method = config.split(":")
+    cache = [f"data.cache_dir={tmp_path}"] if name.startswith("nbody") else []
+    overrides = [*sizes, *cache, "log.progress=false", f"method={method}"]
+    run(load_config(CONFIGS / f"{name}.yaml", overrides), tmp_path / "run")
     capsys.readouterr()
     assert main(["probe", str(tmp_path / "run"), "--samples", "2"]) == 0
     text = capsys.readouterr().out

@@ -13,7 +13,7 @@ from ace.config import load_config
 from ace.experiment import build_task, prepare_run, run
 from ace.trainer import Trainer
 
-CONFIG = Path(__file__).parent.parent / "configs" / "toy_ace.yaml"
+CONFIG = Path(__file__).parent.parent / "configs" / "toy_relaxed.yaml"
 SMALL = [
     "data.train_size=128",
     "data.val_size=32",

@@ -27,6 +27,17 @@ def train_records(out):
     return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
 
+def test_one_config_runs_every_method_each_into_its_own_default_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(CONFIGS / "toy_relaxed.yaml")
+    for method in ("strict", "ace"):
+        assert main(["train", config, f"method={method}", "train.max_steps=1", *SMALL]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["toy_relaxed_ace", "toy_relaxed_strict"]
+    for method, gated in (("strict", False), ("ace", True)):
+        summary = json.loads((tmp_path / "runs" / f"toy_relaxed_{method}" / "summary.json").read_text())
+        assert bool(summary["gates"]) == gated
+
+
 def test_cli_run_writes_the_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(CONFIGS / "toy.yaml"), "--out", str(out), "train.epochs=2", *SMALL]) == 0
@@ -59,7 +70,7 @@ def test_cli_run_writes_the_run_directory(tmp_path, capsys):
 
 def test_gated_run_logs_a_multiplier_and_slack_per_gate(tmp_path):
     out = tmp_path / "run"
-    cfg = load_config(CONFIGS / "toy_ace.yaml", ["method=ace_resilient", "train.epochs=1", *SMALL])
+    cfg = load_config(CONFIGS / "toy_relaxed.yaml", ["method=ace_resilient", "train.epochs=1", *SMALL])
     summary = run(cfg, out)
     record = train_records(out)[-1]
     for gate in ("layers.0", "layers.1"):
@@ -119,7 +130,8 @@ def test_mid_epoch_resume_equals_uninterrupted(tmp_path):
     """Resume from a checkpoint taken in the middle of an epoch (shuffle replayed, batches skipped), with a
     learning-rate schedule (a pure function of the step, written into the restored optimiser)."""
     cfg = load_config(
-        CONFIGS / "toy_ace.yaml", ["method=ace_resilient", "optim.schedule=cosine", "optim.warmup=3", *SMALL]
+        CONFIGS / "toy_relaxed.yaml",
+        ["method=ace_resilient", "optim.schedule=cosine", "optim.warmup=3", *SMALL],
     )
     trainer, loaders = prepare_run(cfg, tmp_path / "whole")
     trainer.fit(loaders["train"], max_steps=14, print_summary=False)

@@ -134,8 +134,8 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def test_training_run_is_unchanged(tmp_path, monkeypatch):
-    """A short run of configs/nbody_ace.yaml logs the same numbers with both loaders."""
-    cfg = load_config(ROOT / "configs" / "nbody_ace.yaml", [*TINY, f"data.cache_dir={tmp_path}"])
+    """A short run of configs/nbody.yaml logs the same numbers with both loaders."""
+    cfg = load_config(ROOT / "configs" / "nbody.yaml", [*TINY, f"data.cache_dir={tmp_path}"])
     run(cfg, tmp_path / "fast")
     with monkeypatch.context() as m:
         m.setattr(graph_loader, "stackable", lambda graphs: False)

@@ -14,7 +14,7 @@ from ace.config import load_config  # noqa: E402
 from ace.experiment import run  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
-NBODY_CONFIGS = sorted((ROOT / "configs").glob("nbody_*.yaml"))
+NBODY_CONFIGS = sorted((ROOT / "configs").glob("nbody_*.yaml"))  # nbody.yaml's data variants
 TINY = [
     "data.train_size=16",
     "data.val_size=8",
@@ -41,41 +41,50 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("nbody_cache")
 
 
-def test_both_families_exist():
-    names = {p.stem for p in NBODY_CONFIGS}
-    for m in ("strict", "unconstrained", "penalty", "cr", "ace", "ace_resilient", "scheduled"):
-        assert f"nbody_{m}" in names
-    for m in ("strict", "unconstrained", "ace", "ace_resilient"):
-        assert f"nbody_field_{m}" in names
+ALL = ("strict", "unconstrained", "penalty", "cr", "ace", "ace_resilient", "scheduled")
+#: every N-body config and the methods it is measured with in the README
+METHODS = {
+    "nbody": ALL,
+    "nbody_field": ("strict", "unconstrained", "ace", "ace_resilient"),
+    "nbody_dev": ("ace_resilient", "scheduled"),
+    "nbody_field_dev": ("ace_resilient", "scheduled"),
+    "nbody_paper": ("ace", "ace_resilient"),
+}
 
 
-FIELD_CONFIGS = [p for p in NBODY_CONFIGS if p.stem.startswith("nbody_field_")]
+def test_one_config_per_data_variant():
+    assert {p.stem for p in NBODY_CONFIGS} == set(METHODS) - {"nbody"} and (
+        ROOT / "configs/nbody.yaml"
+    ).exists()
 
 
-@pytest.mark.parametrize("path", FIELD_CONFIGS, ids=lambda p: p.stem)
-def test_a_field_config_is_its_symmetric_twin_but_for_the_field(path):
-    field = load_config(path)
-    twin = load_config(path.with_name(path.name.replace("nbody_field_", "nbody_")))
+@pytest.mark.parametrize("name", ["nbody", "nbody_dev"])
+@pytest.mark.parametrize("method", ALL)
+def test_the_field_config_is_its_symmetric_twin_but_for_the_field(name, method):
+    field = load_config(
+        ROOT / "configs" / f"{name.replace('nbody', 'nbody_field')}.yaml", [f"method={method}"]
+    )
+    twin = load_config(ROOT / "configs" / f"{name}.yaml", [f"method={method}"])
     assert field.data.field_strength > 0 == twin.data.field_strength
     field.data.field_strength = 0.0
     assert field == twin
 
 
-# the field twins run the same code on other data (the test above): one of them runs here, the rest are slow
+# the field configs run the same code on other data (the test above): one of them runs here, the rest are slow
 RUNS = [
-    pytest.param(p, marks=pytest.mark.slow if p in FIELD_CONFIGS and p.stem != "nbody_field_strict" else ())
-    for p in NBODY_CONFIGS
+    pytest.param(name, m, marks=pytest.mark.slow if name == "nbody_field" and m != "strict" else ())
+    for name, methods in METHODS.items()
+    for m in methods
 ]
 
 
-@pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
-def test_config_trains_a_few_steps(path, tmp_path, cache_dir):
-    cfg = load_config(path, [*TINY, f"data.cache_dir={cache_dir}"])
-    method = (
-        path.stem.removeprefix("nbody_").removeprefix("field_").removeprefix("dev_").removesuffix("_paper")
+@pytest.mark.parametrize(("name", "method"), RUNS)
+def test_config_trains_a_few_steps(name, method, tmp_path, cache_dir):
+    cfg = load_config(
+        ROOT / "configs" / f"{name}.yaml", [*TINY, f"data.cache_dir={cache_dir}", f"method={method}"]
     )
-    assert cfg.method == method
-    assert (cfg.data.field_strength != 0) == ("field" in path.stem)
+    assert (cfg.data.field_strength != 0) == ("field" in name)
+    assert (cfg.constraint.kind == "deviation") == ("dev" in name)
     summary = run(cfg, tmp_path / "run")
     assert summary["steps"] == 2
     test = summary["test"]
@@ -89,13 +98,14 @@ def test_config_trains_a_few_steps(path, tmp_path, cache_dir):
         assert all("multiplier" in row for row in summary["constraints"].values())
 
 
-@pytest.mark.parametrize("name", ["nbody_ace_paper", "nbody_ace_resilient_paper"])
-def test_the_paper_recipe_steps_gates_and_multipliers_with_adam(name, cache_dir):
+@pytest.mark.parametrize("method", ["ace", "ace_resilient"])
+def test_the_paper_recipe_steps_gates_and_multipliers_with_adam(method, cache_dir):
     import torch
 
     from ace.experiment import prepare_run
 
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml", [*TINY, f"data.cache_dir={cache_dir}"])
+    overrides = [*TINY, f"data.cache_dir={cache_dir}", f"method={method}"]
+    cfg = load_config(ROOT / "configs" / "nbody_paper.yaml", overrides)
     trainer, loaders = prepare_run(cfg, None)
     core = trainer.core
     (adam,) = core.optimizers
@@ -116,10 +126,16 @@ def test_the_paper_recipe_steps_gates_and_multipliers_with_adam(name, cache_dir)
     assert torch.allclose(multipliers, torch.full_like(multipliers, 8.0e-4), rtol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["nbody_strict", "nbody_ace"])
-def test_issue_short_run_from_the_cli(name, tmp_path, cache_dir, capsys):
-    args = ["train.epochs=2", "data.train_size=200", "data.val_size=100", "data.test_size=100"]
-    config = str(ROOT / "configs" / f"{name}.yaml")
+@pytest.mark.parametrize("method", ["strict", "ace"])
+def test_issue_short_run_from_the_cli(method, tmp_path, cache_dir, capsys):
+    args = [
+        "train.epochs=2",
+        "data.train_size=200",
+        "data.val_size=100",
+        "data.test_size=100",
+        f"method={method}",
+    ]
+    config = str(ROOT / "configs" / "nbody.yaml")
     out = tmp_path / "run"
     args += [f"data.cache_dir={cache_dir}", "log.progress=false"]
     assert main(["train", config, "--out", str(out), *args]) == 0
@@ -209,37 +225,61 @@ def test_compare_falls_back_to_final_values_for_older_summaries():
     assert table.splitlines()[-1].startswith("† seeds without `selected`") and "`ace` 1 of 2" in table
 
 
-def test_compare_resolves_families():
+def test_compare_resolves_configs_and_methods(tmp_path):
     compare = _compare()
-    paths = compare.resolve_targets(["nbody_field", "nbody_field", str(ROOT / "configs" / "toy.yaml")])
-    assert [p.stem for p in paths] == [
-        "nbody_field_strict",
-        "nbody_field_unconstrained",
-        "nbody_field_ace",
-        "nbody_field_ace_resilient",
-        "toy",
+    runs = compare.resolve_targets(
+        [
+            "nbody_field:strict,ace",
+            "nbody_field:ace",
+            "nbody_dev",
+            str(ROOT / "configs" / "toy.yaml"),
+            "toy_relaxed",
+        ],
+        methods=["ace", "strict"],
+    )
+    assert [(r.name, r.path.stem, r.method) for r in runs] == [
+        ("nbody_field_strict", "nbody_field", "strict"),
+        ("nbody_field_ace", "nbody_field", "ace"),
+        ("nbody_dev_ace", "nbody_dev", "ace"),
+        ("nbody_dev_strict", "nbody_dev", "strict"),
+        ("toy_ace", "toy", "ace"),
+        ("toy_strict", "toy", "strict"),
+        ("toy_relaxed_ace", "toy_relaxed", "ace"),
+        ("toy_relaxed_strict", "toy_relaxed", "strict"),
     ]
-    with pytest.raises(SystemExit, match="no config of family"):
-        compare.resolve_targets(["no_such_family"])
+    # no methods: the config's own, after the overrides
+    (own,) = compare.resolve_targets(["toy"])
+    assert (own.name, own.method) == ("toy_scheduled", None)
+    (switched,) = compare.resolve_targets(["toy"], overrides=["method=unconstrained"])
+    assert switched.name == "toy_unconstrained"
+    # a per-method file of ace 0.1 (its stem ends in its method) keeps its name
+    old = tmp_path / "toy_relaxed.yaml"
+    old.write_text((ROOT / "configs" / "toy_relaxed.yaml").read_text())
+    names = [r.name for r in compare.resolve_targets([str(old), f"{old}:strict"])]
+    assert names == ["toy_ace", "toy_ace_strict"]
+    with pytest.raises(SystemExit, match="config not found: no_such_config"):
+        compare.resolve_targets(["no_such_config"])
+    with pytest.raises(SystemExit, match="unknown method 'acee'"):
+        compare.resolve_targets(["toy:acee"])
 
 
 def test_compare_quick_run_writes_the_table_and_resumes(tmp_path, capsys):
     compare = _compare()
-    argv = [str(ROOT / "configs" / "toy_ace.yaml"), "--quick", "--seeds", "2", "--out", str(tmp_path)]
+    argv = [str(ROOT / "configs" / "toy_relaxed.yaml:ace"), "--quick", "--seeds", "2", "--out", str(tmp_path)]
     assert compare.main(argv) == 0
     first = capsys.readouterr()
-    assert "| `toy_ace` | 2 |" in first.out and "training 2 run(s)" in first.err
+    assert "| `toy_relaxed_ace` | 2 |" in first.out and "training 2 run(s)" in first.err
     assert (tmp_path / "table.md").read_text().startswith("`python benchmarks/compare.py")
-    summary = tmp_path / "toy_ace" / "seed1" / "summary.json"
+    summary = tmp_path / "toy_relaxed_ace" / "seed1" / "summary.json"
     stamp = summary.stat().st_mtime_ns
     assert compare.main(argv) == 0
     assert "training" not in capsys.readouterr().err
     assert summary.stat().st_mtime_ns == stamp
-    result = json.loads((tmp_path / "results.json").read_text())["toy_ace"][1]
+    result = json.loads((tmp_path / "results.json").read_text())["toy_relaxed_ace"][1]
     assert result["selected"] is True and result["mse"] is not None and result["final/mse"] is not None
     assert 1 <= result["best_step"] <= 3 and "†" not in first.out
     # --table-only trains nothing: a third seed is missing, so it is left out and the table keeps two
     assert compare.main([*argv[:-4], "--seeds", "3", "--out", str(tmp_path), "--table-only"]) == 0
     third = capsys.readouterr()
-    assert "| `toy_ace` | 2 |" in third.out and "1 unfinished run(s) left out" in third.err
-    assert not (tmp_path / "toy_ace" / "seed2").exists()
+    assert "| `toy_relaxed_ace` | 2 |" in third.out and "1 unfinished run(s) left out" in third.err
+    assert not (tmp_path / "toy_relaxed_ace" / "seed2").exists()

@@ -18,10 +18,13 @@ def result_tables():
 
 
 def covers(command: str, name: str) -> bool:
-    if f"configs/{name}.yaml" in command:
-        return True
-    words = set(re.findall(r"[\w.-]+", command))
-    return any(name.startswith(w + "_") and name[len(w) + 1 :] in METHODS for w in words)
+    """Whether the ``benchmarks/compare.py`` targets in ``command`` (``configs/X.yaml``, ``X``, ``X:m1,m2``;
+    one without methods runs under ``--methods`` or its own) train the run named ``name`` (``X_m``)."""
+    for stem, listed in re.findall(r"(?:configs/)?\b([a-z][a-z0-9_]*)(?:\.yaml)?(?::([a-z_,]+))?", command):
+        methods = listed.split(",") if listed else METHODS
+        if name == stem or any(name == f"{stem}_{m}" for m in methods):
+            return True
+    return False
 
 
 def test_every_result_row_is_a_run_of_the_command_above_its_table():

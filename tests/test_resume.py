@@ -13,10 +13,10 @@ from ace.experiment import run
 
 
 def test_resuming_a_finished_run_keeps_its_summary_and_its_last_checkpoint(tmp_path):
-    cfg = load_config(CONFIGS / "toy_ace.yaml", TINY)
+    cfg = load_config(CONFIGS / "toy_relaxed.yaml", TINY)
     first = run(cfg, tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    again = run(load_config(CONFIGS / "toy_ace.yaml", TINY), tmp_path / "b", resume=True)
+    again = run(load_config(CONFIGS / "toy_relaxed.yaml", TINY), tmp_path / "b", resume=True)
     assert again["final"] == first["final"] and again["final"]["step"] == first["steps"]
     assert again["selected"] == first["selected"] and again["test"] == first["test"]
     a, b = (

@@ -20,7 +20,7 @@ def test_sweep_runs_the_grid_once_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "run", counting)
     fixed = [o for o in TINY if not o.startswith("train.epochs")]
     grid = ["dual.lr=0.05,0.2", "method=ace,ace_resilient", *fixed, "train.epochs=1"]
-    table = sweep(CONFIGS / "toy_ace.yaml", grid, tmp_path)
+    table = sweep(CONFIGS / "toy_relaxed.yaml", grid, tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert names == [
         "dual.lr=0.05_method=ace",
@@ -33,18 +33,18 @@ def test_sweep_runs_the_grid_once_and_resumes(tmp_path, monkeypatch):
     mtimes = {n: (tmp_path / n / "summary.json").stat().st_mtime_ns for n in names}
 
     calls.clear()
-    sweep(CONFIGS / "toy_ace.yaml", grid, tmp_path)
+    sweep(CONFIGS / "toy_relaxed.yaml", grid, tmp_path)
     assert calls == []
     assert mtimes == {n: (tmp_path / n / "summary.json").stat().st_mtime_ns for n in names}
 
     (tmp_path / names[0] / "summary.json").unlink()  # an interrupted run is resumed, the others kept
-    sweep(CONFIGS / "toy_ace.yaml", grid, tmp_path)
+    sweep(CONFIGS / "toy_relaxed.yaml", grid, tmp_path)
     assert calls == [(names[0], True)]
     assert (tmp_path / names[0] / "summary.json").exists()
 
     calls.clear()  # other fixed overrides: the finished runs are not this sweep's results
     with pytest.raises(experiment.RunDirError, match="runs trained with another config.*optim.lr"):
-        sweep(CONFIGS / "toy_ace.yaml", [*grid, "optim.lr=0.01"], tmp_path)
+        sweep(CONFIGS / "toy_relaxed.yaml", [*grid, "optim.lr=0.01"], tmp_path)
     assert calls == []
 
 
