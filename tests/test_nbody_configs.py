@@ -253,7 +253,7 @@ def test_compare_resolves_configs_and_methods(tmp_path):
     (switched,) = compare.resolve_targets(["toy"], overrides=["method=unconstrained"])
     assert switched.name == "toy_unconstrained"
     # a per-method file of ace 0.1 (its stem ends in its method) keeps its name
-    old = tmp_path / "toy_relaxed.yaml"
+    old = tmp_path / "toy_ace.yaml"
     old.write_text((ROOT / "configs" / "toy_relaxed.yaml").read_text())
     names = [r.name for r in compare.resolve_targets([str(old), f"{old}:strict"])]
     assert names == ["toy_ace", "toy_ace_strict"]
