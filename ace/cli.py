@@ -1,4 +1,4 @@
-"""Command line: ``ace train | config | report | compare | sweep | export | probe``."""
+"""Command line: ``ace train | config | report | compare | sweep | tune | export | probe``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,38 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help="grid axes such as dual.lr=0.1,1.0 optim.lr=1.0e-3")
     sweep.add_argument("--out", required=True, help="sweep directory (one run directory per combination)")
 
+    tune = sub.add_parser("tune", help="search a config's settings with Optuna (extra `tune`)")
+    tune.add_argument("config", help="YAML config file")
+    tune.add_argument("overrides", nargs="*", help="dotted overrides applied to every trial")
+    tune.add_argument("--space", required=True, help="search space YAML (config keys -> ranges)")
+    tune.add_argument(
+        "--trials", type=int, required=True, help="finished trials wanted (counted over reruns)"
+    )
+    tune.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1)")
+    tune.add_argument("--out", default=None, help="study folder (default: runs/tune_<config name>)")
+    tune.add_argument("--storage", default=None, help="database URL (default: OUT/study.journal)")
+    tune.add_argument(
+        "--study", default=None, help="study name in the storage (default: the --out folder name)"
+    )
+    tune.add_argument(
+        "--variant", choices=("model", "eq"), default="model", help="score the relaxed model or f_eq"
+    )
+    tune.add_argument("--metric", default=None, help="validation metric (default: the one runs select on)")
+    tune.add_argument(
+        "--max-deviation", type=float, default=None, help="constraint: validation relative deviation <= this"
+    )
+    tune.add_argument("--pareto", action="store_true", help="two objectives: the metric and the deviation")
+    tune.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    tune.add_argument("--seed", type=int, default=0, help="the sampler's seed (worker i uses seed + i)")
+    tune.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    tune.add_argument(
+        "--retrain",
+        action="store_true",
+        help="then train the config as written and the --top best over --seeds",
+    )
+    tune.add_argument("--top", type=int, default=1, help="best trials to retrain (default 1)")
+    tune.add_argument("--seeds", type=int, default=3, help="seeds of each retrained config (default 3)")
+
     export = sub.add_parser("export", help="save a run's trained model and measure its equivariance error")
     export.add_argument("run_dir", help="a run directory written by `ace train`")
     export.add_argument("out", help="output file, e.g. model.pt (its state_dict goes to model.state_dict.pt)")
@@ -75,6 +107,37 @@ def _train(args: argparse.Namespace) -> None:
         if scores:
             print(f"{split}: " + "  ".join(f"{k}={v:.4g}" for k, v in scores.items()))
     print(f"run directory: {out}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .tune import TuneSettings, tune
+    from .tune_report import format_report
+
+    out = args.out or str(Path("runs") / f"tune_{Path(args.config).stem}")
+    settings = TuneSettings(
+        config=args.config,
+        space=args.space,
+        trials=args.trials,
+        out=out,
+        overrides=tuple(args.overrides),
+        storage=args.storage,
+        study=args.study,
+        variant=args.variant,
+        metric=args.metric,
+        max_deviation=args.max_deviation,
+        pareto=args.pareto,
+        pruner=args.pruner,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    print(
+        format_report(
+            tune(settings, jobs=args.jobs, retrain=(args.top, args.seeds) if args.retrain else None)
+        )
+    )
+    print(f"study folder: {out}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -128,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import sweep
 
             print(sweep(args.config, args.overrides, args.out))
+        elif args.command == "tune":
+            _tune(args)
         elif args.command == "export":
             _export(args)
         elif args.command == "probe":

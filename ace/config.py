@@ -44,6 +44,7 @@ __all__ = [
     "METHODS",
     "TASKS",
     "load_config",
+    "load_raw",
     "run_name",
     "config_from_dict",
     "config_to_dict",
@@ -86,6 +87,11 @@ def _section_classes(task: str) -> dict[str, type]:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply ``key=value`` overrides, validate, and return a :class:`Config`."""
+    return config_from_dict(apply_overrides(load_raw(path), overrides))
+
+
+def load_raw(path: str | Path) -> dict:
+    """A config file's YAML as a dict, unvalidated (errors name the file and the line)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -104,7 +110,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(apply_overrides(raw, overrides))
+    return raw
 
 
 def run_name(path: str | Path, method: str) -> str:

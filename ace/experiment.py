@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +289,7 @@ def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) ->
         gate_max_step=cfg.optim.gate_max_step,
         lr_schedule=lr_schedule(o.schedule, total, o.warmup, o.min_lr_factor, o.decay_every, o.decay_factor),
         schedule_gates=o.schedule_gates,
-        select=cfg.train.select or ("accuracy" if "accuracy" in task.metrics else "loss"),
+        select=selection_metric(cfg, task),
         slack_lr=cfg.optim.slack_lr,
         gate_lr=o.gate_lr,
         step_gates=o.gates == "ace",
@@ -311,12 +312,24 @@ def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) ->
     return trainer, parts["loaders"]
 
 
-def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def selection_metric(cfg: Config, task: Task) -> str:
+    """The validation metric that picks a run's best step: ``train.select``, else accuracy where the task
+    measures it, else the loss."""
+    return cfg.train.select or ("accuracy" if "accuracy" in task.metrics else "loss")
+
+
+def run(
+    cfg: Config,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    observers: Sequence[Callable[[Trainer, dict[str, Any]], None]] = (),
+) -> dict[str, Any]:
     """Train ``cfg`` into the run directory ``out`` and return the summary.
 
     A directory that already holds a run is refused unless ``resume`` (continue from its last good
     checkpoint, same config apart from the run length) or ``overwrite`` (start again). Under torchrun every
-    process calls this; rank 0 alone writes the directory.
+    process calls this; rank 0 alone writes the directory. ``observers`` join :attr:`Trainer.observers`.
     """
     out = Path(out)
     distributed = join_process_group(cfg.train.device)
@@ -357,6 +370,7 @@ def run(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = Fa
                 tmp.unlink(missing_ok=True)
                 raise OutputError(f"cannot write the run directory {out}: {err.strerror or err}") from err
         trainer, loaders = _make_trainer(cfg, parts, out)
+        trainer.observers.extend(observers)
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
         trainer.truncate_records(events=False)  # records after the checkpoint will be written again

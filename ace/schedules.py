@@ -313,6 +313,14 @@ def is_nonincreasing(schedule: Schedule, total_steps: int) -> bool:
     return bool(np.all(np.diff(values) <= 1e-12 * np.abs(values[:-1])))
 
 
+def settles_at(schedule: Callable[[int], float], total_steps: int) -> int:
+    """The first step from which ``schedule`` holds its value at ``total_steps`` (0 for a constant): the end
+    of a homotopy: before it, validation scores are measured under a looser constraint than the final one."""
+    end = schedule(total_steps)
+    changed = [t for t in range(total_steps + 1) if schedule(t) != end]
+    return changed[-1] + 1 if changed else 0
+
+
 def steps_of(length: float, total_steps: int) -> int:
     """A length given as a fraction of the run (``0 < length < 1``) or as a number of steps (``>= 1``)."""
     length = _number(length, "length", "schedule")

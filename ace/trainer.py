@@ -177,6 +177,9 @@ class Trainer(RunState, RunEvaluation):
             self.log_dir / "tensorboard" if (self.log_dir and tensorboard) else None,
         )
         self.history: list[dict[str, Any]] = []
+        #: called as ``observer(trainer, record)`` after every record is written (a pruner, a live plot);
+        #: an exception it raises ends ``fit`` there, the records and the last checkpoint kept
+        self.observers: list[Callable[[Trainer, dict[str, Any]], None]] = []
         self.epoch = 0
         self.batch_in_epoch = 0
         self.best: dict[str, dict[str, float]] = {}
@@ -242,6 +245,8 @@ class Trainer(RunState, RunEvaluation):
     def _write(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         self.log.write(record)
+        for observe in self.observers:
+            observe(self, record)
 
     # ------------------------------------------------------------------ fit
 
