@@ -58,6 +58,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .heldout import of_run, report_lines
 from .loggers import format_table
 from .plots import plot_run
 from .run_data import RunData, _per_layer, best_val_test
@@ -110,12 +111,15 @@ def report(run_dir: str | Path, plots: bool = True) -> str:
 
     Sections: the balance table (tolerance, gate or deviation, violation, multiplier, slack, measured relative
     deviation, verdict and constraint state per constraint entry and gated layer), the multipliers read as
-    prices, f_eq against the relaxed model (last validation and test records, and test at the best
-    validation step), the best validation values, and the plots.
+    prices, the held-out read-out (:mod:`ace.heldout`) beside the training-priced verdict, f_eq against the
+    relaxed model (last validation and test records, and test at the best validation step), the best
+    validation values, and the plots.
     """
     run = RunData(run_dir)
     lines = [f"# Run report: {run.path}", "", _header(run), ""]
     lines += _balance(run)
+    measured = {name: row.get("relative_deviation") for name, row in run.layers().items()}
+    lines += report_lines(of_run(run.path, run.summary), measured)
     lines += _gap(run)
     lines += _best(run)
     if plots:

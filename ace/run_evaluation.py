@@ -3,6 +3,7 @@ variant (:mod:`ace.selection`) and the tolerance starts measured before the firs
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Collection, Iterable
@@ -13,6 +14,7 @@ import torch
 from . import distributed
 from .batches import split_batch, to_device
 from .evaluation import evaluate, initial_value, track_best
+from .heldout import heldout, small_batches
 
 __all__ = ["RunEvaluation"]
 
@@ -104,3 +106,17 @@ class RunEvaluation:
             final = {"val": self.last_eval, "test": self.test_scores}  # the final weights' records
             with torch.random.fork_rng(devices=[]):
                 self.selected = self.selection.evaluate(self.evaluate, splits, self.device, final)
+                self.heldout = self._heldout(val_loader)
+
+    def _heldout(self, val_loader: Iterable) -> dict[str, Any]:
+        """The held-out read-out (:mod:`ace.heldout`) of the best relaxed model on the validation set."""
+        metric = self.selection.metric
+        score = self.loss_fn if metric == "loss" else self.metrics[metric]
+        args = (small_batches(val_loader), score, metric)
+        kwargs = dict(
+            symmetry=self.symmetry, samples=self.eval_samples, seed=self.seed + 3, device=self.device
+        )
+        best = self.selection.restored(self.device, only=["model"])
+        with contextlib.closing(best):  # the final weights come back on closing
+            next(best, None)  # the best step's weights, where they were kept (else the final ones)
+            return heldout(self.model, *args, **kwargs)

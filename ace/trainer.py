@@ -190,6 +190,7 @@ class Trainer(RunState, RunEvaluation):
         self.last_eval: dict[str, float] = {}
         self.test_scores: dict[str, float] = {}
         self.selected: dict[str, Any] = {}
+        self.heldout: dict[str, Any] = {}  # the held-out read-out of the final evaluations (ace.heldout)
         self._val_step: int | None = None  # the step of the last finite validation
         self.wall_time = 0.0
         self._epoch_rng: dict | None = None
@@ -357,6 +358,7 @@ class Trainer(RunState, RunEvaluation):
             best=self.best,
             test=self.test_scores,
             selected=self.selected,
+            heldout=self.heldout,
         )
 
     format_balance = staticmethod(records.format_balance)

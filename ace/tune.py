@@ -15,7 +15,8 @@ machine and its run resumed from its last checkpoint, so no trial stays "running
 
 Pruning (median or Hyperband on the periodic validation records) waits for the homotopy: no trial is pruned
 before every tolerance and gate schedule has reached its final value (:func:`homotopy_end`), as a looser
-tolerance flatters the validation score. A pruned run keeps its directory, with ``pruned.json`` saying so.
+tolerance flatters the validation score, nor in the first quarter of its run (``PRUNE_AFTER``), nor before
+four trials are complete (median pruner). A pruned run keeps its directory, with ``pruned.json`` saying so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import multiprocessing
 import os
 import socket
@@ -44,6 +46,11 @@ except ImportError:  # pragma: no cover - Windows: one worker per study folder
 __all__ = ["TuneSettings", "tune", "homotopy_end", "trial_overrides"]
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+#: no trial is pruned in this first fraction of its run (nor before its homotopy ends): early validation
+#: scores rank runs by how fast they start, and the multipliers are still settling
+PRUNE_AFTER = 0.25
+#: complete trials before pruning starts: the median of fewer is noise
+STARTUP_TRIALS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +114,7 @@ def _study(settings: TuneSettings, metric: str, worker: int = 0):
     elif settings.pruner == "hyperband":
         pruner = optuna.pruners.HyperbandPruner()
     else:
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=2)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS)
     return optuna.create_study(
         study_name=settings.name,
         storage=_storage(settings),
@@ -139,7 +146,7 @@ class _Reporter:
         if value is None:
             return
         if self.end is None:
-            self.end = homotopy_end(trainer)
+            self.end = max(homotopy_end(trainer), math.ceil(PRUNE_AFTER * trainer.total_steps))
         step = record["step"]
         with _quiet():  # a resumed run reports its replayed steps again; Optuna keeps the first
             self.trial.report(value, step)

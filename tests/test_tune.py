@@ -194,12 +194,17 @@ def test_pruning_waits_for_the_homotopy(tmp_path):
         def should_prune(self):
             return True
 
-    reporter = _Reporter(Trial(), "val/loss")
-    trainer.total_steps = 40
-    reporter(trainer, {"step": 20, "val/loss": 1.0})  # cr's gate schedule runs to the end: not yet
+    cr = _Reporter(Trial(), "val/loss")  # the last trainer: method cr, whose gate schedule runs to the end
+    cr(trainer, {"step": 20, "val/loss": 1.0})
     with pytest.raises(optuna.TrialPruned):
-        reporter(trainer, {"step": 40, "val/loss": 1.0})
-    assert Trial.reported == [20, 40]
+        cr(trainer, {"step": 40, "val/loss": 1.0})
+    # no schedule (ace), but the first quarter of the run (10 of 40 steps) is spared
+    early = _Reporter(Trial(), "val/loss")
+    ace_trainer, _ = prepare_run(load_config(CONFIG, [*base, "method=ace"]), None)
+    early(ace_trainer, {"step": 9, "val/loss": 1.0})
+    with pytest.raises(optuna.TrialPruned):
+        early(ace_trainer, {"step": 10, "val/loss": 1.0})
+    assert Trial.reported == [20, 40, 9, 10]
 
 
 def test_a_worker_killed_mid_trial_is_adopted_and_its_run_resumed(tmp_path):
