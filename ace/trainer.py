@@ -55,9 +55,9 @@ class Trainer(RunState, RunEvaluation):
             hold them; the gates are stepped by the core (see :class:`ace.PrimalDual`, ``step_gates``).
         symmetry: the :class:`ace.Symmetry` the deviation is measured under (needed by deviation
             constraints and for the deviation reported at evaluation).
-        constraints, dual, gate_schedule, grad_clip, gate_max_step, lr_schedule, schedule_gates, slack_lr,
-            gate_lr, step_gates, max_multiplier, close_gates_below: the constrained problem and its update,
-            see :class:`ace.PrimalDual`.
+        constraints: the constrained problem; it and ``dual``, ``gate_schedule``, ``grad_clip``,
+            ``gate_max_step``, ``lr_schedule``, ``schedule_gates``, ``slack_lr``, ``gate_lr``, ``step_gates``,
+            ``max_multiplier`` and ``close_gates_below`` are passed on to :class:`ace.PrimalDual`.
         metrics: extra evaluation metrics ``{name: (output, target) -> batch mean}``.
         select: the validation metric that picks each variant's best step (``"loss"``, or a metric name
             such as ``"accuracy"``, maximised); see :mod:`ace.selection`.

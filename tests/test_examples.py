@@ -1,4 +1,4 @@
-"""The README's example is the example file, and both examples run as written."""
+"""The README's and the tutorials' examples are the example files, and the examples run as written."""
 
 import runpy
 from pathlib import Path
@@ -13,9 +13,9 @@ def test_readme_shows_the_wrap_example_verbatim():
     assert code in (ROOT / "README.md").read_text()
 
 
-def test_readme_shows_the_own_loop_verbatim():
+def test_the_own_loop_tutorial_shows_the_example_verbatim():
     code = (ROOT / "examples" / "own_loop.py").read_text().split("\n", 2)[2].strip()
-    assert code in (ROOT / "README.md").read_text()
+    assert code in (ROOT / "docs" / "tutorials" / "own-loop.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["wrap_model.py", "relax_model.py", "own_loop.py", "lightning_module.py"])

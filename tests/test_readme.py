@@ -1,16 +1,19 @@
-"""The README: result tables show the runs of the command printed above them; the layout is the package's."""
+"""The README and the documentation pages: result tables show the runs of the command printed above them; the
+summary table is the same in both; the layout page is the package's."""
 
 import re
 from pathlib import Path
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+PAGES = {p: p.read_text() for p in sorted((ROOT / "docs").rglob("*.md"))}
 METHODS = {"strict", "unconstrained", "penalty", "ace", "ace_resilient", "scheduled", "cr"}
 
 
-def result_tables():
+def result_tables(text: str):
     """``(command, [config names])`` for every compare table: the nearest ```bash block above it."""
     command = ""
-    for block in re.split(r"\n(?=```bash\n)", README):
+    for block in re.split(r"\n(?=```bash\n)", text):
         if block.startswith("```bash\n"):
             command = block.split("\n```", 1)[0]
         for table in re.findall(r"\n\| config \| seeds \|.*?(?=\n\n|\Z)", block, re.S):
@@ -28,7 +31,7 @@ def covers(command: str, name: str) -> bool:
 
 
 def test_every_result_row_is_a_run_of_the_command_above_its_table():
-    tables = list(result_tables())
+    tables = [table for text in [README, *PAGES.values()] for table in result_tables(text)]
     assert len(tables) >= 6
     for command, names in tables:
         assert names, command
@@ -36,9 +39,21 @@ def test_every_result_row_is_a_run_of_the_command_above_its_table():
 
 
 def test_the_layout_names_every_module_and_none_that_is_gone():
-    """The README's Layout block is the map of ``ace/``: a module added or removed shows there."""
-    root = Path(__file__).parent.parent
-    layout = README.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    """The Layout page is the map of ``ace/``: a module added or removed shows there."""
+    root = ROOT
+    layout = PAGES[ROOT / "docs" / "design" / "layout.md"].split("```text", 1)[1].split("```", 1)[0]
     named = set(re.findall(r"ace/(\w+)\.py", layout))
     modules = {p.stem for p in (root / "ace").glob("*.py")} - {"__init__", "__main__"}
     assert named == modules
+
+
+def test_the_summary_table_is_the_same_in_the_readme_and_on_the_site():
+    def summary(text):
+        return re.search(r"\| task, budget \|.*?\n\n", text, re.S).group(0)
+
+    assert summary(README) == summary(PAGES[ROOT / "docs" / "results.md"])
+
+
+def test_every_documentation_page_is_in_the_site_navigation():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    assert [p for p in PAGES if str(p.relative_to(ROOT / "docs")) not in nav] == []
