@@ -213,3 +213,38 @@ def test_the_reported_lagrangian_uses_the_multipliers_of_the_primal_step(update)
     objective = result.loss + scale * (0.5 * constraints[1].rho * slack.pow(2).sum())
     expected = primal_lagrangian(objective, result.violations, used, core.cooper_constraints, scale)
     torch.testing.assert_close(result.lagrangian, expected, rtol=1e-6, atol=0)
+
+
+def _toy_trainer(*overrides):
+    from pathlib import Path
+
+    from ace.config import load_config
+    from ace.experiment import prepare_run
+
+    config = Path(__file__).parent.parent / "configs" / "toy_relaxed.yaml"
+    trainer, loaders = prepare_run(load_config(config, ["data.train_size=64", *overrides]), None)
+    return trainer, next(iter(loaders["train"]))
+
+
+def test_a_negative_gate_violates_its_inequality_by_its_size():
+    """``|gamma| <= eps`` constrains the gate's size: a gate at -0.5 under eps = 0.2 violates by 0.3 (a
+    mutant that dropped the abs survived the suite: no test drove a gate negative)."""
+    trainer, batch = _toy_trainer("method=scheduled", "constraint.tolerance=0.2")
+    with torch.no_grad():
+        for gate in trainer.gates.values():
+            gate.fill_(-0.5)
+    record = trainer.train_step(batch, record=True)
+    for name in trainer.gates:
+        assert record[f"constraint/gate.{name}/violation"] == pytest.approx(0.3)
+    assert all(m > 0 for m in trainer.core.multipliers()["gate"].tolist())  # priced, not free
+
+
+def test_a_slack_stepped_below_zero_is_projected_back():
+    """A slack step that overshoots (slack_lr * rho > 1, from u = 0.5, no multiplier yet) lands on u = 0."""
+    trainer, batch = _toy_trainer("method=ace_resilient", "optim.slack_lr=1.0", "constraint.rho=4.0")
+    with torch.no_grad():
+        for gate in trainer.gates.values():
+            gate.zero_()
+        trainer.slacks["gate"].fill_(0.5)
+    trainer.train_step(batch)
+    assert torch.equal(trainer.slacks["gate"], torch.zeros_like(trainer.slacks["gate"]))

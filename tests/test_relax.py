@@ -281,3 +281,24 @@ def test_relaxed_is_not_equivariant_and_strip_is_exact():
             context_error = (model(x @ R.T) - model(x) @ R.T).abs().max()
     assert relaxed_error > 1e-3
     assert exact_error < 1e-12 and context_error < 1e-12
+
+
+def test_a_tuple_layer_relaxed_whole_scales_every_branch_entry_by_its_gate():
+    """``outputs=None`` on a tuple output: each entry is ``f_eq + gamma * branch`` (a mutant that dropped the
+    gate from this path survived the suite)."""
+
+    class Both(nn.Module):
+        def forward(self, a, b):
+            return a, b
+
+    class Branch(nn.Module):
+        def forward(self, a, b):
+            return torch.ones_like(a), 2 * torch.ones_like(b)
+
+    layer = GatedLayer(Both(), Branch(), gate_init=0.25)
+    a, b = torch.zeros(3), torch.zeros(2)
+    out = layer(a, b)
+    assert torch.equal(out[0], torch.full((3,), 0.25)) and torch.equal(out[1], torch.full((2,), 0.5))
+    with torch.no_grad():
+        layer.gate.zero_()
+    assert all(torch.equal(o, z) for o, z in zip(layer(a, b), (a, b), strict=True))

@@ -196,3 +196,13 @@ def test_is_nonincreasing():
     assert not is_nonincreasing(Triangular(0.0, 1.0, steps=10), 10)
     assert not is_nonincreasing(Join(((Constant(0.1), 5), (Constant(0.2), 5))), 10)
     assert is_nonincreasing(Linear(0.0, 1.0, steps=10, delay=20), 20)  # the rise is past the horizon
+
+
+def test_the_cosine_learning_rate_falls_from_one_to_its_floor():
+    from ace.schedules import lr_schedule
+
+    schedule = lr_schedule("cosine", 100, min_factor=0.1)
+    assert schedule(0) == 1.0 and schedule(100) == pytest.approx(0.1) and schedule(50) == pytest.approx(0.55)
+    assert all(schedule(t + 1) <= schedule(t) for t in range(100))
+    warm = lr_schedule("cosine", 100, warmup=10)
+    assert warm(0) == pytest.approx(0.1) and warm(9) == pytest.approx(1.0) and warm(100) == pytest.approx(0.0)

@@ -94,3 +94,14 @@ def test_a_variant_alone_is_evaluated_with_the_same_scores_as_with_the_other():
     assert eq_only == {k: v for k, v in both.items() if k.startswith("eq/")}
     assert model_only == {k: v for k, v in both.items() if not k.startswith("eq/")}
     assert "deviation/layers.0" in model_only  # the per-layer read-out belongs to the model variant
+
+
+def test_a_loss_keeps_its_smallest_value_and_an_accuracy_its_largest():
+    from ace.selection import BestCheckpoints
+
+    model = nn.Linear(1, 1)
+    for metric, values, best in (("loss", [3.0, 1.0, 2.0], 2), ("accuracy", [0.5, 0.9, 0.7], 2)):
+        selection = BestCheckpoints(model, metric, None, ("model",))
+        for step, value in enumerate(values, 1):
+            selection.update({f"val/{metric}": value}, step)
+        assert selection.steps["model"]["step"] == best and selection.steps["model"]["value"] == values[1]
