@@ -273,3 +273,18 @@ def test_data_with_a_batch_vector_counts_as_a_batch():
         d_data, equivariance_deviation(model, batch, GRAPH_SYM, samples=2, generator=gen(5))
     )
     assert equivariance_deviation(GraphNet(), data, GRAPH_SYM, samples=2, generator=gen(5)) < 1e-10
+
+
+def test_k_samples_of_a_single_graph_average_its_k_single_sample_deviations():
+    """A single ``Data`` is evaluated in a loop over the k group elements: the mean, not the sum (a mutant
+    that summed survived, as every such test used an exactly equivariant model)."""
+    torch.manual_seed(0)
+    model, data = GraphNet(breaking=0.3), graphs()[0]
+    assert data.batch is None
+    three = equivariance_deviation(model, data, GRAPH_SYM, samples=3, generator=gen(7))
+    same_draws = gen(7)
+    singles = [
+        equivariance_deviation(model, data, GRAPH_SYM, samples=1, generator=same_draws) for _ in range(3)
+    ]
+    assert three > 1e-3
+    torch.testing.assert_close(three, torch.stack(singles).mean())
