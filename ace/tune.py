@@ -95,10 +95,6 @@ def _storage(settings: TuneSettings):
     return optuna.storages.JournalStorage(JournalFileBackend(str(Path(settings.out) / "study.journal")))
 
 
-def _constraint(trial) -> tuple[float, ...]:
-    return tuple(trial.user_attrs.get("constraint", (0.0,)))
-
-
 def _directions(settings: TuneSettings, metric: str) -> list[str]:
     first = "maximize" if higher_is_better(metric) else "minimize"
     return [first, "minimize"] if settings.pareto else [first]
@@ -107,8 +103,7 @@ def _directions(settings: TuneSettings, metric: str) -> list[str]:
 def _study(settings: TuneSettings, metric: str, worker: int = 0):
     """The study, created on first use; each worker samples from its own seed."""
     optuna = _optuna()
-    constraints = _constraint if settings.max_deviation is not None else None
-    sampler = optuna.samplers.TPESampler(seed=settings.seed + worker, constraints_func=constraints)
+    sampler = optuna.samplers.TPESampler(seed=settings.seed + worker)  # it reads Trial.set_constraint
     if settings.pareto or settings.pruner == "none":
         pruner = optuna.pruners.NopPruner()  # Optuna prunes single-objective studies only
     elif settings.pruner == "hyperband":
@@ -280,6 +275,8 @@ class _Worker:
             return
         for key, value in attributes.items():
             trial.set_user_attr(key, value)
+        if self.settings.max_deviation is not None:  # feasible when <= 0
+            trial.set_constraint("deviation", attributes["constraint"][0])
         self.study.tell(trial.number, values)
         shown = ", ".join(f"{v:.4g}" for v in values)
         print(f"ace tune: trial {trial.number} finished: {shown} ({' '.join(overrides)})", flush=True)

@@ -24,11 +24,16 @@ def ranked(study, settings) -> list:
     return sorted(done, key=lambda t: -t.values[0] if maximize else t.values[0])
 
 
-def _write_csv(path: Path, study, metric: str) -> None:
+def _label(settings, metric: str) -> str:
+    """The objective's key in a validation record: ``val/<metric>``, ``val/eq/<metric>`` for f_eq."""
+    return f"val/{'eq/' if settings.variant == 'eq' else ''}{metric}"
+
+
+def _write_csv(path: Path, study, label: str) -> None:
     trials = study.get_trials(deepcopy=False)
     params = sorted({k for t in trials for k in t.params})
     attrs = sorted({k for t in trials for k in t.user_attrs if k not in ("host", "run", "constraint")})
-    values = [f"val/{metric}"] + (["val/deviation (objective)"] if len(study.directions) > 1 else [])
+    values = [label] + (["val/deviation (objective)"] if len(study.directions) > 1 else [])
     with path.open("w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
         out.writerow(["trial", "state", *values, *params, *attrs, "feasible", "run"])
@@ -42,7 +47,7 @@ def _write_csv(path: Path, study, metric: str) -> None:
             )
 
 
-def _plots(study, out: Path, metric: str) -> list[str]:
+def _plots(study, out: Path, label: str) -> list[str]:
     """Optimisation history, parameter importances and (two objectives) the Pareto front, as PNG files;
     returns what could not be drawn and why."""
     import warnings
@@ -88,12 +93,13 @@ def write_report(study, settings, params, base, metric: str) -> dict[str, Any]:
     from .tune import trial_overrides
 
     out = Path(settings.out)
-    _write_csv(out / "trials.csv", study, metric)
+    label = _label(settings, metric)
+    _write_csv(out / "trials.csv", study, label)
     states: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
     best = ranked(study, settings)
-    report: dict[str, Any] = {"study": settings.name, "metric": f"val/{metric}", "trials": states}
+    report: dict[str, Any] = {"study": settings.name, "metric": label, "trials": states}
     if best:
         top = best[0]
         overrides = trial_overrides(settings, params, base, top.params)
@@ -110,7 +116,7 @@ def write_report(study, settings, params, base, metric: str) -> dict[str, Any]:
             "test": {k: v for k, v in top.user_attrs.items() if k.startswith("test/")},
             "run": top.user_attrs.get("run"),
         }
-    report["skipped_plots"] = _plots(study, out, metric)
+    report["skipped_plots"] = _plots(study, out, label)
     write_json(out / "tune.json", report)
     return report
 

@@ -285,3 +285,20 @@ def test_a_study_on_postgresql_with_two_workers(tmp_path, postgres):
     assert found.count("COMPLETE") == 4 and "RUNNING" not in found
     assert report["best"]["value"] == min(t.values[0] for t in study.trials)
     assert not (tmp_path / "study" / "study.journal").exists()
+
+
+def test_a_pareto_study_and_a_deviation_bound(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "b").mkdir()
+    tune(settings(tmp_path / "p", 2, pareto=True))
+    _, study = states(tmp_path / "p" / "study")
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    for t in study.trials:
+        summary = json.loads((Path(t.user_attrs["run"]) / "summary.json").read_text())
+        assert t.values == [summary["selected"]["model"]["val"][k] for k in ("loss", "relative_deviation")]
+    assert (tmp_path / "p" / "study" / "pareto.png").exists()
+    # a bound no trial meets: every trial is infeasible, so none is best and no best.yaml is written
+    report = tune(settings(tmp_path / "b", 2, max_deviation=1e-12, pruner="none"))
+    assert "best" not in report and not (tmp_path / "b" / "study" / "best.yaml").exists()
+    rows = list(csv.DictReader((tmp_path / "b" / "study" / "trials.csv").open()))
+    assert [r["feasible"] for r in rows] == ["False", "False"]
