@@ -75,7 +75,10 @@ def _plots(study, out: Path, label: str) -> list[str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
                 axes = draw()
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+            first = axes.flat[0] if hasattr(axes, "flat") else axes
+            if file == "history.png":
+                first.set_ylabel(name)  # Optuna labels a single objective "Objective" whatever its name
+            figure = first.get_figure()
             figure.set_size_inches(7, 4.5)
             figure.tight_layout()
             figure.savefig(out / file, dpi=110)
