@@ -106,6 +106,12 @@ def _train(args: argparse.Namespace) -> None:
         }
         if scores:
             print(f"{split}: " + "  ".join(f"{k}={v:.4g}" for k, v in scores.items()))
+    held = summary.get("heldout")
+    if held:
+        print(
+            f"held-out read-out: {held['verdict']} (the relaxation's benefit in validation {held['metric']}: "
+            f"{held['benefit']:.3g}, 95 % interval {held['low']:.3g} .. {held['high']:.3g}; ace report {out})"
+        )
     print(f"run directory: {out}")
 
 

@@ -42,7 +42,7 @@ def test_cli_run_writes_the_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(CONFIGS / "toy.yaml"), "--out", str(out), "train.epochs=2", *SMALL]) == 0
     printed = capsys.readouterr().out
-    assert "final balance" in printed and "multiplier" in printed
+    assert "final balance" in printed and "multiplier" in printed and "held-out read-out: " in printed
     assert {p.name for p in out.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints"}
     assert (out / "checkpoints" / "last.pt").exists()
     records = read_metrics(out / "metrics.jsonl")
