@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import os
 import socket
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,21 +144,13 @@ class _Reporter:
         if self.end is None:
             self.end = max(homotopy_end(trainer), math.ceil(PRUNE_AFTER * trainer.total_steps))
         step = record["step"]
-        with _quiet():  # a resumed run reports its replayed steps again; Optuna keeps the first
+        with warnings.catch_warnings():  # a resumed run reports its replayed steps again: Optuna keeps
+            warnings.simplefilter("ignore")  # the first and warns
             self.trial.report(value, step)
         if step >= self.end and self.trial.should_prune():
             import optuna
 
             raise optuna.TrialPruned(f"pruned at step {step} ({self.key} = {value:.4g})")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def objective(summary: dict[str, Any], settings: TuneSettings, metric: str) -> tuple[list[float], dict]:
@@ -312,27 +305,35 @@ def tune(settings: TuneSettings, jobs: int = 1, retrain: tuple[int, int] | None 
 
     if settings.trials < 1 or jobs < 1:
         raise ConfigError("ace tune: --trials and --jobs must be >= 1")
-    if settings.metric is None:  # the run's own selection metric, which the workers need before any trial
-        from .experiment import build_task, selection_metric
+    import torch
 
-        cfg = load_config(settings.config, list(settings.overrides))
-        settings = dataclasses.replace(settings, metric=selection_metric(cfg, build_task(cfg)))
+    from .experiment import build_task, selection_metric
+
+    cfg = load_config(settings.config, list(settings.overrides))
+    task = build_task(cfg)
+    if settings.metric is None:  # the run's own selection metric, which the workers need before any trial
+        settings = dataclasses.replace(settings, metric=selection_metric(cfg, task))
+    elif settings.metric not in ("loss", *task.metrics):
+        raise ConfigError(
+            f"ace tune: --metric {settings.metric!r} is not a metric of task '{cfg.task.name}'; "
+            f"one of: loss, {', '.join(task.metrics)}"
+        )
     Path(settings.out).mkdir(parents=True, exist_ok=True)
     first = _Worker(settings, 0)  # checks the config and the space before any trial starts
     if not first.study.get_trials(deepcopy=False):  # a new study: trial 0 is the config as written
         first.study.enqueue_trial(base_values(first.params, first.base), skip_if_exists=True)
-    if jobs == 1:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)  # this process is worker 0
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_work, args=(settings, i)) for i in range(1, jobs)]
+    for w in workers:
+        w.start()
+    try:
         first.loop()
-    else:
-        context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_work, args=(settings, i)) for i in range(1, jobs)]
+    finally:
         for w in workers:
-            w.start()
-        try:
-            first.loop()
-        finally:
-            for w in workers:
-                w.join()
+            w.join()
+        torch.set_num_threads(threads)
     report = write_report(first.study, settings, first.params, first.base, first.metric)
     if retrain is not None:
         report["retrain"] = retrain_best(first.study, settings, first.params, first.base, *retrain, jobs=jobs)

@@ -302,3 +302,10 @@ def test_a_pareto_study_and_a_deviation_bound(tmp_path):
     assert "best" not in report and not (tmp_path / "b" / "study" / "best.yaml").exists()
     rows = list(csv.DictReader((tmp_path / "b" / "study" / "trials.csv").open()))
     assert [r["feasible"] for r in rows] == ["False", "False"]
+
+
+def test_a_metric_the_task_does_not_measure_is_refused_before_any_trial(tmp_path, capsys):
+    argv = ["tune", CONFIG, "--space", space_file(tmp_path), "--trials", "1", "--out", str(tmp_path / "s")]
+    assert main([*argv, "--metric", "accuracy"]) == 2
+    assert "--metric 'accuracy' is not a metric of task 'toy'; one of: loss, mse" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
