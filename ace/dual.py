@@ -161,7 +161,7 @@ def primal_lagrangian(
         \\;\\text{(inequality; Nocedal \\& Wright 17.64-65)}.
 
     cooper's formulas (``CMPState.compute_primal_lagrangian``, equal on the tested cases) without
-    its per-step objects and einsums, which cost ~15 % of a step of a small model.
+    its per-step objects and einsums (their cost: docs/performance.md).
     """
     lagrangian = objective
     for name, violation in violations.items():

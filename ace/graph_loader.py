@@ -1,9 +1,9 @@
 """A loader for graphs that share their nodes and edges: the data set is collated once, batches are indexed.
 
 torch_geometric's DataLoader builds every batch with ``Batch.from_data_list``, a Python loop over graphs
-and attributes (~13 % of an N-body training step). When all graphs have the same number of nodes ``n``
-and the same ``edge_index`` (N-body: 5 particles, complete graph), each attribute can be stacked once
-into a ``(num_graphs, ...)`` tensor, and the batch of graphs ``i_0, ..., i_{B-1}`` is
+and attributes, a visible share of an N-body step (docs/performance.md). When all graphs have the same number
+of nodes ``n`` and the same ``edge_index`` (N-body: 5 particles, complete graph), each attribute can be
+stacked once into a ``(num_graphs, ...)`` tensor, and the batch of graphs ``i_0, ..., i_{B-1}`` is
 
     x = stacked_x[i].flatten(0, 1),        edge_index = [edge_index + b n  for b = 0, ..., B - 1],
     batch = [b repeated n times],           ptr = [0, n, 2 n, ..., B n],

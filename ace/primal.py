@@ -62,8 +62,8 @@ class PrimalSide:
                 "step_gates=False to leave them to it, or build it from ace.weights(model)",
                 stacklevel=4,
             )
-        # torch's zero_grad sets each grad to None under a profiler scope and a compiler guard, ~0.1 ms a call
-        # (a few % of a small model's step): for optimisers that keep torch's zero_grad, do just that
+        # torch's zero_grad sets each grad to None under a profiler scope and a compiler guard, a cost a small
+        # model's step notices (docs/performance.md): for optimisers that keep torch's zero_grad, do just that
         # (the groups are read at each step: a group added later is zeroed too)
         self._zeroed = [o for o in self.optimizers if type(o).zero_grad is torch.optim.Optimizer.zero_grad]
         self._zeroed_by_call = [o for o in self.optimizers if o not in self._zeroed]
