@@ -36,11 +36,16 @@ from .distributed import join_process_group
 from .dual import DualSettings
 from .relax import gates, relax
 from .run_dir import (
+    CONFIG,
+    METRICS,
+    SUMMARY,
     OutputError,
     RunDirError,
     check_writable,
+    checkpoints,
     config_changes,
     holds_run,
+    last_checkpoint,
     last_good_checkpoint,
     load_run_config,
     locked,
@@ -337,7 +342,7 @@ def run(
     checkpoint = None
     held = holds_run(out)
     if held and resume:
-        changed = config_changes(out, cfg) if (out / "config.yaml").exists() else []
+        changed = config_changes(out, cfg) if (out / CONFIG).exists() else []
         if changed:
             raise RunDirError("--resume with a different config; changed keys: " + "; ".join(changed))
         checkpoint = last_good_checkpoint(out)
@@ -355,17 +360,17 @@ def run(
     with locked(out, held) if main else contextlib.nullcontext():
         if main:
             if held and overwrite and not resume:
-                for name in ("metrics.jsonl", "summary.json", "config.yaml", "report.md"):
+                for name in (METRICS, SUMMARY, CONFIG, "report.md"):
                     (out / name).unlink(missing_ok=True)
                 for path in out.glob("*.png"):  # plots of `ace report`
                     path.unlink()
-                for path in (out / "checkpoints").glob("*"):
+                for path in checkpoints(out).glob("*"):
                     path.unlink()
-            tmp = out / "config.yaml.tmp"  # atomic: a torn config.yaml would block --resume
+            tmp = out / f"{CONFIG}.tmp"  # atomic: a torn config.yaml would block --resume
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 tmp.write_text(dump_config(cfg), encoding="utf-8")
-                os.replace(tmp, out / "config.yaml")
+                os.replace(tmp, out / CONFIG)
             except OSError as err:
                 tmp.unlink(missing_ok=True)
                 raise OutputError(f"cannot write the run directory {out}: {err.strerror or err}") from err
@@ -387,9 +392,9 @@ def run(
         except ConfigError:  # found before the first step (a measured tolerance start): no half-made run
             if main and not held and trainer.step == 0:
                 trainer.close()
-                for name in ("config.yaml", "metrics.jsonl", ".lock"):
+                for name in (CONFIG, METRICS, ".lock"):
                     (out / name).unlink(missing_ok=True)
-                for folder in [out / "checkpoints", *created]:
+                for folder in [checkpoints(out), *created]:
                     with contextlib.suppress(OSError):  # kept if anything else is in it
                         folder.rmdir()
             raise
@@ -400,7 +405,7 @@ def run(
 def trained_run(out: str | Path, what: str = "read") -> tuple[Config, Trainer, dict[str, DataLoader]]:
     """The config, a CPU trainer holding the model of ``out/checkpoints/last.pt``, and the data loaders of a
     run directory (for ``ace export`` and ``ace probe``); ``what`` names the caller in errors."""
-    checkpoint = Path(out) / "checkpoints" / "last.pt"
+    checkpoint = last_checkpoint(Path(out))
     cfg = load_run_config(out)
     if not checkpoint.exists():
         raise RunDirError(f"{out} has no checkpoint ({checkpoint}) to {what}")

@@ -171,7 +171,9 @@ def of_run(run_dir: Any, summary: dict | None) -> dict[str, Any]:
 
     if summary and "heldout" in summary:
         return summary["heldout"]
-    best = Path(run_dir) / "checkpoints" / "best_model.pt"
+    from .run_dir import best_checkpoint
+
+    best = best_checkpoint(Path(run_dir), "model")
     if not best.exists():
         return {}
     from .experiment import trained_run

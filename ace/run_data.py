@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from .loggers import read_metrics
+from .run_dir import CONFIG, METRICS, SUMMARY
 
 __all__ = ["RunData", "best_val_test"]
 
@@ -24,13 +25,13 @@ class RunData:
         from .run_dir import RunDirError
 
         self.path = Path(run_dir)
-        metrics = self.path / "metrics.jsonl"
+        metrics = self.path / METRICS
         if not self.path.is_dir() or not metrics.exists():
             raise RunDirError(
                 f"{run_dir} is not a run directory (no metrics.jsonl); "
                 f"make one with `ace train CONFIG --out {run_dir}`"
             )
-        config = self.path / "config.yaml"
+        config = self.path / CONFIG
         self.config: dict = (
             yaml.safe_load(config.read_text(encoding="utf-8")) if config.exists() else None
         ) or {}
@@ -39,7 +40,7 @@ class RunData:
         self.evals = {
             s: [r for r in records if any(k.startswith(s + "/") for k in r)] for s in ("val", "test")
         }
-        summary = self.path / "summary.json"
+        summary = self.path / SUMMARY
         self.summary: dict | None = (
             json.loads(summary.read_text(encoding="utf-8")) if summary.exists() else None
         )

@@ -38,6 +38,7 @@ __all__ = [
     "OutputError",
     "checkpoints",
     "last_checkpoint",
+    "best_checkpoint",
     "last_good_checkpoint",
     "claim",
     "check_writable",
@@ -58,6 +59,11 @@ def checkpoints(run: Path) -> Path:
 
 def last_checkpoint(run: Path) -> Path:
     return checkpoints(run) / "last.pt"
+
+
+def best_checkpoint(run: Path, variant: str) -> Path:
+    """The weights at the best validation step of ``variant`` (``model`` or ``eq``, :mod:`ace.selection`)."""
+    return checkpoints(run) / f"best_{variant}.pt"
 
 
 def claim(folder: Path, overwrite: bool) -> None:

@@ -21,6 +21,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .run_dir import CONFIG, SUMMARY
+
 __all__ = ["Run", "run_all", "aggregate", "format_markdown", "run_values"]
 
 
@@ -41,7 +43,7 @@ def _train_one(config: str, overrides: list[str], out: str, threads: int) -> dic
 
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides)
-    holds = Path(out, "config.yaml").exists()
+    holds = Path(out, CONFIG).exists()
     return run(cfg, out, resume=holds)
 
 
@@ -61,7 +63,7 @@ def run_all(
     for seed in range(seeds):  # seed-major: a run cut short still has every config at the first seeds
         for r in runs:
             run_dir = out / r.name / f"seed{seed}"
-            done = run_dir / "summary.json"
+            done = run_dir / SUMMARY
             if done.exists():
                 summaries[r.name].append(json.loads(done.read_text()))
             else:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .compare import compare
+from .run_dir import CONFIG, SUMMARY
 
 __all__ = ["sweep", "parse_grid"]
 
@@ -72,7 +73,7 @@ def sweep(config: str | Path, grid: dict[str, Sequence[str]] | Sequence[str], ou
     stale = [
         f"{path.name} ({'; '.join(changes)})"
         for path, cfg in plan
-        if (path / "config.yaml").exists() and (changes := experiment.config_changes(path, cfg))
+        if (path / CONFIG).exists() and (changes := experiment.config_changes(path, cfg))
     ]
     if stale:  # a finished run of another config would be shown as this sweep's result
         raise experiment.RunDirError(
@@ -80,10 +81,10 @@ def sweep(config: str | Path, grid: dict[str, Sequence[str]] | Sequence[str], ou
             "another --out"
         )
     for i, (path, cfg) in enumerate(plan, 1):
-        if (path / "summary.json").exists():
+        if (path / SUMMARY).exists():
             print(f"[{i}/{len(plan)}] {path.name}: finished, skipped")
             continue
-        resume = (path / "config.yaml").exists()
+        resume = (path / CONFIG).exists()
         print(f"[{i}/{len(plan)}] {path.name}: {'resuming' if resume else 'training'}")
         experiment.run(cfg, path, resume=resume)
     return compare([path for path, _ in plan], out=out_dir)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, apply_overrides, load_config, load_raw
+from .run_dir import CONFIG, SUMMARY
 from .schedules import settles_at
 from .selection import higher_is_better
 from .tune_space import Param, base_values, load_space, suggest
@@ -243,16 +244,14 @@ class _Worker:
         try:
             cfg = load_config(self.settings.config, [*self.settings.overrides, *overrides])
             cfg.log.progress = False
-            done = run_dir / "summary.json"
+            done = run_dir / SUMMARY
             if done.exists():  # finished before its worker died: only the verdict was lost
                 summary = json.loads(done.read_text())
             else:
                 key = f"val/{'eq/' if self.settings.variant == 'eq' else ''}{self.metric}"
                 observers = [_Reporter(trial, key)] if not self.settings.pareto else []
                 with contextlib.redirect_stdout(io.StringIO()):  # each run's balance table: in its folder
-                    summary = run(
-                        cfg, run_dir, resume=(run_dir / "config.yaml").exists(), observers=observers
-                    )
+                    summary = run(cfg, run_dir, resume=(run_dir / CONFIG).exists(), observers=observers)
             values, attributes = objective(summary, self.settings, self.metric)
         except optuna.TrialPruned as pruned:
             (run_dir / "pruned.json").write_text(json.dumps({"trial": trial.number, "reason": str(pruned)}))
