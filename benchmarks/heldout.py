@@ -4,8 +4,9 @@
         "toy, breaking 0.5=runs/v02/toy_break/toy_relaxed_ace_resilient" --out docs/heldout.md
 
 Each ``LABEL=FOLDER`` names the seeds of one run (``FOLDER/seed*``, ``benchmarks/compare.py``'s layout). For
-every seed: the whole model's held-out verdict (:mod:`ace.heldout`; from ``summary.json``, or computed from
-the run's best relaxed checkpoint for runs made before it existed), its benefit and interval, and the
+every seed: the whole model's held-out verdict against its orbit average (:mod:`ace.heldout`; from
+``summary.json``, or computed from the run's best relaxed checkpoint for runs made before it existed or with
+``--recompute``), its benefit and interval, and the
 training-priced verdict the report gives (``breaks`` when a gated layer's measured relative deviation on the
 final validation pass exceeds 1e-5, as in ``ace report``), with the largest slack.
 """
@@ -24,9 +25,9 @@ from ace.heldout import HeldOut, of_run  # noqa: E402
 from ace.loggers import format_table  # noqa: E402
 
 
-def seed_row(run: Path) -> list:
+def seed_row(run: Path, recompute: bool) -> list:
     summary = json.loads((run / "summary.json").read_text())
-    read_out = of_run(run, summary)
+    read_out = of_run(run, summary, recompute)
     verdict = HeldOut(*(read_out[k] for k in ("benefit", "low", "high", "relaxed", "without"))).verdict
     layers = summary.get("layers") or {}
     measured = [row.get("relative_deviation") for row in layers.values()]
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("groups", nargs="+", help="LABEL=FOLDER (the folder holds seed0, seed1, ...)")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
+    parser.add_argument(
+        "--recompute", action="store_true", help="compute every read-out from the checkpoints"
+    )
     args = parser.parse_args(argv)
     header = ["runs", "seed", "held-out verdict", "benefit [95 %]", "val metric relaxed / without", "priced"]
     header += ["max layer rel. dev.", "max slack"]
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = sorted(p for p in Path(folder).glob("seed*") if (p / "summary.json").exists())
         if not seeds:
             parser.error(f"no finished run under {folder}")
-        rows += [[label, *seed_row(run)] for run in seeds]
+        rows += [[label, *seed_row(run, args.recompute)] for run in seeds]
     table = format_table(header, rows)
     command = "python benchmarks/heldout.py " + " ".join(f'"{g}"' for g in args.groups)
     if args.out:
