@@ -192,9 +192,10 @@ def of_run(run_dir: Any, summary: dict | None, recompute: bool = False) -> dict[
     return trainer._heldout(loaders["val"])
 
 
-def report_lines(read_out: dict[str, Any], measured: dict[str, float]) -> list[str]:
+def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) -> list[str]:
     """The report's section: the read-out's table and one sentence on what it and the training price
-    conclude (``measured``: each gated layer's measured relative deviation, the training-side verdict)."""
+    conclude (``broken``: the gated layers whose measured relative deviation exceeds ``threshold``, the
+    training-side verdict of :mod:`ace.report`)."""
     if not read_out:
         return []
     metric = read_out["metric"]
@@ -219,12 +220,11 @@ def report_lines(read_out: dict[str, Any], measured: dict[str, float]) -> list[s
             f"{r['low']:.3g} .. {r['high']:.3g} | {verdicts[name]} |"
         )
     held = verdicts[rows[0][0]]
-    broken = sorted(name for name, dev in measured.items() if dev is not None and dev > 1e-5)
     priced = "breaks" if broken else "symmetric"
     said = {"breaks": "the data break the symmetry", "symmetric": "the data are symmetric"}
     sentence = f"Held out, {said.get(held, 'the verdict is undecided (too few held-out samples)')}"
     sentence += f"; priced on the training loss, {said[priced]}"
-    sentence += f" ({', '.join(broken)} measured above 1e-5)" if broken else ""
+    sentence += f" ({', '.join(broken)} measured above {threshold:g})" if broken else ""
     if held in said and held != priced:
         sentence += ": they disagree, and the held-out read-out is the one that generalises"
     lines += ["", sentence + ".", ""]

@@ -119,7 +119,8 @@ def report(run_dir: str | Path, plots: bool = True) -> str:
     lines = [f"# Run report: {run.path}", "", _header(run), ""]
     lines += _balance(run)
     measured = {name: row.get("relative_deviation") for name, row in run.layers().items()}
-    lines += report_lines(of_run(run.path, run.summary), measured)
+    broken = sorted(name for name, dev in measured.items() if dev is not None and dev > SYMMETRIC)
+    lines += report_lines(of_run(run.path, run.summary), broken, SYMMETRIC)
     lines += _gap(run)
     lines += _best(run)
     if plots:

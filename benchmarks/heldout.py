@@ -8,7 +8,7 @@ every seed: the whole model's held-out verdict against its orbit average (:mod:`
 ``summary.json``, or computed from the run's best relaxed checkpoint for runs made before it existed or with
 ``--recompute``), its benefit and interval, and the
 training-priced verdict the report gives (``breaks`` when a gated layer's measured relative deviation on the
-final validation pass exceeds 1e-5, as in ``ace report``), with the largest slack.
+final validation pass exceeds ``ace.report.SYMMETRIC`` (1e-5), as in ``ace report``), with the largest slack.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from ace.heldout import HeldOut, of_run  # noqa: E402
 from ace.loggers import format_table  # noqa: E402
+from ace.report import SYMMETRIC  # noqa: E402
 
 
 def seed_row(run: Path, recompute: bool) -> list:
@@ -32,7 +33,7 @@ def seed_row(run: Path, recompute: bool) -> list:
     layers = summary.get("layers") or {}
     measured = [row.get("relative_deviation") for row in layers.values()]
     measured = [m for m in measured if m is not None]
-    priced = "breaks" if any(m > 1e-5 for m in measured) else "symmetric"
+    priced = "breaks" if any(m > SYMMETRIC for m in measured) else "symmetric"
     slacks = [row["slack"] for row in layers.values() if row.get("slack") is not None]
     return [
         run.name,
