@@ -103,3 +103,25 @@ def test_a_memorising_relaxation_on_symmetric_data_is_not_read_as_broken(tmp_pat
     ]
     summary = run(load_config(CONFIGS / "toy_relaxed.yaml", overrides), tmp_path / "run")
     assert summary["heldout"]["verdict"] in ("symmetric", "undecided")
+
+
+def test_a_float64_model_of_its_own_with_a_summed_loss_gets_a_read_out():
+    """What users vary: float64, a summed loss, one optimiser over everything, a model no task uses."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 2, dtype=torch.float64)
+    y = x.norm(dim=1, keepdim=True) * x
+    model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    loader = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    trainer = ace.Trainer(
+        model,
+        lambda out, target: (out - target).pow(2).sum(),
+        torch.optim.Adam(model.parameters(), 1e-2),
+        symmetry=ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector"),
+        constraints=[ace.DeviationConstraint(tolerance=0.05, relative=True)],
+        progress=False,
+    )
+    read_out = trainer.fit(loader, loader, epochs=3, print_summary=False)["heldout"]
+    assert (
+        read_out["compared_with"] == "orbit average" and read_out["batches"] == 8 and read_out["layers"] == {}
+    )
+    assert math.isfinite(read_out["benefit"]) and read_out["low"] <= read_out["benefit"] <= read_out["high"]
