@@ -31,6 +31,7 @@ __all__ = [
     "SymmetrizationGap",
     "symmetrization_gap",
     "inverse",
+    "orbit_average",
     "audit",
     "intrinsic_dimension",
     "gram_invariants",
@@ -118,13 +119,7 @@ def symmetrization_gap(
     for batch in loader:
         inputs, target = split_batch(to_device(batch, device))
         output = call_model(model, inputs)
-        orbit = []
-        for _ in range(samples):
-            g = symmetry.sample(inputs, generator)
-            orbit.append(
-                symmetry.transform_output(call_model(model, symmetry.transform_inputs(inputs, g)), inverse(g))
-            )
-        averaged = _mean(orbit)
+        averaged = orbit_average(model, inputs, symmetry, samples, generator)
         plain, sym = float(loss(output, target)), float(loss(averaged, target))
         deviation = equivariance_deviation(model, inputs, symmetry, samples, False, generator, output)
         losses.append(plain)
@@ -145,6 +140,17 @@ def symmetrization_gap(
     return SymmetrizationGap(
         gap, gap - half, gap + half, mean(losses), mean(averaged_losses), mean(deviations), len(gaps), samples
     )
+
+
+def orbit_average(model: nn.Module, inputs: Any, symmetry: Symmetry, samples: int, generator=None) -> Any:
+    """``P_G f(x) = mean_g rho_out(g)^-1 f(g.x)`` over ``samples`` group elements drawn from ``generator``."""
+    outputs = []
+    for _ in range(samples):
+        g = symmetry.sample(inputs, generator)
+        outputs.append(
+            symmetry.transform_output(call_model(model, symmetry.transform_inputs(inputs, g)), inverse(g))
+        )
+    return _mean(outputs)
 
 
 def _mean(outputs: list[Any]) -> Any:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .batches import batch_size, split_batch, to_device
+from .diagnostics import orbit_average
 from .relax import equivariant, gates
 from .selection import higher_is_better
 from .symmetry import call_model
@@ -82,18 +83,6 @@ def small_batches(loader: Iterable, size: int = 16) -> Iterable:
     from .experiment import make_loader
 
     return make_loader(getattr(dataset, "graphs", dataset), size, shuffle=False)  # stacked graphs: their list
-
-
-def _orbit_average(model: nn.Module, inputs: Any, symmetry: Any, samples: int, generator: torch.Generator):
-    from .diagnostics import _mean, inverse
-
-    outputs = []
-    for _ in range(samples):
-        g = symmetry.sample(inputs, generator)
-        outputs.append(
-            symmetry.transform_output(call_model(model, symmetry.transform_inputs(inputs, g)), inverse(g))
-        )
-    return _mean(outputs)
 
 
 def _interval(
@@ -141,7 +130,7 @@ def heldout(
         weights.append(float(batch_size(inputs, target)))
         scores.setdefault("model", []).append(float(score(call_model(model, inputs), target)))
         if symmetry is not None:
-            averaged = _orbit_average(model, inputs, symmetry, samples, generator)
+            averaged = orbit_average(model, inputs, symmetry, samples, generator)
             scores.setdefault("orbit", []).append(float(score(averaged, target)))
         if names:
             with equivariant(model):
