@@ -10,13 +10,17 @@ ace.PrimalDual is the constrained step on its own (your loop; ace.lightning.Cons
 ace.diagnostics measures how symmetric data and layers are; ace.gconv and ace.sign hold equivariant layers.
 """
 
-from . import bound, diagnostics, gconv, groups, schedules, sign, testing
-from .constraints import DeviationConstraint, GateConstraint
-from .deviation import equivariance_deviation
-from .primal_dual import DualSettings, PrimalDual, StepResult
-from .relax import GatedLayer, equivariant, gates, relax, strip, weights
-from .symmetry import Symmetry, call_model
-from .trainer import Trainer
+from ace.constrained import (
+    DeviationConstraint,
+    DualSettings,
+    GateConstraint,
+    PrimalDual,
+    StepResult,
+    schedules,
+)
+from ace.nn import GatedLayer, bound, equivariant, gates, gconv, relax, sign, strip, weights
+from ace.symmetry import Symmetry, call_model, diagnostics, equivariance_deviation, groups, testing
+from ace.train import Trainer
 
 __version__ = "0.2.0"
 

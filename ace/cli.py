@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, dump_config, load_config, run_name
-from .config_reference import reference
+from ace.config.loading import dump_config, load_config, run_name
+from ace.config.reference import reference
+from ace.config.schema import ConfigError
 
 __all__ = ["main"]
 
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .experiment import run
+    from ace.experiment import run
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / run_name(args.config, cfg.method)
@@ -118,8 +119,8 @@ def _train(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .tune import TuneSettings, tune
-    from .tune_report import format_report
+    from ace.tune.report import format_report
+    from ace.tune.search import TuneSettings, tune
 
     out = args.out or str(Path("runs") / f"tune_{Path(args.config).stem}")
     settings = TuneSettings(
@@ -149,8 +150,8 @@ def _tune(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .export import export
-    from .run_dir import OutputError, check_writable
+    from ace.export import export
+    from ace.runs.layout import OutputError, check_writable
 
     if Path(args.out).is_dir():
         raise OutputError(f"cannot write the model to {args.out}: it is a directory")
@@ -186,15 +187,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(dump_config(load_config(args.config, args.overrides)), end="")
         elif args.command == "report":
-            from .report import report
+            from ace.report import report
 
             print(report(args.run_dir))
         elif args.command == "compare":
-            from .compare import compare
+            from ace.runs.compare import compare
 
             print(compare(args.run_dirs, out=args.out))
         elif args.command == "sweep":
-            from .sweep import sweep
+            from ace.sweep import sweep
 
             print(sweep(args.config, args.overrides, args.out))
         elif args.command == "tune":
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             _export(args)
         elif args.command == "probe":
-            from .probe import probe
+            from ace.probe import probe
 
             print(probe(args.run_dir, samples=args.samples))
     except ConfigError as err:
@@ -212,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ace: interrupted: {err}" if str(err) else "ace: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, ValueError, OSError) as err:
-        from .export import ExportError
-        from .run_dir import OutputError, RunDirError
-        from .trainer import CheckpointError, NonFiniteError
+        from ace.export import ExportError
+        from ace.runs.checkpoint import CheckpointError
+        from ace.runs.layout import OutputError, RunDirError
+        from ace.train.faults import NonFiniteError
 
         if isinstance(err, OutputError):  # a bad --out, found before any work: a usage error
             print(f"ace: error: {err}", file=sys.stderr)

@@ -27,83 +27,40 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError
-from .config import Config, ConfigError, config_to_dict, dump_config, task_module
-from .constraints import Constraint, DeviationConstraint, GateConstraint
-from .distributed import join_process_group
-from .dual import DualSettings
-from .relax import gates, relax
-from .run_dir import (
+from ace.config.loading import config_to_dict, dump_config, task_module
+from ace.config.run_config import config_changes, load_run_config
+from ace.config.schedule_specs import schedule_from_config
+from ace.config.schema import Config, ConfigError
+from ace.constrained.constraints import Constraint, DeviationConstraint, GateConstraint
+from ace.constrained.dual import DualSettings
+from ace.constrained.schedules import Schedule, is_nonincreasing, lr_schedule
+from ace.nn.relaxed import gates, relax
+from ace.runs.checkpoint import CheckpointError
+from ace.runs.layout import (
     CONFIG,
-    METRICS,
-    SUMMARY,
-    OutputError,
     RunDirError,
     check_writable,
-    checkpoints,
-    config_changes,
     holds_run,
     last_checkpoint,
     last_good_checkpoint,
-    load_run_config,
     locked,
+    remove_unstarted,
+    reset,
+    write_config,
 )
-from .schedule_config import schedule_from_config
-from .schedules import Schedule, is_nonincreasing, lr_schedule
-from .tasks.base import Task
-from .trainer import Trainer
+from ace.tasks.base import Task
+from ace.train.trainer import Trainer
+from ace.utils.distributed import join_process_group
+from ace.utils.loaders import make_loader
 
-__all__ = [
-    "build_task",
-    "make_loader",
-    "method_setup",
-    "make_optimizer",
-    "prepare_run",
-    "run",
-    "RunDirError",
-    "OutputError",
-    "config_changes",
-    "trained_run",
-]
+__all__ = ["build_task", "method_setup", "make_optimizer", "prepare_run", "run", "trained_run"]
 
 
 def build_task(cfg: Config) -> Task:
     torch.manual_seed(cfg.seed)
     return task_module(cfg.task.name).build(cfg.data, cfg.model, cfg.seed)
-
-
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, distributed: bool = False, seed: int = 0
-) -> DataLoader:
-    """A DataLoader, or torch_geometric's when the items are graphs.
-
-    Graphs that all have the same nodes and edges (:func:`ace.graph_loader.stackable`, checked once here)
-    get a :class:`~ace.graph_loader.StackedGraphLoader` instead: the same batches from the same random
-    numbers, collated once rather than every step.
-
-    With ``distributed``, each rank reads its shard through a DistributedSampler (reshuffled each epoch
-    from ``seed``) and ``batch_size`` is the global batch, split evenly over the ranks.
-    """
-    if len(dataset) == 0:
-        raise ValueError("cannot make a loader over an empty dataset")
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle}
-    if distributed:
-        world = dist.get_world_size()
-        if batch_size % world:
-            raise ConfigError(f"train.batch_size: {batch_size} does not split evenly over {world} processes")
-        kwargs = {
-            "batch_size": batch_size // world,
-            "sampler": DistributedSampler(dataset, shuffle=shuffle, seed=seed),
-        }
-    if hasattr(dataset[0], "num_nodes"):
-        from torch_geometric.loader import DataLoader as GraphLoader
-
-        from .graph_loader import StackedGraphLoader, stackable
-
-        return (StackedGraphLoader if stackable(dataset) else GraphLoader)(dataset, **kwargs)
-    return DataLoader(dataset, **kwargs)
 
 
 def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[Constraint], Any]:
@@ -238,6 +195,11 @@ def _build_parts(cfg: Config) -> dict[str, Any]:
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     device = _device(cfg.train.device)
     task = _build_task_and_model(cfg)
+    if distributed and cfg.train.batch_size % dist.get_world_size():
+        world = dist.get_world_size()
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} does not split evenly over {world} processes"
+        )
     loaders = {
         "train": make_loader(
             task.train, cfg.train.batch_size, shuffle=True, distributed=distributed, seed=cfg.seed
@@ -360,20 +322,8 @@ def run(
     with locked(out, held) if main else contextlib.nullcontext():
         if main:
             if held and overwrite and not resume:
-                for name in (METRICS, SUMMARY, CONFIG, "report.md"):
-                    (out / name).unlink(missing_ok=True)
-                for path in out.glob("*.png"):  # plots of `ace report`
-                    path.unlink()
-                for path in checkpoints(out).glob("*"):
-                    path.unlink()
-            tmp = out / f"{CONFIG}.tmp"  # atomic: a torn config.yaml would block --resume
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(dump_config(cfg), encoding="utf-8")
-                os.replace(tmp, out / CONFIG)
-            except OSError as err:
-                tmp.unlink(missing_ok=True)
-                raise OutputError(f"cannot write the run directory {out}: {err.strerror or err}") from err
+                reset(out)
+            write_config(out, dump_config(cfg))
         trainer, loaders = _make_trainer(cfg, parts, out)
         trainer.observers.extend(observers)
         if checkpoint is not None:
@@ -392,11 +342,7 @@ def run(
         except ConfigError:  # found before the first step (a measured tolerance start): no half-made run
             if main and not held and trainer.step == 0:
                 trainer.close()
-                for name in (CONFIG, METRICS, ".lock"):
-                    (out / name).unlink(missing_ok=True)
-                for folder in [checkpoints(out), *created]:
-                    with contextlib.suppress(OSError):  # kept if anything else is in it
-                        folder.rmdir()
+                remove_unstarted(out, created)
             raise
         finally:
             trainer.close()

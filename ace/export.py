@@ -48,11 +48,11 @@ def export(
     """
     import torch
 
-    from .batches import split_batch
-    from .deviation import equivariance_deviation
-    from .experiment import trained_run
-    from .relax import gates, strip
-    from .testing import _cast, assert_equivariant
+    from ace.experiment import trained_run
+    from ace.nn.relaxed import gates, strip
+    from ace.symmetry.deviation import equivariance_deviation
+    from ace.symmetry.testing import assert_equivariant, cast
+    from ace.utils.batches import split_batch
 
     cfg, trainer, loaders = trained_run(run_dir, "export")
     model = trainer.model
@@ -74,7 +74,7 @@ def export(
     worst, deviations, relatives = 0.0, [], []
     with torch.no_grad():
         for batch in itertools.islice(loaders["val"], batches):
-            inputs = _cast(split_batch(batch)[0], torch.float64)
+            inputs = cast(split_batch(batch)[0], torch.float64)
             state = generator.get_state()
             worst = max(
                 worst,

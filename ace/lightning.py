@@ -13,7 +13,8 @@ Multipliers, gates and slacks are logged through Lightning's logger (``constrain
 ``gate/<layer>``, the keys of ``metrics.jsonl``), and the core's state (multipliers, slacks, step, generator)
 rides in Lightning checkpoints under ``"ace"``, so a resumed fit equals an uninterrupted one. Deviation
 constraints read the batch's inputs with ``inputs_of`` (default: the first element of ``(inputs, target)``
-or the graph batch itself, as :func:`ace.batches.split_batch`) and evaluate the model on transformed copies.
+or the graph batch itself, as :func:`ace.utils.batches.split_batch`) and evaluate the model on transformed
+copies.
 
 Lightning counts ``global_step`` per optimiser step: with one optimiser for the weights and one for the gates
 it advances by 2 a batch (``max_steps`` counts those); ace's tolerances and lr schedules count batches.
@@ -27,10 +28,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from .batches import split_batch
-from .constraints import Constraint, DeviationConstraint
-from .dual import DualSettings
-from .primal_dual import PrimalDual
+from ace.constrained.constraints import Constraint, DeviationConstraint
+from ace.constrained.dual import DualSettings
+from ace.constrained.primal_dual import PrimalDual
+from ace.utils.batches import split_batch
 
 __all__ = ["Constrained"]
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
-from .batches import split_batch
-from .diagnostics import (
+from ace.nn.relaxed import equivariant, gates
+from ace.runs.metrics import format_table
+from ace.symmetry.action import Symmetry
+from ace.symmetry.diagnostics import (
     SymmetrizationGap,
     audit,
     distance_invariants,
@@ -18,16 +20,15 @@ from .diagnostics import (
     intrinsic_dimension,
     symmetrization_gap,
 )
-from .loggers import format_table
-from .relax import equivariant, gates
-from .symmetry import Symmetry
+from ace.utils.batches import split_batch
 
 __all__ = ["probe", "data_symmetry", "input_clouds"]
 
 
 def _load(run_dir: str | Path):
     """``(config, trainer with the run's last model, task, validation loader)`` of a run directory."""
-    from .experiment import build_task, make_loader, trained_run
+    from ace.experiment import build_task, trained_run
+    from ace.utils.loaders import make_loader
 
     cfg, trainer, _ = trained_run(run_dir, "probe")
     task = build_task(cfg)
@@ -72,7 +73,7 @@ def probe(run_dir: str | Path, samples: int = 8, points: int = 2000) -> str:
             for name, value in audit(model, inputs, task.layer_symmetries, samples, cfg.seed)
         ]
     elif gates(model):
-        from .deviation import equivariance_deviation
+        from ace.symmetry.deviation import equivariance_deviation
 
         generator = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():
@@ -121,7 +122,7 @@ def input_clouds(
     for item in itertools.islice(iter(dataset), limit):
         graph = hasattr(item, "num_nodes")
         inputs = item if graph else split_batch(item)[0]
-        fields = symmetry._fields(symmetry.inputs, inputs, "input")
+        fields = symmetry.fields(symmetry.inputs, inputs, "input")
         tensors = [torch.as_tensor(x, dtype=torch.float64) for _, kind, x in fields if kind != "none"]
         raws.append(torch.cat([t.reshape(-1) for t in tensors]))
         vectors, scalars = [], []

@@ -58,10 +58,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .heldout import of_run, report_lines
-from .loggers import format_table
-from .plots import plot_run
-from .run_data import RunData, _per_layer, best_val_test
+import torch
+
+from ace.runs.metrics import format_table
+from ace.runs.plots import plot_run
+from ace.runs.reader import RunData, best_val_test, per_layer
+from ace.train.heldout import HeldOut
 
 __all__ = ["report", "verdict", "constraint_state", "is_active"]
 
@@ -111,7 +113,8 @@ def report(run_dir: str | Path, plots: bool = True) -> str:
 
     Sections: the balance table (tolerance, gate or deviation, violation, multiplier, slack, measured relative
     deviation, verdict and constraint state per constraint entry and gated layer), the multipliers read as
-    prices, the held-out read-out (:mod:`ace.heldout`) beside the training-priced verdict, f_eq against the
+    prices, the held-out read-out (:mod:`ace.train.heldout`) beside the training-priced verdict, f_eq against
+    the
     relaxed model (last validation and test records, and test at the best validation step), the best
     validation values, and the plots.
     """
@@ -308,7 +311,7 @@ def _gap(run: RunData) -> list[str]:
         prefix = split + "/"
         for key, value in record.items():
             metric = key.removeprefix(prefix)
-            if key.startswith(prefix) and not metric.startswith("eq/") and not _per_layer(metric):
+            if key.startswith(prefix) and not metric.startswith("eq/") and not per_layer(metric):
                 rows.append(
                     [
                         f"{split} (final, step {record['step']})",
@@ -321,7 +324,7 @@ def _gap(run: RunData) -> list[str]:
     if best is not None and best["selected"]:
         label = f"test (best val, step {best['step']}" + (f"; f_eq step {best['eq_step']})" if gated else ")")
         for metric, value in best["model"].items():
-            if not _per_layer(metric):
+            if not per_layer(metric):
                 rows.append([label, metric, *_versus(value, best["eq"].get(metric) if gated else None)])
     if not rows:
         return []
@@ -347,6 +350,62 @@ def _best(run: RunData) -> list[str]:
     rows = [
         [key, best["value"], best["step"]]
         for key, best in run.summary["best"].items()
-        if not _per_layer(key.partition("/")[2])
+        if not per_layer(key.partition("/")[2])
     ]
     return ["## Best validation values", "", format_table(["metric", "best", "step"], rows), ""]
+
+
+def of_run(run_dir: Any, summary: dict | None, recompute: bool = False) -> dict[str, Any]:
+    """A run's held-out read-out: ``summary["heldout"]``, or (runs made before it existed, or ``recompute``)
+    computed now from the run's best relaxed checkpoint (``{}`` without one)."""
+    if summary and "heldout" in summary and "compared_with" in summary["heldout"] and not recompute:
+        return summary["heldout"]
+    from ace.runs.layout import best_checkpoint
+
+    best = best_checkpoint(Path(run_dir), "model")
+    if not best.exists():
+        return {}
+    from ace.experiment import trained_run
+
+    _, trainer, loaders = trained_run(run_dir, "read out")
+    trainer.model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["model"])
+    return trainer.read_out(loaders["val"])
+
+
+def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) -> list[str]:
+    """The report's section: the read-out's table and one sentence on what it and the training price
+    conclude (``broken``: the gated layers whose measured relative deviation exceeds ``threshold``, the
+    training-side verdict of :mod:`ace.runs.report`)."""
+    if not read_out:
+        return []
+    metric = read_out["metric"]
+    rows = [(f"whole model (vs its {read_out['compared_with']})", read_out)]
+    rows += [("f_eq (every branch)", read_out["eq"])] if "eq" in read_out else []
+    rows += list(read_out["layers"].items())
+    lines = [
+        "## Held-out read-out (validation data, best relaxed checkpoint)",
+        "",
+        f"benefit = how much better the relaxed model's validation {metric} is than without the relaxation "
+        f"(> 0: the relaxation helps); 95 % bootstrap interval over {read_out['batches']} batches. The first "
+        "row judges the data; the branch rows judge this model (its weights co-adapted with its branches).",
+        "",
+        f"| relaxation removed | {metric} relaxed | {metric} without | benefit | 95 % interval | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts = {}
+    for name, r in rows:  # the verdict from the numbers: the same rule for runs of any version
+        verdicts[name] = HeldOut(r["benefit"], r["low"], r["high"], r["relaxed"], r["without"]).verdict
+        lines.append(
+            f"| {name} | {r['relaxed']:.4g} | {r['without']:.4g} | {r['benefit']:.3g} | "
+            f"{r['low']:.3g} .. {r['high']:.3g} | {verdicts[name]} |"
+        )
+    held = verdicts[rows[0][0]]
+    priced = "breaks" if broken else "symmetric"
+    said = {"breaks": "the data break the symmetry", "symmetric": "the data are symmetric"}
+    sentence = f"Held out, {said.get(held, 'the verdict is undecided (too few held-out samples)')}"
+    sentence += f"; priced on the training loss, {said[priced]}"
+    sentence += f" ({', '.join(broken)} measured above {threshold:g})" if broken else ""
+    if held in said and held != priced:
+        sentence += ": they disagree, and the held-out read-out is the one that generalises"
+    lines += ["", sentence + ".", ""]
+    return lines

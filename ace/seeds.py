@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .run_dir import CONFIG, SUMMARY
+from ace.runs.layout import CONFIG, SUMMARY
 
 __all__ = ["Run", "run_all", "aggregate", "format_markdown", "run_values"]
 
@@ -38,7 +38,7 @@ def _train_one(config: str, overrides: list[str], out: str, threads: int) -> dic
     """One training run in a worker process; resumes a run left without a summary."""
     import torch
 
-    from ace.config import load_config
+    from ace.config.loading import load_config
     from ace.experiment import run
 
     torch.set_num_threads(threads)
@@ -98,8 +98,8 @@ def run_all(
 
 
 def _metric_names(summaries: dict[str, list[dict[str, Any]]]) -> list[str]:
-    from ace.compare import task_metrics
-    from ace.run_data import best_val_test
+    from ace.runs.compare import task_metrics
+    from ace.runs.reader import best_val_test
 
     return task_metrics(
         name for runs in summaries.values() for s in runs for name in best_val_test(s)["model"]
@@ -118,7 +118,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_values(summary: dict[str, Any], metrics: list[str]) -> dict[str, Any]:
     """The numbers of one run that enter the table (keys in the module docstring)."""
-    from ace.run_data import best_val_test
+    from ace.runs.reader import best_val_test
 
     best = best_val_test(summary)
     test = summary.get("test", {})

@@ -7,8 +7,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .compare import compare
-from .run_dir import CONFIG, SUMMARY
+from ace.runs.compare import compare
+from ace.runs.layout import CONFIG, SUMMARY
 
 __all__ = ["sweep", "parse_grid"]
 
@@ -31,7 +31,7 @@ def _split_values(text: str) -> list[str]:
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
     """``["dual.lr=0.1,1", "optim.lr=1e-3"]`` -> ``{"dual.lr": ["0.1", "1"], "optim.lr": ["1e-3"]}``."""
-    from .config import ConfigError
+    from ace.config.schema import ConfigError
 
     grid: dict[str, list[str]] = {}
     for item in items:
@@ -58,8 +58,8 @@ def sweep(config: str | Path, grid: dict[str, Sequence[str]] | Sequence[str], ou
     directory whose saved config differs (e.g. other fixed overrides) stops the sweep before it trains.
     Returns the :func:`compare` table of all the grid's runs, also written to ``out_dir``.
     """
-    from . import experiment
-    from .config import load_config
+    from ace import experiment
+    from ace.config.loading import load_config
 
     grid = (
         parse_grid(grid)

@@ -11,7 +11,7 @@ per data set, ``--eps`` the ``scheduled`` runs under a deviation constraint whos
 symmetrisation gap of the unconstrained model, :func:`ace.probe.data_symmetry`), the test metric of the
 relaxed model at its best validation step for every tolerance, the best tolerance, and what resilient
 training chose by itself (its measured deviation D and slack u); and it draws both with
-:func:`ace.plots.plot_tolerance_sweeps`.
+:func:`ace.runs.plots.plot_tolerance_sweeps`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ace.loggers import format_table  # noqa: E402
-from ace.plots import ToleranceSweep, plot_tolerance_sweeps  # noqa: E402
+from ace.config.run_config import load_run_config  # noqa: E402
 from ace.probe import data_symmetry  # noqa: E402
-from ace.run_data import best_val_test  # noqa: E402
-from ace.run_dir import load_run_config  # noqa: E402
+from ace.runs.metrics import format_table  # noqa: E402
+from ace.runs.plots import ToleranceSweep, plot_tolerance_sweeps  # noqa: E402
+from ace.runs.reader import best_val_test  # noqa: E402
 
 
 def finished(roots: list[Path]):

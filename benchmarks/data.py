@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ace.loggers import format_table  # noqa: E402
+from ace.runs.metrics import format_table  # noqa: E402
 from ace.tasks import nbody, shapes  # noqa: E402
 
 

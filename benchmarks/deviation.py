@@ -40,11 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ace import equivariance_deviation  # noqa: E402
-from ace.batches import split_batch  # noqa: E402
 from ace.config import load_config  # noqa: E402
-from ace.experiment import build_task, make_loader  # noqa: E402
-from ace.loggers import format_table  # noqa: E402
+from ace.experiment import build_task  # noqa: E402
+from ace.runs.metrics import format_table  # noqa: E402
 from ace.symmetry import call_model  # noqa: E402
+from ace.utils import split_batch  # noqa: E402
+from ace.utils.loaders import make_loader  # noqa: E402
 
 #: (config, overrides, batch size)
 MODELS = {

@@ -17,9 +17,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ace.gconv import E4Block, GroupConv, LiftingConv, cost  # noqa: E402
-from ace.groups import C4, D4  # noqa: E402
-from ace.loggers import format_table  # noqa: E402
+from ace.nn.gconv import E4Block, GroupConv, LiftingConv, cost  # noqa: E402
+from ace.runs.metrics import format_table  # noqa: E402
+from ace.symmetry import C4, D4  # noqa: E402
 
 WIDTH = 32
 

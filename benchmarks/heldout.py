@@ -4,7 +4,7 @@
         "toy, breaking 0.5=runs/v02/toy_break/toy_relaxed_ace_resilient" --out docs/heldout.md
 
 Each ``LABEL=FOLDER`` names the seeds of one run (``FOLDER/seed*``, ``benchmarks/compare.py``'s layout). For
-every seed: the whole model's held-out verdict against its orbit average (:mod:`ace.heldout`; from
+every seed: the whole model's held-out verdict against its orbit average (:mod:`ace.train.heldout`; from
 ``summary.json``, or computed from the run's best relaxed checkpoint for runs made before it existed or with
 ``--recompute``), its benefit and interval, and the
 training-priced verdict the report gives (``breaks`` when a gated layer's measured relative deviation on the
@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ace.heldout import HeldOut, of_run  # noqa: E402
-from ace.loggers import format_table  # noqa: E402
-from ace.report import SYMMETRIC  # noqa: E402
+from ace.report import SYMMETRIC, of_run  # noqa: E402
+from ace.runs.metrics import format_table  # noqa: E402
+from ace.train.heldout import HeldOut  # noqa: E402
 
 
 def seed_row(run: Path, recompute: bool) -> list:

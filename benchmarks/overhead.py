@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from ace.config import load_config  # noqa: E402
 from ace.experiment import make_optimizer, prepare_run  # noqa: E402
-from ace.loggers import format_table  # noqa: E402
+from ace.runs.metrics import format_table  # noqa: E402
 
 #: (model label, config file, overrides shared by all its variants)
 MODELS = {

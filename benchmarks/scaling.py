@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ace.diagnostics import power_law  # noqa: E402
-from ace.loggers import format_table  # noqa: E402
-from ace.plots import plot_scaling  # noqa: E402
-from ace.run_data import best_val_test  # noqa: E402
+from ace.runs.metrics import format_table  # noqa: E402
+from ace.runs.plots import plot_scaling  # noqa: E402
+from ace.runs.reader import best_val_test  # noqa: E402
+from ace.symmetry.diagnostics import power_law  # noqa: E402
 
 
 def values(root: Path, config: str, metric: str, variant: str = "eq", one_minus: bool = False) -> list[float]:

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import ace
 from ace.cli import main
 from ace.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, task_module
-from ace.experiment import OutputError, run
+from ace.experiment import run
+from ace.runs import OutputError
 from ace.tasks.cache import cache_path, write_cache
 
 ROOT = Path(__file__).parent.parent
@@ -342,7 +343,7 @@ def test_a_log_dir_that_holds_a_run_is_refused_unless_resume_or_overwrite(tmp_pa
     t.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     t.fit(batches(), epochs=2, print_summary=False)
     t.close()
-    assert [r["step"] for r in ace.loggers.read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [
+    assert [r["step"] for r in ace.runs.metrics.read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [
         1,
         2,
         3,

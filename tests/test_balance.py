@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ace
-from ace.relax import MLPBranch
+from ace.nn import MLPBranch
 
 
 class VectorOut(nn.Module):

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import ace
-from ace.bound import bound_branch, branch_bound, is_bounded
-from ace.relax import MLPBranch
+from ace.nn import MLPBranch, bound_branch, branch_bound, is_bounded
 
 
 def grow(branch: nn.Module, x: torch.Tensor, steps: int = 300) -> None:

@@ -7,7 +7,7 @@ from run_kit import CONFIGS, TINY
 import ace
 from ace.config import load_config
 from ace.experiment import run
-from ace.loggers import read_metrics
+from ace.runs import read_metrics
 
 
 def closing_run(out, steps=3, **kw):

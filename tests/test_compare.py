@@ -7,7 +7,7 @@ from PIL import Image
 from run_kit import fake_run, tables
 
 from ace.cli import main
-from ace.compare import compare
+from ace.runs.compare import compare
 
 
 def test_compare_takes_test_at_best_validation_and_marks_older_runs(tmp_path):

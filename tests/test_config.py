@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ace.config import ConfigError, config_from_dict, dump_config, load_config
-from ace.config_reference import reference
+from ace.config.reference import reference
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 

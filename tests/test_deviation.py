@@ -3,9 +3,8 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch, Data
 
-from ace.deviation import _repeat_graph, equivariance_deviation
-from ace.groups import O3, SO2, SO3, Euclidean, Permutation
-from ace.symmetry import Symmetry, call_model
+from ace.symmetry import O3, SO2, SO3, Euclidean, Permutation, Symmetry, call_model
+from ace.symmetry.deviation import _repeat_graph, equivariance_deviation
 
 F64 = torch.float64
 

@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ace
-from ace.diagnostics import (
+from ace.symmetry import SO2, SO3, Euclidean, Permutation
+from ace.symmetry.diagnostics import (
     audit,
     distance_invariants,
     gram_invariants,
@@ -17,7 +18,6 @@ from ace.diagnostics import (
     power_law,
     symmetrization_gap,
 )
-from ace.groups import SO2, SO3, Euclidean, Permutation
 from ace.tasks.toy import RadialVectorLayer, RadialVectorNet, target
 
 PLANE = ace.Symmetry(SO2(), inputs="vector", output="vector")

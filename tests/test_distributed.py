@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ace.config import load_config
 from ace.experiment import build_task, prepare_run, run
-from ace.trainer import Trainer
+from ace.train import Trainer
 
 CONFIG = Path(__file__).parent.parent / "configs" / "toy_relaxed.yaml"
 SMALL = [

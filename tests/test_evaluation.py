@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import ace
-from ace.evaluation import evaluate
 from ace.tasks.toy import RadialVectorLayer, RadialVectorNet, target
+from ace.train import evaluate
 
 SO2 = ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector")
 

@@ -8,9 +8,9 @@ import torch
 
 from ace.cli import main
 from ace.config import load_config
-from ace.experiment import RunDirError, prepare_run, run
-from ace.loggers import read_metrics
-from ace.trainer import Trainer
+from ace.experiment import prepare_run, run
+from ace.runs import RunDirError, read_metrics
+from ace.train import Trainer
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 SMALL = [

@@ -7,7 +7,7 @@ from ace import experiment
 from ace.cli import main
 from ace.config import load_config
 from ace.export import export
-from ace.testing import assert_equivariant
+from ace.symmetry import assert_equivariant
 
 
 def test_export_writes_an_exactly_equivariant_model(runs, tmp_path, capsys):

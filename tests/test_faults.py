@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import ace
 from ace.cli import main
 from ace.config import ConfigError, load_config
-from ace.experiment import RunDirError, config_changes, run
-from ace.loggers import MetricsLog, read_metrics
-from ace.trainer import CheckpointError, Interrupted, NonFiniteError, Trainer
+from ace.config.run_config import config_changes
+from ace.experiment import run
+from ace.runs import CheckpointError, MetricsLog, RunDirError, read_metrics
+from ace.train import Interrupted, NonFiniteError, Trainer
 
 ROOT = Path(__file__).parent.parent
 TOY = str(ROOT / "configs" / "toy.yaml")
@@ -49,7 +50,7 @@ RUNNER = r"""
 import os, signal, sys, time
 import torch
 from ace.cli import main
-from ace.primal import PrimalSide
+from ace.constrained.primal import PrimalSide
 
 point, at = sys.argv[1], int(sys.argv[2])
 saving = {}
@@ -434,9 +435,11 @@ def test_nan_stop_names_quantity_and_step_and_keeps_the_checkpoint(tmp_path):
 def test_nan_stop_detects_each_quantity(monkeypatch, quantity, setup):
     loss = nn.functional.mse_loss
     if setup == "deviation":
-        deviation = ace.constraints.equivariance_deviation
+        deviation = ace.constrained.constraints.equivariance_deviation
         monkeypatch.setattr(
-            ace.constraints, "equivariance_deviation", lambda *a, **k: deviation(*a, **k) * float("inf")
+            ace.constrained.constraints,
+            "equivariance_deviation",
+            lambda *a, **k: deviation(*a, **k) * float("inf"),
         )
     elif setup == "gradient":  # d sqrt(s)/ds = inf at s = 0, times ds/dout = 0: a NaN gradient
         loss = lambda out, y: nn.functional.mse_loss(out, y) + (out * 0).sum().sqrt()  # noqa: E731
@@ -449,7 +452,7 @@ def test_nan_stop_detects_each_quantity(monkeypatch, quantity, setup):
 
 def poison_dual_step(trainer, at, monkeypatch):
     """The dual step of the steps in ``at`` (counted from 1) leaves an Inf multiplier."""
-    dual_step = ace.primal_dual.dual_step
+    dual_step = ace.constrained.primal_dual.dual_step
 
     def poisoned(optimizer, constraints, violations, dual):
         dual_step(optimizer, constraints, violations, dual)
@@ -457,7 +460,7 @@ def poison_dual_step(trainer, at, monkeypatch):
             for c in constraints.values():
                 c.multiplier.weight.data.fill_(float("inf"))
 
-    monkeypatch.setattr(ace.primal_dual, "dual_step", poisoned)
+    monkeypatch.setattr(ace.constrained.primal_dual, "dual_step", poisoned)
 
 
 def test_nan_skip_undoes_a_bad_dual_step(monkeypatch):
@@ -474,7 +477,7 @@ def test_nan_skip_undoes_a_bad_dual_step(monkeypatch):
 def test_the_step_check_reads_the_numbers_and_forgets_a_bad_gradient_after_reporting_it():
     """One sync reads the small quantities and flags a non-finite gradient once: the flag persists between
     steps (no allocation per step), so it must be reset when read, or every later step would be dropped."""
-    from ace.faults import StepCheck
+    from ace.constrained.step_check import StepCheck
 
     weights = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))]
     check = StepCheck(weights, torch.device("cpu"))

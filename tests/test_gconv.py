@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import ace
-from ace.gconv import E4Block, GroupConv, GroupPool, LiftingConv, cost
-from ace.groups import C4, D4, GroupElement
+from ace.nn.gconv import E4Block, GroupConv, GroupPool, LiftingConv, cost
+from ace.symmetry import C4, D4, GroupElement
 
 GROUPS = [C4(), D4()]
 
@@ -29,7 +29,7 @@ def test_actions_compose_like_the_group(group, kind, shape):
             assert torch.equal(sym.transform_inputs(x, gi @ gj), both)
     x = torch.randn(group.order, *shape, dtype=torch.float64)
     g = every(group)
-    from ace.diagnostics import inverse
+    from ace.symmetry.diagnostics import inverse
 
     assert torch.equal(sym.transform_inputs(sym.transform_inputs(x, g), inverse(g)), x)
 

@@ -13,12 +13,19 @@ from torch.utils.data import DistributedSampler  # noqa: E402
 from torch_geometric.data import Batch, Data  # noqa: E402
 from torch_geometric.loader import DataLoader as GraphLoader  # noqa: E402
 
-from ace import graph_loader  # noqa: E402
 from ace.config import apply_overrides, config_from_dict, load_config  # noqa: E402
-from ace.experiment import make_loader, prepare_run, run  # noqa: E402
-from ace.graph_loader import StackedGraphLoader, stackable  # noqa: E402
+from ace.experiment import prepare_run, run  # noqa: E402
 from ace.tasks.nbody import to_graphs  # noqa: E402
-from ace.trainer import Interrupted, Trainer  # noqa: E402
+from ace.train import (
+    Interrupted,  # noqa: E402
+    Trainer,  # noqa: E402
+)
+from ace.utils import loaders as graph_loader  # noqa: E402
+from ace.utils.loaders import (  # noqa: E402
+    StackedGraphLoader,
+    make_loader,  # noqa: E402
+    stackable,
+)
 
 ROOT = Path(__file__).parent.parent
 

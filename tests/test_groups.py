@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ace.groups import O3, SO2, SO3, Cyclic, Euclidean, GroupElement, Permutation, SignFlip, Translation
+from ace.symmetry import O3, SO2, SO3, Cyclic, Euclidean, GroupElement, Permutation, SignFlip, Translation
 
 LINEAR = [
     SO3(),

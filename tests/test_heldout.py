@@ -10,8 +10,8 @@ import torch
 import ace
 from ace.config import load_config
 from ace.experiment import prepare_run, run
-from ace.heldout import HeldOut, heldout, small_batches
 from ace.report import report
+from ace.train.heldout import HeldOut, heldout, small_batches
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

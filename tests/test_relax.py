@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ace.relax import GatedLayer, MLPBranch, equivariant, gates, relax, strip
+from ace.nn import GatedLayer, MLPBranch, equivariant, gates, relax, strip
 
 
 def mlp() -> nn.Sequential:

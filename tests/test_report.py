@@ -7,7 +7,7 @@ from PIL import Image
 from run_kit import fake_run, gate_summary, same, tables
 
 from ace.report import constraint_state, report, verdict
-from ace.run_data import best_val_test
+from ace.runs.reader import best_val_test
 
 
 def test_report_numbers_equal_the_logs(runs):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import ace
-from ace.scale import WARMUP, LossScale
+from ace.constrained.scale import WARMUP, LossScale
 from ace.tasks.toy import RadialVectorLayer, RadialVectorNet, target
 
 SO2 = ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector")

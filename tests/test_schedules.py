@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from ace.schedule_config import schedule_from_config, to_config
-from ace.schedules import (
+from ace.config.schedule_specs import schedule_from_config, to_config
+from ace.constrained.schedules import (
     Constant,
     Cosine,
     Geometric,
@@ -199,7 +199,7 @@ def test_is_nonincreasing():
 
 
 def test_the_cosine_learning_rate_falls_from_one_to_its_floor():
-    from ace.schedules import lr_schedule
+    from ace.constrained.schedules import lr_schedule
 
     schedule = lr_schedule("cosine", 100, min_factor=0.1)
     assert schedule(0) == 1.0 and schedule(100) == pytest.approx(0.1) and schedule(50) == pytest.approx(0.55)

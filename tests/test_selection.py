@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import ace
-from ace.evaluation import evaluate
 from ace.tasks.toy import RadialVectorLayer, RadialVectorNet, target
+from ace.train import evaluate
 
 SO2 = ace.Symmetry(ace.groups.SO2(), inputs="vector", output="vector")
 
@@ -97,7 +97,7 @@ def test_a_variant_alone_is_evaluated_with_the_same_scores_as_with_the_other():
 
 
 def test_a_loss_keeps_its_smallest_value_and_an_accuracy_its_largest():
-    from ace.selection import BestCheckpoints
+    from ace.train.selection import BestCheckpoints
 
     model = nn.Linear(1, 1)
     for metric, values, best in (("loss", [3.0, 1.0, 2.0], 2), ("accuracy", [0.5, 0.9, 0.7], 2)):

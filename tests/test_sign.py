@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import ace
-from ace.groups import SignFlip
-from ace.sign import SignEquivariantGate, SignEquivariantMessage, SignNet
+from ace.nn import SignEquivariantGate, SignEquivariantMessage, SignNet
+from ace.symmetry import SignFlip
 
 K = 6
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from ace.groups import O3, SO2, SO3, Euclidean, GroupElement, Permutation, Translation
-from ace.symmetry import Symmetry, _act, call_model, is_graph
+from ace.symmetry import O3, SO2, SO3, Euclidean, GroupElement, Permutation, Translation
+from ace.symmetry.action import Symmetry, _act, call_model, is_graph
 
 F64 = torch.float64
 
@@ -224,7 +224,7 @@ def test_construction_validates_kinds():
         Symmetry(SO2(), "vector", "pseudovector")
     with pytest.raises(TypeError, match="must be a kind string"):
         Symmetry(SO3(), 3, "vector")
-    with pytest.raises(TypeError, match="group must be an ace.groups.Group"):
+    with pytest.raises(TypeError, match="group must be an ace.symmetry.Group"):
         Symmetry("SO3", "vector", "vector")
 
 

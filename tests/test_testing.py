@@ -3,9 +3,8 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch, Data
 
-from ace.groups import O3, SO3, Euclidean, Permutation
-from ace.symmetry import Symmetry
-from ace.testing import TOLERANCES, assert_equivariant
+from ace.symmetry import O3, SO3, Euclidean, Permutation, Symmetry
+from ace.symmetry.testing import TOLERANCES, assert_equivariant
 
 VECTOR = Symmetry(SO3(), "vector", "vector")
 

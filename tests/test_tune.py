@@ -18,9 +18,13 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from ace.cli import main  # noqa: E402
-from ace.config import ConfigError, load_config, load_raw  # noqa: E402
-from ace.tune import TuneSettings, homotopy_end, tune  # noqa: E402
-from ace.tune_space import as_override, base_values, load_space, parse_space, suggest  # noqa: E402
+from ace.config import (  # noqa: E402
+    ConfigError,  # noqa: E402
+    load_config,
+    load_raw,
+)
+from ace.tune.search import TuneSettings, homotopy_end, tune  # noqa: E402
+from ace.tune.space import as_override, base_values, load_space, parse_space, suggest  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 CONFIG = str(ROOT / "configs" / "toy_relaxed.yaml")
@@ -171,7 +175,7 @@ def test_a_study_with_two_workers_completes_and_best_yaml_trains(tmp_path, capsy
 
 def test_pruning_waits_for_the_homotopy(tmp_path):
     from ace.experiment import prepare_run
-    from ace.tune import _Reporter
+    from ace.tune.search import _Reporter
 
     base = [*SMALL, "train.epochs=0", "train.max_steps=40"]
     for method, tolerance, end in [

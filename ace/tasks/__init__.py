@@ -1,5 +1,5 @@
 """Built-in example tasks, imported lazily so that optional extras stay optional."""
 
-from .base import Task
+from ace.tasks.base import Task
 
 __all__ = ["Task"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ace.config.schema import ConfigError
 
 __all__ = ["cache_path", "read_cache", "write_cache"]
 

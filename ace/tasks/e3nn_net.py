@@ -29,7 +29,7 @@ from e3nn.nn import FullyConnectedNet, Gate
 from torch import Tensor, nn
 from torch_geometric.utils import scatter, to_dense_batch
 
-from ..config import opt
+from ace.config.schema import opt
 
 # Odd scalars need odd activations for the gate to stay equivariant under parity.
 _SCALAR_ACT = {1: nn.functional.silu, -1: torch.tanh}

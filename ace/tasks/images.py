@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ..config_schema import check_positive_ints, opt
-from .base import Task, accuracy
+from ace.config.schema import check_positive_ints, opt
+from ace.tasks.base import Task, accuracy
 
 __all__ = ["DataConfig", "ModelConfig", "RegularConvBranch", "build", "load_digits"]
 
@@ -95,7 +95,7 @@ def _splits(data: DataConfig, group) -> dict[str, TensorDataset]:
         pose[(labels == 6) | (labels == 9)] = 0  # the pair that only orientation tells apart stays upright
     else:
         labels = torch.where(labels == 9, torch.tensor(6), labels)  # a 9 is a turned 6: one class
-    posed = torch.stack([group._apply(int(i), x[None], "image")[0] for i, x in zip(pose, images)])
+    posed = torch.stack([group.apply(int(i), x[None], "image")[0] for i, x in zip(pose, images)])
     sizes = {"train": data.train_size, "val": data.val_size, "test": data.test_size}
     out, start = {}, 0
     for name, n in sizes.items():
@@ -136,7 +136,7 @@ class _Classifier(nn.Module):
 
 
 def _network(model: ModelConfig, group, classes: int) -> nn.Module:
-    from ace.gconv import E4Block, GroupConv, LiftingConv
+    from ace.nn.gconv import E4Block, GroupConv, LiftingConv
 
     c, k, G = model.channels, model.kernel_size, group.order
     if model.name == "cnn":
@@ -153,9 +153,9 @@ def _network(model: ModelConfig, group, classes: int) -> nn.Module:
 
 def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
     """The digits under the grid group (see the module docstring)."""
-    from ace import Symmetry
-    from ace.gconv import E4Block, GroupConv
-    from ace.groups import C4, D4
+    from ace.symmetry import Symmetry
+    from ace.nn.gconv import E4Block, GroupConv
+    from ace.symmetry.groups import C4, D4
 
     group = C4() if data.group == "c4" else D4()
     splits = _splits(data, group)

@@ -30,12 +30,12 @@ from torch_geometric.data import Data
 from torch_geometric.datasets import ModelNet
 from torch_geometric.transforms import SamplePoints
 
-from ..config import opt
-from .base import Task
-from .e3nn_net import ModelConfig
-from .shapes import point_cloud_task, random_rotation, rotation_z
+from ace.config.schema import opt
+from ace.tasks.base import Task
+from ace.tasks.e3nn_net import ModelConfig
+from ace.tasks.shapes import point_cloud_task, random_rotation, rotation_z
 
-__all__ = ["DataConfig", "ModelConfig", "build"]
+__all__ = ["DataConfig", "build"]
 
 ROTATIONS = ("none", "upright", "so3")
 

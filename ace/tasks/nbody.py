@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import opt
-from .base import Task
-from .cache import cache_path, read_cache, write_cache
-from .egnn import EGNN, EGNNBranch, EGNNLayer
-from .nbody_sim import sample_initial_state, simulate
+from ace.config.schema import opt
+from ace.tasks.base import Task
+from ace.tasks.cache import cache_path, read_cache, write_cache
+from ace.tasks.egnn import EGNN, EGNNBranch, EGNNLayer
+from ace.tasks.nbody_sim import sample_initial_state, simulate
 
 __all__ = ["DataConfig", "ModelConfig", "build", "load_data", "generate"]
 
@@ -234,8 +234,8 @@ def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
     """
     from torch_geometric.data import Batch
 
-    from ace.groups import O3, Euclidean
-    from ace.symmetry import Symmetry
+    from ace.symmetry.action import Symmetry
+    from ace.symmetry.groups import O3, Euclidean
 
     splits = {s: to_graphs(t) for s, t in load_data(data).items()}
     with torch.random.fork_rng():

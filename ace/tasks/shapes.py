@@ -33,12 +33,12 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Batch, Data
 
-from ..config import opt
-from .base import Task, accuracy
-from .cache import cache_path, read_cache, write_cache
-from .e3nn_net import ModelConfig, PointCloudClassifier, branch_factory, is_conv
+from ace.config.schema import opt
+from ace.tasks.base import Task, accuracy
+from ace.tasks.cache import cache_path, read_cache, write_cache
+from ace.tasks.e3nn_net import ModelConfig, PointCloudClassifier, branch_factory, is_conv
 
-__all__ = ["CLASSES", "DataConfig", "ModelConfig", "build", "make_split", "sample_shape"]
+__all__ = ["CLASSES", "DataConfig", "build", "make_split", "sample_shape"]
 
 _CACHE_VERSION = 1
 ROTATIONS = ("so3", "upright")
@@ -289,8 +289,8 @@ def load_or_generate(cfg: DataConfig) -> dict[str, tuple[Tensor, Tensor]]:
 
 def point_cloud_task(splits: dict[str, list[Data]], num_classes: int, model: ModelConfig, seed: int) -> Task:
     """The parts every point-cloud task shares: e3nn classifier, SO(3) symmetry, cross entropy."""
-    from ace import Symmetry
-    from ace.groups import SO3
+    from ace.symmetry import Symmetry
+    from ace.symmetry.groups import SO3
 
     with torch.random.fork_rng():  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(seed)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config_schema import check_positive_ints, opt
-from .base import Task
+from ace.config.schema import check_positive_ints, opt
+from ace.tasks.base import Task
 
 __all__ = ["DataConfig", "ModelConfig", "build", "make_graph", "auc"]
 
@@ -178,7 +178,7 @@ class SpectralLinkPredictor(nn.Module):
 
     def __init__(self, k: int, model: ModelConfig):
         super().__init__()
-        from ace.sign import SignEquivariantMessage, SignNet
+        from ace.nn.sign import SignEquivariantMessage, SignNet
 
         self.name = model.name
         if model.name == "equivariant":
@@ -219,9 +219,9 @@ def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
     """Link prediction on joined graph copies from sign-ambiguous eigenvectors (see the module docstring)."""
     from torch_geometric.data import Batch
 
-    from ace import Symmetry
-    from ace.groups import SignFlip
-    from ace.sign import SignEquivariantMessage
+    from ace.symmetry import Symmetry
+    from ace.nn.sign import SignEquivariantMessage
+    from ace.symmetry.groups import SignFlip
 
     sizes = {"train": data.train_size, "val": data.val_size, "test": data.test_size}
     splits = {}

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..config_schema import check_positive_ints, opt
-from .base import Task
+from ace.config.schema import check_positive_ints, opt
+from ace.tasks.base import Task
 
 __all__ = [
     "DataConfig",
@@ -144,8 +144,8 @@ def _points(n: int, breaking: float, noise: float, generator: torch.Generator) -
 
 
 def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
-    from ..groups import SO2, Cyclic
-    from ..symmetry import Symmetry
+    from ace.symmetry.action import Symmetry
+    from ace.symmetry.groups import SO2, Cyclic
 
     generator = torch.Generator().manual_seed(seed)
     splits = [

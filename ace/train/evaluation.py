@@ -1,0 +1,123 @@
+"""Evaluation of a (relaxed) model: loss, metrics and measured deviation, of the model and of f_eq."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ace.constrained.constraints import Constraint, GateConstraint
+from ace.nn.relaxed import equivariant, gates
+from ace.symmetry.action import call_model
+from ace.symmetry.deviation import equivariance_deviation, mean_squared_norm
+from ace.train.selection import higher_is_better
+from ace.utils.batches import batch_size, split_batch, to_device
+
+__all__ = ["evaluate", "initial_value", "track_best"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    loss: Callable[[Any, torch.Tensor], torch.Tensor],
+    *,
+    metrics: dict[str, Callable] | None = None,
+    symmetry: Any = None,
+    gate_names: list[str] = (),
+    samples: int = 4,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    variants: Collection[str] = ("model", "eq"),
+    layer_batches: int | None = None,
+) -> dict[str, float]:
+    """Loss and metrics of the model and, for gated models, of f_eq (keys ``eq/...``), averaged over samples.
+
+    With a symmetry, also the measured deviation ``deviation`` (absolute, ``samples`` group elements per
+    batch from a generator seeded with ``seed``, so evaluations are comparable, the same elements for every
+    variant) and ``relative_deviation``
+    (divided by the mean squared norm of the output). For gated models (``gate_names``): ``eq/deviation``
+    (0 up to rounding when f_eq is exactly equivariant) and, per gated layer, ``deviation/<layer>`` and
+    ``relative_deviation/<layer>``: the deviation of the model with only that layer's branch enabled, the
+    measured read-out of how much symmetry that layer gives up.
+
+    ``variants`` limits the work to what is asked for: ``"model"`` (the model, and its per-layer deviations)
+    and ``"eq"`` (f_eq); a variant's scores do not depend on whether the other is evaluated.
+    ``layer_batches`` measures the per-layer deviations on the first batches only (``0``: not at all;
+    ``None``: every batch): each gated layer costs ``1 + samples`` forward passes a batch, as much as the
+    model's own loss and deviation.
+    """
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for index, batch in enumerate(loader):
+        inputs, target = split_batch(to_device(batch, device))
+        n = batch_size(inputs, target)
+        per_layer = symmetry is not None and (layer_batches is None or index < layer_batches)
+        draws = generator.get_state()  # every variant sees the same group elements: comparable deviations
+        for prefix, suffix, context in _variants(model, gate_names, per_layer, variants):
+            generator.set_state(draws)
+            with context:
+                output = call_model(model, inputs)
+                scores = {}
+                if not suffix:
+                    scores["loss"] = loss(output, target)
+                    scores.update({k: m(output, target) for k, m in (metrics or {}).items()})
+                if symmetry is not None:
+                    deviation = equivariance_deviation(
+                        model, inputs, symmetry, samples, False, generator, output
+                    )
+                    scores["deviation"] = deviation
+                    if prefix != "eq/":
+                        scores["relative_deviation"] = deviation / mean_squared_norm(symmetry, output)
+            for key, value in scores.items():
+                name = prefix + key + suffix
+                totals[name] = totals.get(name, 0.0) + float(value) * n
+                counts[name] = counts.get(name, 0) + n
+    model.train(was_training)
+    if not counts:
+        raise ValueError("evaluate() got an empty loader")
+    return {k: v / counts[k] for k, v in totals.items()}
+
+
+def _variants(model: nn.Module, gate_names: list[str], per_layer: bool, variants: Collection[str]):
+    """(key prefix, key suffix, context): the model, f_eq, and the model relaxed at one layer only."""
+    if "model" in variants:
+        yield "", "", contextlib.nullcontext()
+    if gate_names and "eq" in variants:
+        yield "eq/", "", equivariant(model)
+    if gate_names and per_layer and "model" in variants:
+        for name in gate_names:
+            yield "", f"/{name}", equivariant(model, keep=[name])
+
+
+def track_best(best: dict[str, dict[str, float]], record: dict[str, Any], step: int) -> None:
+    """Update ``best[key] = {value, step}`` with each metric of ``record`` that improved."""
+    for key, value in record.items():
+        if key in ("step", "epoch") or not isinstance(value, float) or math.isnan(value):
+            continue
+        higher = higher_is_better(key)
+        old = best.get(key)
+        if old is None or (value > old["value"] if higher else value < old["value"]):
+            best[key] = {"value": value, "step": step}
+
+
+@torch.no_grad()
+def initial_value(
+    c: Constraint, model: nn.Module, symmetry: Any, inputs: list, samples: int, generator: torch.Generator
+) -> float:
+    """A constraint's value before training, the start of a ``start="auto"`` tolerance: the largest
+    ``|gate|``, or the deviation averaged over the batches ``inputs`` (one batch's estimate is noisy, and a
+    start below the typical deviation makes a tightening constraint active from step 1), with at least
+    ``samples`` group elements per batch."""
+    if isinstance(c, GateConstraint):
+        return c.value(torch.stack(list(gates(model).values()))).abs().max().item()
+    k = max(c.samples, samples)
+    measured = [equivariance_deviation(model, x, symmetry, k, c.relative, generator) for x in inputs]
+    return torch.stack(measured).mean().item()
