@@ -369,7 +369,7 @@ def of_run(run_dir: Any, summary: dict | None, recompute: bool = False) -> dict[
 
     _, trainer, loaders = trained_run(run_dir, "read out")
     trainer.model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["model"])
-    return trainer.read_out(loaders["val"])
+    return trainer.validation.read_out(loaders["val"])
 
 
 def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) -> list[str]:

@@ -110,7 +110,7 @@ def trainer_step(trainer, batch: Any) -> None:
     """One step the way ``Trainer.fit`` takes it: ``train_step`` and the record it returns, if any."""
     record = trainer.train_step(batch)
     if record is not None:
-        trainer._write(record)
+        trainer.write(record)
 
 
 def build(model: str, variant: Variant | None, extra: list[str], cache: str, run_dir: str | None):

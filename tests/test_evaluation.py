@@ -49,5 +49,5 @@ def test_readout_every_zero_measures_the_layers_at_the_end_only():
     summary = trainer.fit(data(1), data(2), epochs=3, test_loader=data(3), print_summary=False)
     vals = [r for r in trainer.history if "val/loss" in r]
     assert ["val/deviation/layers.0" in r for r in vals] == [False, False, True]
-    assert "test/deviation/layers.0" in trainer.test_scores
+    assert "test/deviation/layers.0" in trainer.state.test_scores
     assert all("relative_deviation" in row for row in summary["layers"].values())

@@ -28,6 +28,7 @@ from ace.config.run_config import config_changes
 from ace.experiment import run
 from ace.runs import CheckpointError, MetricsLog, RunDirError, read_metrics
 from ace.train import Interrupted, NonFiniteError, Trainer
+from ace.train.faults import NanPolicy
 
 ROOT = Path(__file__).parent.parent
 TOY = str(ROOT / "configs" / "toy.yaml")
@@ -500,7 +501,7 @@ def test_nan_rollback_reloads_halves_the_lr_and_finishes(tmp_path):
     # the same step fails twice: two rollbacks to the step-4 checkpoint
     trainer = nan_trainer([7, 7], tmp_path, on_nan="rollback")
     summary = trainer.fit(loader(), epochs=3, print_summary=False)
-    assert summary["steps"] == 12 and trainer.rollbacks == 2
+    assert summary["steps"] == 12 and trainer.state.rollbacks == 2
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)  # halved each time
     assert [(e["step"], e["policy"]) for e in events(trainer)] == [(7, "rollback"), (7, "rollback")]
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
@@ -534,11 +535,11 @@ def test_nan_through_a_config(tmp_path, capsys, policy):
 
 
 class FailingEval:
-    """``trainer.evaluate`` with a NaN loss at the evaluations after the steps in ``steps``."""
+    """The trainer's evaluations with a NaN loss at the evaluations after the steps in ``steps``."""
 
     def __init__(self, trainer, *steps):
-        self.evaluate, self.steps, self.trainer = trainer.evaluate, list(steps), trainer
-        trainer.evaluate = self
+        self.evaluate, self.steps, self.trainer = trainer.validation.evaluate, list(steps), trainer
+        trainer.validation.evaluate = self
 
     def __call__(self, loader, *args, **kwargs):
         scores = self.evaluate(loader, *args, **kwargs)
@@ -554,7 +555,7 @@ def test_a_non_finite_validation_writes_no_checkpoint(tmp_path, policy):
     FailingEval(trainer, 8)
     if policy == "rollback":  # back to the step-4 checkpoint with half the learning rate, then on to the end
         summary = trainer.fit(loader(), loader(), epochs=3, print_summary=False)
-        assert summary["steps"] == 12 and trainer.rollbacks == 1
+        assert summary["steps"] == 12 and trainer.state.rollbacks == 1
         assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
         assert [e["quantity"] for e in events(trainer)] == ["val loss"]
         return
@@ -568,7 +569,7 @@ def test_a_non_finite_validation_writes_no_checkpoint(tmp_path, policy):
     else:  # skip: no checkpoint of that epoch, the run goes on and ends well
         trainer.fit(loader(), loader(), epochs=3, print_summary=False)
         assert saved == [4, 12, 12]
-        assert trainer.best["val/loss"]["step"] != 8
+        assert trainer.state.best["val/loss"]["step"] != 8
     assert events(trainer)[0] == {"step": 8, "event": "non_finite", "quantity": "val loss", "policy": policy}
 
 
@@ -577,7 +578,7 @@ def test_weights_that_become_non_finite_without_a_non_finite_loss(tmp_path, poli
     # an infinite learning rate: the one step sees finite weights, the model after it is NaN
     model = Net()
     trainer = make_trainer(tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=math.inf))
-    trainer.on_nan = policy
+    trainer.nan_policy = NanPolicy(policy)
     with pytest.raises(
         NonFiniteError,
         match=r"non-finite (val loss|weights) after step 1 \((train.on_nan|rollback needs|at the end)",
@@ -589,7 +590,7 @@ def test_weights_that_become_non_finite_without_a_non_finite_loss(tmp_path, poli
 def test_a_non_finite_test_evaluation_is_not_a_finished_run(tmp_path):
     trainer = make_trainer(tmp_path, on_nan="skip")
     FailingEval(trainer, 8)  # the last step's evaluations are the final validation and the test
-    trainer.evaluate.steps = [8, 8]
+    trainer.validation.evaluate.steps = [8, 8]
     with pytest.raises(NonFiniteError, match="non-finite val loss after step 8 .at the end of the run"):
         trainer.fit(loader(), loader(), epochs=2, test_loader=loader(), print_summary=False)
     assert not (tmp_path / "summary.json").exists()

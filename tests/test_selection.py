@@ -29,13 +29,13 @@ def trainer(**kw):
         **kw,
     )
     calls = []
-    original = t.evaluate
+    original = t.validation.evaluate
 
     def counted(loader, variants=("model", "eq"), readout=True):
         calls.append(tuple(variants))
         return original(loader, variants, readout)
 
-    t.evaluate = counted
+    t.validation.evaluate = counted
     return t, calls
 
 
@@ -48,11 +48,11 @@ def data(seed, n=64):
 def test_a_best_step_that_is_the_final_one_is_not_evaluated_again():
     t, calls = trainer()
     t.fit(data(1), data(2), epochs=6, test_loader=data(3), print_summary=False)
-    assert {v["step"] for v in t.selected.values()} == {t.step}  # the loss fell to the end
+    assert {v["step"] for v in t.state.selected.values()} == {t.step}  # the loss fell to the end
     # one validation per epoch and the final test: nothing for the selection
     assert len(calls) == 6 + 1
     for variant, prefix in (("model", ""), ("eq", "eq/")):
-        assert t.selected[variant]["test"]["loss"] == t.test_scores[f"test/{prefix}loss"]
+        assert t.state.selected[variant]["test"]["loss"] == t.state.test_scores[f"test/{prefix}loss"]
 
 
 def test_an_earlier_best_step_is_evaluated_once_for_the_variants_that_chose_it(monkeypatch):
@@ -67,7 +67,7 @@ def test_an_earlier_best_step_is_evaluated_once_for_the_variants_that_chose_it(m
 
     monkeypatch.setattr(t.selection, "update", update)
     t.fit(data(1), data(2), epochs=5, test_loader=data(3), print_summary=False)
-    assert {v["step"] for v in t.selected.values()} == {8}
+    assert {v["step"] for v in t.state.selected.values()} == {8}
     assert calls[6:] == [("model", "eq")]  # after 5 validations and the final test: one evaluation of step 8
     # the same numbers as a fresh evaluation of the restored weights
     for variant, _ in t.selection.restored(torch.device("cpu")):
@@ -81,8 +81,8 @@ def test_an_earlier_best_step_is_evaluated_once_for_the_variants_that_chose_it(m
             seed=1,
         )
         prefix = "eq/" if variant == "eq" else ""
-        assert t.selected[variant]["test"]["loss"] == fresh[f"{prefix}loss"]
-        assert t.selected[variant]["val"]["loss"] == 1.0  # the record that selected it
+        assert t.state.selected[variant]["test"]["loss"] == fresh[f"{prefix}loss"]
+        assert t.state.selected[variant]["val"]["loss"] == 1.0  # the record that selected it
 
 
 def test_a_variant_alone_is_evaluated_with_the_same_scores_as_with_the_other():

@@ -364,6 +364,14 @@ class PrimalDual:
 
     # ------------------------------------------------------------------ read-out
 
+    def zero_grad(self) -> None:
+        """Forget the gradients of the step in progress (every parameter, gate, slack and multiplier)."""
+        self.cooper_optimizer.zero_grad()
+
+    def needs_tolerance_starts(self) -> bool:
+        """Some constraint's schedule starts at ``"auto"`` and waits for :meth:`resolve_tolerances`."""
+        return any(getattr(c.tolerance, "needs_start", False) for c in self.constraints)
+
     def multipliers(self) -> dict[str, torch.Tensor]:
         """Current multiplier values by constraint name (the fixed weight for penalty constraints)."""
         return self.snapshot([c.multiplier.weight.detach() for c in self.cooper_constraints.values()])[

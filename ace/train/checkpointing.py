@@ -1,11 +1,10 @@
-"""The Trainer's state on disk: what a checkpoint holds, how a run continues from it, and how a fault
-rolls back to it (the ``on_nan`` policies of :class:`ace.Trainer`).
+"""A Trainer's checkpoints: what they hold, writing and reading them, and the epoch a run continues in.
 
 A checkpoint (``checkpoints/last.pt``, :mod:`ace.runs.layout`) holds the model, the primal and dual
-optimisers,
-the multipliers and slacks (:meth:`ace.PrimalDual.state_dict`), the epoch and the batch within it, every RNG
-state and the epoch's shuffle, the best validation values and steps, and the wall time: a run continued from
-it takes the same steps as one never stopped.
+optimisers, the multipliers and slacks (:meth:`ace.PrimalDual.state_dict`), the loop's
+:class:`~ace.train.state.TrainState` (the epoch and the batch within it, the epoch's shuffle, the best
+validation values and steps, the wall time), every RNG state and the best checkpoints' steps: a run continued
+from it takes the same steps as one never stopped.
 """
 
 from __future__ import annotations
@@ -13,105 +12,49 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ace.runs import layout as run_dir
+from ace.runs import layout
 from ace.runs.checkpoint import CHECKPOINT_FORMAT, CheckpointError, rng_state, save_atomic, set_rng_state
 from ace.runs.checkpoint import load as read_checkpoint
-from ace.train.faults import Interrupted, NonFiniteError, RolledBack
 from ace.utils import distributed
 
-__all__ = ["RunState"]
+if TYPE_CHECKING:
+    from ace.train.trainer import Trainer
+
+__all__ = ["Checkpointing"]
+
+#: the constrained step's state a checkpoint holds (:meth:`ace.PrimalDual.state_dict`)
+CORE_KEYS = ("cooper_optimizer", "cmp", "slacks", "step", "tolerance_starts", "loss_scale", "closed_gates")
 
 
-class RunState:
-    """Checkpoints, resumption and fault handling of :class:`ace.Trainer` (a part of it, not used alone)."""
+class Checkpointing:
+    """Checkpoints of ``trainer`` (in its run directory, or at a path of the caller's choice)."""
 
-    def _handle_nonfinite(
-        self, quantity: str, step: int, evaluated: bool = False, final: bool = False
-    ) -> None:
-        """Apply ``on_nan`` to a non-finite ``quantity`` of training step ``step`` or, when ``evaluated``, of
-        the evaluation after it (``final``: the run's last one, which always stops)."""
-        self._write({"step": step, "event": "non_finite", "quantity": quantity, "policy": self.on_nan})
-        self.core.cooper_optimizer.zero_grad()
-        if self.on_nan == "skip" and not final:
-            return
-        checkpoint = self._checkpoint_path()
-        saved = checkpoint is not None and checkpoint.exists()
-        if self.on_nan == "rollback" and saved and self.rollbacks < self.max_rollbacks and not final:
-            rollbacks = self.rollbacks + 1
-            lrs = [[group["lr"] for group in o.param_groups] for o in self.optimizers]
-            self.load_checkpoint(checkpoint)  # restores the checkpoint's lr: scale the lr in use instead
-            self.rollbacks = rollbacks
-            self.core.rates.factor = self.rollback_lr_factor**rollbacks
-            for o, old in zip(self.optimizers, lrs):
-                for group, lr in zip(o.param_groups, old):
-                    group["lr"] = lr * self.rollback_lr_factor
-            self.truncate_records()
-            raise RolledBack
-        where = f"the last good checkpoint is {checkpoint}" if saved else "no checkpoint was written yet"
-        reason = f"train.on_nan={self.on_nan}"
-        if final:
-            reason = "at the end of the run: it is not finished"
-        elif self.on_nan == "rollback":
-            reason = (
-                f"rollback gave up after {self.rollbacks} rollbacks"
-                if saved
-                else "rollback needs a checkpoint"
-            )
-        raise NonFiniteError(
-            f"non-finite {quantity} {'after' if evaluated else 'in'} step {step} ({reason}); {where}. "
-            "Lower the learning rates, clip gradients (optim.grad_clip), or set train.on_nan to skip or "
-            "rollback"
-        )
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
 
-    def _checkpoint_path(self) -> Path | None:
-        return run_dir.last_checkpoint(self.run_dir) if self.run_dir else None
-
-    def truncate_records(self, events: bool = True) -> None:
-        """Forget records of steps after ``self.step`` (they will be run again after a rollback or resume) and
-        test records (``fit`` writes them again at its end). ``events``: keep the event records of later steps
-        (after a rollback they say why; a resume replays them, so it passes False)."""
-
-        def keep(r: dict[str, Any]) -> bool:
-            if any(k.startswith("test/") for k in r):
-                return False
-            return r.get("step", 0) <= self.step or (events and "event" in r)
-
-        self.history = [r for r in self.history if keep(r)]
-        self.log.truncate(keep)
+    @property
+    def path(self) -> Path | None:
+        """``checkpoints/last.pt`` of the run directory (None without one)."""
+        run = self.trainer.run_dir
+        return layout.last_checkpoint(run) if run is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit for bit: model, optimisers, multipliers, slacks, RNG."""
-        core = self.core.state_dict()
+        t = self.trainer
+        core = t.core.state_dict()
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            **{
-                k: core[k]
-                for k in (
-                    "cooper_optimizer",
-                    "cmp",
-                    "slacks",
-                    "step",
-                    "tolerance_starts",
-                    "loss_scale",
-                    "closed_gates",
-                )
-            },
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "rng": rng_state(self.generator),
-            "epoch_rng": self._epoch_rng,
-            "best": self.best,
-            "selected_steps": self.selection.steps,
-            "last_eval": self.last_eval,
-            "wall_time": self.wall_time,
-            "rollbacks": self.rollbacks,
+            "model": t.model.state_dict(),
+            **{k: core[k] for k in CORE_KEYS},
+            **t.state.state_dict(),
+            "rng": rng_state(t.generator),
+            "selected_steps": t.selection.steps,
             # the run's final record even for a resumed run that trains no further step (summary.json)
-            "last_record": self.last_record(),
+            "last_record": t.last_record(),
             "ceiling_warned": core["ceiling_warned"],
-            "config": self.config,
+            "config": t.config,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -120,80 +63,73 @@ class RunState:
                 f"not an ace trainer checkpoint of format {CHECKPOINT_FORMAT} "
                 f"(got format {state.get('format') if isinstance(state, dict) else type(state).__name__})"
             )
+        t = self.trainer
         try:
-            self.model.load_state_dict(state["model"])
-            self.core.load_state_dict(
+            t.model.load_state_dict(state["model"])
+            t.core.load_state_dict(
                 {
                     **state,
                     "generator": state["rng"]["generator"],
-                    "lr_factor": self.rollback_lr_factor ** state.get("rollbacks", 0),
+                    "lr_factor": t.nan_policy.factor ** state.get("rollbacks", 0),
                 }
             )
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"checkpoint does not fit this trainer: {err}") from err
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        set_rng_state(state["rng"], self.generator)
-        self._epoch_rng = state["epoch_rng"]
-        self.best, self.last_eval = state["best"], state["last_eval"]
-        self._val_step = self.last_eval.get("step")
-        self.selection.steps = state.get("selected_steps", {})
-        self.wall_time = state["wall_time"]
-        self.rollbacks = state.get("rollbacks", 0)
-        self._loaded_record = state.get("last_record") or {}
+        t.state.load_state_dict(state)
+        set_rng_state(state["rng"], t.generator)
+        t.selection.steps = state.get("selected_steps", {})
 
-    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Write ``checkpoints/last.pt`` atomically, keeping the one before as ``previous.pt``.
-
-        Without ``path`` this writes into the run directory, on rank 0 only (others wait for it); without a
-        run directory it does nothing and returns None.
-        """
+    def save(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Write ``path`` (default ``checkpoints/last.pt``) atomically, keeping the one before as
+        ``previous.pt``. Without ``path`` this writes on rank 0 only (the others wait for it); without a run
+        directory it does nothing and returns None."""
         if path is None:
-            if self.run_dir is None:
+            path = self.path
+            if path is None:
                 return None
-            path = self._checkpoint_path()
-            if not self.is_main:
+            if not self.trainer.is_main:
                 distributed.barrier()
                 return path
         path = save_atomic(self.state_dict(), path)
         distributed.barrier()
         return path
 
-    def last_record(self) -> dict[str, Any]:
-        """The last training record: of this process's steps, else the one a loaded checkpoint held."""
-        return next((r for r in reversed(self.history) if "loss" in r), self._loaded_record)
+    def load(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint written by :meth:`save` (tensors only: no code runs from it)."""
+        self.load_state_dict(read_checkpoint(path, self.trainer.device))
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint written by :meth:`save_checkpoint` (tensors only: no code runs from it)."""
-        self.load_state_dict(read_checkpoint(path, self.device))
+    def roll_back(self, checkpoint: Path, factor: float) -> None:
+        """Reload ``checkpoint`` (one rollback more) and scale the primal learning rates in use by ``factor``
+        (the checkpoint's would undo earlier rollbacks' scaling); records after its step are forgotten."""
+        t = self.trainer
+        rollbacks = t.state.rollbacks + 1
+        lrs = [[group["lr"] for group in o.param_groups] for o in t.optimizers]
+        self.load(checkpoint)
+        t.state.rollbacks = rollbacks
+        t.core.rates.factor = factor**rollbacks
+        for o, old in zip(t.optimizers, lrs):
+            for group, lr in zip(o.param_groups, old):
+                group["lr"] = lr * factor
+        t.truncate_records()
 
-    def _rest_of_epoch(self, loader: Iterable) -> Iterator:
+    def rest_of_epoch(self, loader: Iterable) -> Iterator:
         """The batches of the current epoch not yet taken: after a mid-epoch resume, the epoch's shuffle is
         replayed from its saved RNG state and the batches already taken are skipped."""
+        state, generator = self.trainer.state, self.trainer.generator
         sampler = getattr(loader, "sampler", None)
         if hasattr(
             sampler, "set_epoch"
         ):  # DistributedSampler: a new shuffle each epoch, the same on all ranks
-            sampler.set_epoch(self.epoch)
+            sampler.set_epoch(state.epoch)
         resumed = None
-        if self.batch_in_epoch > 0 and self._epoch_rng is not None:
-            resumed = rng_state(self.generator)
-            set_rng_state(self._epoch_rng, self.generator)
+        if state.batch_in_epoch > 0 and state.epoch_rng is not None:
+            resumed = rng_state(generator)
+            set_rng_state(state.epoch_rng, generator)
         else:
-            self._epoch_rng = rng_state(self.generator)
+            state.epoch_rng = rng_state(generator)
         batches = iter(loader)
-        for _ in range(self.batch_in_epoch):
+        for _ in range(state.batch_in_epoch):
             next(batches)
         if resumed is not None:
-            set_rng_state(resumed, self.generator)
+            set_rng_state(resumed, generator)
         return batches
-
-    def _stop_if_signalled(self) -> None:
-        """A signal that arrived during the final evaluations: save and stop before the run is marked
-        finished (``--resume`` evaluates again). One process only: ranks would not agree on it."""
-        if self.world_size == 1 and self._stop_signal is not None:
-            path = self.save_checkpoint()
-            where = f"checkpoint saved to {path}" if path is not None else "no log_dir: no checkpoint saved"
-            raise Interrupted(
-                f"stopped by a signal during the final evaluation after step {self.step}; {where}; "
-                "continue with `ace train CONFIG --out DIR --resume`"
-            )

@@ -3,9 +3,12 @@
 Each step: forward pass, task loss, ``PrimalDual.step`` (constraint values, primal-dual update); every
 ``log_every`` steps a record; every ``eval_every`` epochs an evaluation of the model and of f_eq (the best
 validation step of each is kept, :mod:`ace.train.selection`) and a checkpoint from which the run continues
-bit for
-bit. Faults (:mod:`ace.train.faults`): NaN/Inf are handled by ``on_nan``, SIGINT/SIGTERM stop the run between
-steps with a checkpoint. Under ``torch.distributed`` rank 0 writes; see :mod:`ace.utils.distributed`.
+bit for bit. Faults (:mod:`ace.train.faults`): NaN/Inf are handled by ``on_nan``, SIGINT/SIGTERM stop the run
+between steps with a checkpoint. Under ``torch.distributed`` rank 0 writes; see :mod:`ace.utils.distributed`.
+
+The Trainer is composed of parts, each holding the trainer it serves: its loop state
+(:class:`~ace.train.state.TrainState`), :class:`~ace.train.checkpointing.Checkpointing`,
+:class:`~ace.train.validation.Validation`, the NaN policy and the stop signals (:mod:`ace.train.faults`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +28,23 @@ from tqdm.auto import tqdm
 from ace.constrained.constraints import Constraint
 from ace.constrained.dual import DualSettings
 from ace.constrained.primal_dual import PrimalDual, module_device
-from ace.runs import layout as run_dir
+from ace.runs import layout
 from ace.runs.metrics import MetricsLog, write_json
-from ace.symmetry.action import call_model
+from ace.symmetry.action import Symmetry, call_model
 from ace.train import summary as records
 from ace.train.batch_checks import BatchChecks
-from ace.train.checkpointing import RunState
-from ace.train.faults import NAN_POLICIES, Interrupted, RolledBack, catch_signals
+from ace.train.checkpointing import Checkpointing
+from ace.train.faults import Interrupted, NanPolicy, StopSignals
 from ace.train.selection import BestCheckpoints
-from ace.train.validation import RunEvaluation
+from ace.train.state import TrainState
+from ace.train.validation import Validation
 from ace.utils import distributed
 from ace.utils.batches import split_batch, to_device
 
 __all__ = ["Trainer"]
 
 
-class Trainer(RunState, RunEvaluation):
+class Trainer:
     """Train ``model`` on ``loss`` subject to equivariance ``constraints``.
 
     Args:
@@ -89,7 +93,7 @@ class Trainer(RunState, RunEvaluation):
         loss: Callable[[Any, torch.Tensor], torch.Tensor],
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         *,
-        symmetry: Any = None,
+        symmetry: Symmetry | None = None,
         constraints: Sequence[Constraint] = (),
         dual: DualSettings = DualSettings(),
         metrics: dict[str, Callable] | None = None,
@@ -128,14 +132,12 @@ class Trainer(RunState, RunEvaluation):
             raise ValueError(f"readout_batches must be an integer >= 1 or None, got {readout_batches!r}")
         if not (isinstance(log_every, int) and log_every >= 1):
             raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
-        if on_nan not in NAN_POLICIES:
-            raise ValueError(f"on_nan must be one of {NAN_POLICIES}, got {on_nan!r}")
         self.model, self.loss_fn, self.symmetry = model, loss, symmetry
         self.metrics = dict(metrics or {})
         self.eval_samples, self.log_every, self.progress = eval_samples, log_every, progress
         self.readout_every, self.readout_batches = readout_every, readout_batches
         self.config, self.seed = config, seed
-        self.on_nan, self.max_rollbacks, self.rollback_lr_factor = on_nan, max_rollbacks, rollback_lr_factor
+        self.nan_policy = NanPolicy(on_nan, max_rollbacks, rollback_lr_factor)
         self.device = torch.device(device) if device is not None else module_device(model)
         self.model.to(self.device)
         self.world_size, self.rank = distributed.world()
@@ -166,35 +168,23 @@ class Trainer(RunState, RunEvaluation):
         self.run_dir = Path(log_dir) if log_dir is not None else None  # read by every rank
         self.log_dir = self.run_dir if self.is_main else None  # written by rank 0 only
         if self.log_dir is not None and not resume:
-            run_dir.claim(self.log_dir, overwrite)
+            layout.claim(self.log_dir, overwrite)
         self.log = MetricsLog(
-            self.log_dir / run_dir.METRICS if self.log_dir else None,
-            self.log_dir / "tensorboard" if (self.log_dir and tensorboard) else None,
+            self.log_dir / layout.METRICS if self.log_dir else None,
+            self.log_dir / layout.TENSORBOARD if (self.log_dir and tensorboard) else None,
         )
         self.history: list[dict[str, Any]] = []
         #: called as ``observer(trainer, record)`` after every record is written (a pruner, a live plot);
         #: an exception it raises ends ``fit`` there, the records and the last checkpoint kept
         self.observers: list[Callable[[Trainer, dict[str, Any]], None]] = []
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.best: dict[str, dict[str, float]] = {}
         variants = ("model", "eq") if self.gates else ("model",)
         self.selection = BestCheckpoints(
-            model, select, run_dir.checkpoints(self.log_dir) if self.log_dir else None, variants
+            model, select, layout.checkpoints(self.log_dir) if self.log_dir else None, variants
         )
-        self.last_eval: dict[str, float] = {}
-        self.test_scores: dict[str, float] = {}
-        self.selected: dict[str, Any] = {}
-        self.heldout: dict[
-            str, Any
-        ] = {}  # the held-out read-out of the final evaluations (ace.train.heldout)
-        self._val_step: int | None = None  # the step of the last finite validation
-        self.wall_time = 0.0
-        self._epoch_rng: dict | None = None
-        self._loaded_record: dict[str, Any] = {}  # the last training record of a loaded checkpoint
-        self.rollbacks = 0
-        self._stop_signal: int | None = None
-        self._stop_agreed = False
+        self.state = TrainState()
+        self.checkpoints = Checkpointing(self)
+        self.validation = Validation(self)
+        self.signals = StopSignals()
 
     # the constrained state lives in the core; these are its names on the trainer
     step = property(lambda self: self.core.step_count, lambda self, v: setattr(self.core, "step_count", v))
@@ -213,7 +203,8 @@ class Trainer(RunState, RunEvaluation):
     def train_step(self, batch: Any, record: bool | None = None) -> dict[str, Any] | None:
         """One primal-dual update on ``batch``; returns its log record when ``record`` (default: every
         ``log_every`` steps). A record holds what the step saw before its update: loss, constraint values,
-        violations, gates, slacks and multipliers.
+        violations, gates, slacks and multipliers. A step whose numbers are not finite returns None after
+        the NaN policy acted (skipped, or rolled back: ``state.rollbacks`` counts them).
 
         Raises:
             NonFiniteError: a NaN/Inf appeared and ``on_nan="stop"`` (or rollback is impossible).
@@ -225,26 +216,57 @@ class Trainer(RunState, RunEvaluation):
         with self.core.cached():  # bounded branches: one normalisation for the loss's and deviation's passes
             output = call_model(self.forward_model, inputs)
             loss = self.checks.loss_of(self.loss_fn, inputs, output, target)
-            measured = self.core.measure(loss, inputs, output, stop=self._stop_signal is not None)
+            measured = self.core.measure(loss, inputs, output, stop=self.signals.received is not None)
         self.checks.done = True
-        self._stop_agreed = measured.stop
+        self.signals.agreed = measured.stop
         result = self.core.update(measured)
         for event in result.events:
-            self._write(event)
+            self.write(event)
+        rollbacks = self.state.rollbacks
         if result.problem is not None:
-            self._handle_nonfinite(result.problem, result.step)  # raises, unless the step is skipped
-        self.batch_in_epoch += 1
+            self.on_nonfinite(result.problem, result.step)
+            if self.state.rollbacks != rollbacks:
+                return None  # the state is the checkpoint's
+        self.state.batch_in_epoch += 1
         if record is None:
             record = self.step % self.log_every == 0
-        if result.problem is None and record:
-            return result.log(epoch=self.epoch)
-        return None
+        return result.log(epoch=self.state.epoch) if record and result.problem is None else None
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` in ``history``, write it to the logs and show it to the observers."""
         self.history.append(record)
         self.log.write(record)
         for observe in self.observers:
             observe(self, record)
+
+    # ------------------------------------------------------------------ faults
+
+    def on_nonfinite(self, quantity: str, step: int, evaluated: bool = False, final: bool = False) -> None:
+        """Apply the NaN policy to a non-finite ``quantity`` of training step ``step`` or, when
+        ``evaluated``, of the evaluation after it (``final``: the run's last one, which always stops): log
+        the event, then skip, roll back to the last checkpoint, or raise :class:`NonFiniteError`."""
+        policy = self.nan_policy
+        self.write({"step": step, "event": "non_finite", "quantity": quantity, "policy": policy.on_nan})
+        self.core.zero_grad()
+        checkpoint = self.checkpoints.path
+        saved = checkpoint is not None and checkpoint.exists()
+        action = policy.decide(saved, self.state.rollbacks, final)
+        if action == "stop":
+            raise policy.error(quantity, step, evaluated, final, checkpoint, self.state.rollbacks)
+        if action == "rollback":
+            assert checkpoint is not None  # decide() rolls back only to a saved checkpoint
+            self.checkpoints.roll_back(checkpoint, policy.factor)
+
+    def stop_if_signalled(self) -> None:
+        """A signal that arrived during the final evaluations: save and stop before the run is marked
+        finished (``--resume`` evaluates again). One process only: ranks would not agree on it."""
+        if self.world_size == 1 and self.signals.received is not None:
+            path = self.save_checkpoint()
+            where = f"checkpoint saved to {path}" if path is not None else "no log_dir: no checkpoint saved"
+            raise Interrupted(
+                f"stopped by a signal during the final evaluation after step {self.step}; {where}; "
+                "continue with `ace train CONFIG --out DIR --resume`"
+            )
 
     # ------------------------------------------------------------------ fit
 
@@ -277,59 +299,66 @@ class Trainer(RunState, RunEvaluation):
             raise ValueError("the training loader is empty")
         total = int(min(epochs * per_epoch if epochs is not None else math.inf, max_steps or math.inf))
         if self.step == 0:
-            self._resolve_auto_tolerances(train_loader)
+            self.validation.resolve_auto_tolerances(train_loader)
         show = self.is_main and (self.progress if self.progress is not None else sys.stderr.isatty())
         bar = tqdm(total=total, initial=self.step, disable=not show, desc="train", dynamic_ncols=True)
-        started = time.perf_counter() - self.wall_time
-        self._stop_signal, self._stop_agreed = None, False  # a new fit() after an Interrupted starts afresh
-        restore_signals = catch_signals(lambda signum: setattr(self, "_stop_signal", signum))
+        state = self.state
+        started = time.perf_counter() - state.wall_time
+        self.signals.install()
         try:
             while self.step < total:
-                try:
-                    epoch_done = self._run_epoch(train_loader, total, bar)
-                    self.wall_time = time.perf_counter() - started
-                    if not epoch_done:
-                        break
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    last = self.step >= total
-                    good = True  # a checkpoint after a non-finite validation would not be a good state
-                    if val_loader is not None and (self.epoch % eval_every == 0 or last):
-                        every = self.readout_every
-                        readout = last or (every > 0 and (self.epoch // eval_every) % every == 0)
-                        good = self._log_eval("val", val_loader, readout=readout).get("finite", True)
-                except RolledBack:
+                rollbacks = state.rollbacks
+                epoch_done = self._run_epoch(train_loader, total, bar)
+                state.wall_time = time.perf_counter() - started
+                if state.rollbacks != rollbacks:  # rolled back: the loop continues from the checkpoint
                     bar.n = self.step
                     continue
-                if good and (self.epoch % checkpoint_every == 0 or last):
+                if not epoch_done:
+                    break
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                last = self.step >= total
+                good = True  # a checkpoint after a non-finite validation would not be a good state
+                if val_loader is not None and (state.epoch % eval_every == 0 or last):
+                    every = self.readout_every
+                    readout = last or (every > 0 and (state.epoch // eval_every) % every == 0)
+                    good = self.validation.log("val", val_loader, readout=readout).get("finite", True)
+                    if state.rollbacks != rollbacks:
+                        bar.n = self.step
+                        continue
+                if good and (state.epoch % checkpoint_every == 0 or last):
                     self.save_checkpoint()
             bar.close()
-            self.wall_time = time.perf_counter() - started
-            self._final_evaluations(val_loader, test_loader)
-            self._stop_if_signalled()
+            state.wall_time = time.perf_counter() - started
+            self.validation.final(val_loader, test_loader)
+            self.stop_if_signalled()
         finally:
-            restore_signals()
+            self.signals.restore()
             bar.close()
         self.save_checkpoint()
         summary = self.summary()
         if self.log_dir:
-            write_json(self.log_dir / run_dir.SUMMARY, summary)
+            write_json(self.log_dir / layout.SUMMARY, summary)
         if print_summary and self.is_main:
             print(self.format_balance(summary))
         return summary
 
-    def _run_epoch(self, loader: Iterable, total: int, bar) -> bool:
-        """Run the rest of the current epoch; False if ``total`` steps were reached before its end."""
-        for batch in self._rest_of_epoch(loader):
+    def _run_epoch(self, loader: Iterable, total: int, bar: tqdm) -> bool:
+        """Run the rest of the current epoch; False if ``total`` steps were reached before its end, or a
+        step rolled back (``state.rollbacks`` tells)."""
+        rollbacks = self.state.rollbacks
+        for batch in self.checkpoints.rest_of_epoch(loader):
             record = self.train_step(
                 batch, record=(self.step + 1) % self.log_every == 0 or self.step + 1 == total
             )
+            if self.state.rollbacks != rollbacks:
+                return False
             bar.update(1)
             if record is not None:
-                self._write(record)
+                self.write(record)
                 bar.set_postfix(_progress_postfix(record), refresh=False)
             # one process stops after the step the signal arrived in; several after the step that agreed on it
-            if self._stop_agreed or (self.world_size == 1 and self._stop_signal is not None):
+            if self.signals.agreed or (self.world_size == 1 and self.signals.received is not None):
                 path = self.save_checkpoint()
                 raise Interrupted(
                     f"stopped by a signal after step {self.step}; checkpoint saved to {path}; "
@@ -338,24 +367,66 @@ class Trainer(RunState, RunEvaluation):
                     else f"stopped by a signal after step {self.step} (no log_dir: no checkpoint saved)"
                 )
             if self.step >= total:
-                return self.batch_in_epoch >= len(loader)
+                return self.state.batch_in_epoch >= len(loader)
         return True
+
+    # ------------------------------------------------------------------ state, checkpoints, evaluation
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit (:meth:`Checkpointing.state_dict`)."""
+        return self.checkpoints.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.checkpoints.load_state_dict(state)
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Write ``checkpoints/last.pt`` (or ``path``) atomically, keeping the one before as ``previous.pt``;
+        see :meth:`Checkpointing.save`."""
+        return self.checkpoints.save(path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` (tensors only: no code runs from it)."""
+        self.checkpoints.load(path)
+
+    def evaluate(
+        self, loader: Iterable, variants: Collection[str] = ("model", "eq"), readout: bool = True
+    ) -> dict[str, float]:
+        """Loss, metrics and deviations of the model and of f_eq (:meth:`Validation.evaluate`)."""
+        return self.validation.evaluate(loader, variants, readout)
+
+    def truncate_records(self, events: bool = True) -> None:
+        """Forget records of steps after ``self.step`` (they will be run again after a rollback or resume) and
+        test records (``fit`` writes them again at its end). ``events``: keep the event records of later steps
+        (after a rollback they say why; a resume replays them, so it passes False)."""
+
+        def keep(r: dict[str, Any]) -> bool:
+            if any(k.startswith("test/") for k in r):
+                return False
+            return r.get("step", 0) <= self.step or (events and "event" in r)
+
+        self.history = [r for r in self.history if keep(r)]
+        self.log.truncate(keep)
+
+    def last_record(self) -> dict[str, Any]:
+        """The last training record: of this process's steps, else the one a loaded checkpoint held."""
+        return next((r for r in reversed(self.history) if "loss" in r), self.state.loaded_record)
 
     # ------------------------------------------------------------------ summary
 
     def summary(self) -> dict[str, Any]:
         """The final state and metrics (schema: :mod:`ace.train.summary`)."""
+        state = self.state
         return records.summary(
             self.core,
             self.last_record(),
-            self.last_eval,
+            state.last_eval,
             steps=self.step,
-            epochs=self.epoch,
-            wall_time=self.wall_time,
-            best=self.best,
-            test=self.test_scores,
-            selected=self.selected,
-            heldout=self.heldout,
+            epochs=state.epoch,
+            wall_time=state.wall_time,
+            best=state.best,
+            test=state.test_scores,
+            selected=state.selected,
+            heldout=state.heldout,
         )
 
     format_balance = staticmethod(records.format_balance)
