@@ -34,7 +34,7 @@ from ace.config.run_config import config_changes, load_run_config
 from ace.config.schedule_specs import schedule_from_config
 from ace.config.schema import Config, ConfigError
 from ace.constrained.constraints import Constraint, DeviationConstraint, GateConstraint
-from ace.constrained.dual import DualSettings
+from ace.constrained.multipliers import DualSettings
 from ace.constrained.schedules import Schedule, is_nonincreasing, lr_schedule
 from ace.nn.relaxed import gates, relax
 from ace.runs.checkpoint import CheckpointError

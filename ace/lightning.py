@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import torch
 
 from ace.constrained.constraints import Constraint, DeviationConstraint
-from ace.constrained.dual import DualSettings
+from ace.constrained.multipliers import DualSettings
 from ace.constrained.primal_dual import PrimalDual
 from ace.utils.batches import split_batch
 
@@ -79,8 +79,9 @@ class Constrained(pl.LightningModule):
             optimizers = self.optimizers()
             optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
             # Lightning's optimiser wrappers: their step() counts global_step and runs the strategy's hooks
-            self.core = PrimalDual(self.module, optimizers, device=self.device, **self._settings)
-            self.core.backward = self.manual_backward  # precision plugins and strategies see the backward
+            self.core = PrimalDual(
+                self.module, optimizers, device=self.device, backward=self.manual_backward, **self._settings
+            )
             if self._restored is not None:
                 self.core.load_state_dict(self._restored)
         return self.core

@@ -58,8 +58,8 @@ def test_every_constraint_trains_in_the_models_dtype(dtype, method, kind, formul
     core, result, moved = train(model, make(**CONSTRAINTS[method]), dtype, formulation)
     assert moved
     assert torch.isfinite(result.loss)
-    for c in core.cooper_constraints.values():
-        assert c.multiplier.weight.dtype == dtype  # float64 multipliers for a float64 model
+    for weight in core.duals.weights():
+        assert weight.dtype == dtype  # float64 multipliers for a float64 model
     for u in core.slacks.values():
         assert u.dtype == dtype
 

@@ -453,7 +453,7 @@ def test_nan_stop_detects_each_quantity(monkeypatch, quantity, setup):
 
 def poison_dual_step(trainer, at, monkeypatch):
     """The dual step of the steps in ``at`` (counted from 1) leaves an Inf multiplier."""
-    dual_step = ace.constrained.primal_dual.dual_step
+    dual_step = ace.constrained.multipliers.dual_step
 
     def poisoned(optimizer, constraints, violations, dual):
         dual_step(optimizer, constraints, violations, dual)
@@ -461,7 +461,7 @@ def poison_dual_step(trainer, at, monkeypatch):
             for c in constraints.values():
                 c.multiplier.weight.data.fill_(float("inf"))
 
-    monkeypatch.setattr(ace.constrained.primal_dual, "dual_step", poisoned)
+    monkeypatch.setattr(ace.constrained.multipliers, "dual_step", poisoned)
 
 
 def test_nan_skip_undoes_a_bad_dual_step(monkeypatch):

@@ -112,7 +112,7 @@ def test_the_paper_recipe_steps_gates_and_multipliers_with_adam(method, cache_di
     held = {id(p) for group in adam.param_groups for p in group["params"]}
     assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 9.0e-4
     assert all(id(g) in held for g in core.gates.values()) and core.primal.gate_lr is None
-    assert isinstance(core.cooper_optimizer.dual_optimizers[0], torch.optim.Adam)
+    assert isinstance(core.duals.optimizer.dual_optimizers[0], torch.optim.Adam)
     assert core.dual.formulation == "lagrangian" and core.dual.scale == "none"
     assert core.primal.gate_max_step is None
     x = next(iter(loaders["train"]))

@@ -134,7 +134,8 @@ def test_primal_lagrangian_equals_coopers_bit_for_bit(formulation, c, seed):
     backpropagating ``objective + w^T v`` (one dot per constraint) gives cooper's gradient, bit for bit."""
     import cooper
 
-    from ace.constrained.dual import make_problem, multiplier_weights, primal_lagrangian
+    from ace.constrained.lagrangian import multiplier_weights, primal_lagrangian
+    from ace.constrained.multipliers import make_problem
 
     constraints = [
         ace.GateConstraint(tolerance=0.0, equality=True, name="eq"),
@@ -165,7 +166,7 @@ def test_primal_lagrangian_equals_coopers_bit_for_bit(formulation, c, seed):
 
 def test_plain_sgd_dual_step_equals_torch_sgd_and_coopers_projection():
     """The SGD dual step is applied directly: the same multipliers as torch's SGD (maximize) + cooper."""
-    from ace.constrained.dual import dual_step, make_optimizer, make_problem
+    from ace.constrained.multipliers import dual_step, make_optimizer, make_problem
 
     constraints = [
         ace.GateConstraint(tolerance=0.0, equality=True, name="eq"),
@@ -196,7 +197,6 @@ def test_plain_sgd_dual_step_equals_torch_sgd_and_coopers_projection():
 def test_the_reported_lagrangian_uses_the_multipliers_of_the_primal_step(update):
     """The Lagrangian is computed only when read: from the multipliers before the dual step (simultaneous) or
     after it (alternating), with the slack cost of the step's slacks."""
-    from ace.constrained.dual import primal_lagrangian
 
     model, optimizers, constraints, settings, loader = setup()
     settings["dual"] = ace.DualSettings(formulation="augmented", update=update, lr=0.1)
@@ -211,7 +211,9 @@ def test_the_reported_lagrangian_uses_the_multipliers_of_the_primal_step(update)
     slack = result.slacks["deviation"]
     scale = core.scale.mean  # every term but the loss is in units of the loss's initial scale
     objective = result.loss + scale * (0.5 * constraints[1].rho * slack.pow(2).sum())
-    expected = primal_lagrangian(objective, result.violations, used, core.cooper_constraints, scale)
+    from ace.constrained.lagrangian import primal_lagrangian
+
+    expected = primal_lagrangian(objective, result.violations, used, core.duals.constraints, scale)
     torch.testing.assert_close(result.lagrangian, expected, rtol=1e-6, atol=0)
 
 

@@ -6,7 +6,7 @@ The only sub-package that imports cooper. Imports :mod:`ace.nn`, :mod:`ace.symme
 
 from ace.constrained import schedules
 from ace.constrained.constraints import Constraint, DeviationConstraint, GateConstraint, Tolerance
-from ace.constrained.dual import DualSettings
+from ace.constrained.multipliers import DualSettings
 from ace.constrained.primal_dual import PrimalDual
 from ace.constrained.step_result import StepResult
 

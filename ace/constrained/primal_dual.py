@@ -50,15 +50,7 @@ from torch.nn.utils import parametrize
 
 from ace.constrained.closing import ClosedGates
 from ace.constrained.constraints import Constraint, GateConstraint, check_limits, check_setup, check_tolerance
-from ace.constrained.dual import (
-    DualSettings,
-    clamp_multipliers,
-    dual_step,
-    lagrangian_surrogate,
-    make_optimizer,
-    make_problem,
-    primal_lagrangian,
-)
+from ace.constrained.multipliers import DualSettings, Multipliers
 from ace.constrained.primal import Bounds, PrimalSide
 from ace.constrained.scale import LossScale
 from ace.constrained.schedules import LearningRates
@@ -118,6 +110,8 @@ class PrimalDual:
             less as gates close. ``None`` (default): never.
         seed: seeds the generator of the group elements that deviation constraints sample.
         device: where the multipliers and slacks live (default: the model's device).
+        backward: how the primal Lagrangian is backpropagated (default ``Tensor.backward``; Lightning passes
+            its ``manual_backward``, so that precision plugins and strategies see it).
 
     Under ``torch.distributed`` the loss and constraint values are all-reduced (one collective per step) so
     that every rank applies the same dual update.
@@ -143,6 +137,7 @@ class PrimalDual:
         close_gates_below: float | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
+        backward: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         self.model = model
         self.optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
@@ -167,11 +162,8 @@ class PrimalDual:
             torch.optim.SGD(list(self.slacks.values()), lr=slack_lr) if self.slacks else None
         )
         sizes = {c.name: self._size(c) for c in self.constraints}
-        self.cmp, self.cooper_constraints = make_problem(
-            self.constraints, sizes, dual, self.device, self.dtype
-        )
         primal_optimizers = self.optimizers + ([self.slack_optimizer] if self.slack_optimizer else [])
-        self.cooper_optimizer = make_optimizer(self.cmp, primal_optimizers, dual)
+        self.duals = Multipliers(self.constraints, sizes, dual, primal_optimizers, self.device, self.dtype)
         gates = list(self.gates.values())
         self.primal = PrimalSide(
             self.optimizers,
@@ -188,7 +180,7 @@ class PrimalDual:
         skip = [] if schedule_gates or step_gates else gates
         self.rates = LearningRates(lr_schedule, self.optimizers, skip=skip)
         self._check = StepCheck([*self.primal.weights, *self.primal.gates], self.device)
-        self.backward: Callable[[torch.Tensor], None] = torch.Tensor.backward  # of the primal Lagrangian
+        self.backward = backward or torch.Tensor.backward
         self.step_count = 0
         self.tolerance_starts: dict[str, float] = {}
         self._ceiling_warned: set[str] = set()
@@ -202,12 +194,22 @@ class PrimalDual:
     def resolve_tolerances(self, measure: Callable[[Constraint], float]) -> None:
         """Fill ``start="auto"`` tolerances with ``measure(constraint)`` (once; kept in the state)."""
         for c in self.constraints:
-            if getattr(c.tolerance, "needs_start", False):
-                if c.name not in self.tolerance_starts:
-                    self.tolerance_starts[c.name] = measure(c)
-                start = self.tolerance_starts[c.name]
-                c.tolerance = c.tolerance.resolve(start=start)
-                check_tolerance(c.tolerance, f"constraint '{c.name}' (measured start {start:.4g})")
+            if getattr(c.tolerance, "needs_start", False) and c.name not in self.tolerance_starts:
+                self.tolerance_starts[c.name] = measure(c)
+        for c in self._apply_tolerance_starts():
+            start = self.tolerance_starts[c.name]
+            check_tolerance(c.tolerance, f"constraint '{c.name}' (measured start {start:.4g})")
+
+    def _apply_tolerance_starts(self) -> list[Constraint]:
+        """Give every ``start="auto"`` schedule its recorded start; returns the constraints it resolved."""
+        resolved = [
+            c
+            for c in self.constraints
+            if getattr(c.tolerance, "needs_start", False) and c.name in self.tolerance_starts
+        ]
+        for c in resolved:
+            c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
+        return resolved
 
     # ------------------------------------------------------------------ one step
 
@@ -274,27 +276,24 @@ class PrimalDual:
 
     def update(self, measured: _Measured) -> StepResult:
         """The primal-dual update of a measured batch (nothing is applied when a quantity is non-finite)."""
+        multipliers = self.duals
         # a dropped step must also undo a dual step that overflowed the multipliers: keep their values
-        with torch.no_grad():
-            kept = [c.multiplier.weight.clone() for c in self.cooper_constraints.values()]
+        kept = multipliers.keep()
         seen = self.snapshot(kept, measured.gates)
         self.rates.apply(self.step_count)
-        alternating = self.cooper_constraints and self.dual.update == "alternating"
+        alternating = multipliers and self.dual.update == "alternating"
         if alternating:  # dual step first, so the primal Lagrangian uses the new multipliers
-            dual_step(self.cooper_optimizer, self.cooper_constraints, measured.violations, self.dual)
+            multipliers.step(measured.violations)
         if self.primal.gate_lr is not None:  # the gates' rate follows the schedule only on request
             self.primal.gate_lr = self.rates.rate(self.gate_lr, self.step_count, self.schedule_gates)
-        surrogate = lagrangian_surrogate(
-            measured.objective, measured.observed, self.cooper_constraints, measured.scale
-        )
-        self.backward(surrogate)
-        if self.cooper_constraints and not alternating:
+        self.backward(multipliers.surrogate(measured.objective, measured.observed, measured.scale))
+        if multipliers and not alternating:
             # violations at the pre-step point; taken before the primal step, which does not read the
             # multipliers, so that one host sync checks the new multipliers with everything else
-            dual_step(self.cooper_optimizer, self.cooper_constraints, measured.violations, self.dual)
+            multipliers.step(measured.violations)
         quantities = {"loss": [measured.loss]}
         quantities.update({f"constraint '{k}'": [v] for k, v in measured.values.items()})
-        quantities["multiplier"] = [c.multiplier.weight for c in self.cooper_constraints.values()]
+        quantities["multiplier"] = multipliers.weights()
         numbers, gradients_finite = self._check(quantities)  # the step's one host sync
         problem = next((k for k, xs in numbers.items() if not all(map(math.isfinite, xs))), None)
         if problem is None and not gradients_finite:
@@ -309,13 +308,11 @@ class PrimalDual:
                 self.closed.update(self.gates, values, measured.tolerances, self.step_count + 1, events)
             if self.max_multiplier is not None and largest > self.max_multiplier:
                 step, warned = self.step_count + 1, self._ceiling_warned
-                clamp_multipliers(self.cooper_constraints, self.max_multiplier, warned, step, events)
+                multipliers.clamp(self.max_multiplier, warned, step, events)
         if problem is not None:  # dropped: no gradients left, the multipliers and scale as they were
-            self.cooper_optimizer.zero_grad()
+            multipliers.zero_grad()
             self.scale.restore()
-            with torch.no_grad():
-                for c, weight in zip(self.cooper_constraints.values(), kept):
-                    c.multiplier.weight.copy_(weight)
+            multipliers.restore(kept)
         self.step_count += 1
         self.primal.set_scheduled_gates(self.step_count)
         tolerances, values, violations = measured.tolerances, measured.values, measured.violations
@@ -340,17 +337,19 @@ class PrimalDual:
         """The primal Lagrangian's value at the step (for records: a step that is not logged skips it), from
         the multipliers its primal step used: read by the step's check, or kept before a dual step."""
         if multipliers and not torch.is_tensor(multipliers[0]):
-            sizes = [c.multiplier.weight.numel() for c in self.cooper_constraints.values()]
-            multipliers = torch.tensor(multipliers, device=self.device).split(sizes)
-        with torch.no_grad():
-            used = dict(zip(self.cooper_constraints, multipliers))
-            return primal_lagrangian(
-                measured.objective.detach(), measured.observed, used, self.cooper_constraints, measured.scale
-            )
+            multipliers = self.duals.split(multipliers)
+        objective = measured.objective.detach()
+        return self.duals.lagrangian(objective, measured.observed, multipliers, measured.scale)
 
-    def snapshot(self, multipliers: list[torch.Tensor], gates: torch.Tensor | None = None) -> dict[str, Any]:
-        """Gates (``gates``: stacked, else read now), slacks and multipliers before the step's update."""
-        weights = dict(zip(self.cooper_constraints, multipliers))
+    def snapshot(
+        self, multipliers: list[torch.Tensor] | None = None, gates: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """Gates (``gates``: stacked, else read now), slacks and multipliers (``multipliers``: one tensor per
+        constraint with multipliers, else the current ones)."""
+        if multipliers is None:
+            weights = self.duals.values()
+        else:
+            weights = dict(zip(self.duals.constraints, multipliers))
         if gates is None and self.gates:
             gates = torch.stack(self.primal.gates).detach()
         return {
@@ -366,7 +365,7 @@ class PrimalDual:
 
     def zero_grad(self) -> None:
         """Forget the gradients of the step in progress (every parameter, gate, slack and multiplier)."""
-        self.cooper_optimizer.zero_grad()
+        self.duals.zero_grad()
 
     def needs_tolerance_starts(self) -> bool:
         """Some constraint's schedule starts at ``"auto"`` and waits for :meth:`resolve_tolerances`."""
@@ -374,9 +373,7 @@ class PrimalDual:
 
     def multipliers(self) -> dict[str, torch.Tensor]:
         """Current multiplier values by constraint name (the fixed weight for penalty constraints)."""
-        return self.snapshot([c.multiplier.weight.detach() for c in self.cooper_constraints.values()])[
-            "multipliers"
-        ]
+        return self.snapshot()["multipliers"]
 
     def table(self, tolerances, values, violations, seen) -> dict[str, dict[str, float]]:
         """Per constraint entry: tolerance, gate or deviation, violation, multiplier, slack."""
@@ -387,8 +384,7 @@ class PrimalDual:
     def state_dict(self) -> dict[str, Any]:
         """Multipliers, the optimisers (primal and dual), slacks, step, tolerance starts and the generator."""
         return {
-            "cooper_optimizer": self.cooper_optimizer.state_dict(),
-            "cmp": self.cmp.state_dict(),
+            **self.duals.state_dict(),
             "slacks": {k: v.detach().clone() for k, v in self.slacks.items()},
             "step": self.step_count,
             "tolerance_starts": dict(self.tolerance_starts),
@@ -401,8 +397,7 @@ class PrimalDual:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (``ValueError``, ``KeyError``, ``RuntimeError`` if it does not fit)."""
-        self.cmp.load_state_dict(state["cmp"])
-        self.cooper_optimizer.load_state_dict(state["cooper_optimizer"])
+        self.duals.load_state_dict(state)
         if set(state["slacks"]) != set(self.slacks):
             raise ValueError(f"checkpoint slacks {sorted(state['slacks'])} != {sorted(self.slacks)}")
         with torch.no_grad():
@@ -410,9 +405,7 @@ class PrimalDual:
                 self.slacks[k].copy_(v)
         self.step_count = state["step"]
         self.tolerance_starts = dict(state["tolerance_starts"])
-        for c in self.constraints:
-            if getattr(c.tolerance, "needs_start", False) and c.name in self.tolerance_starts:
-                c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
+        self._apply_tolerance_starts()
         self.generator.set_state(state["generator"])
         self.rates.factor = state.get("lr_factor", 1.0)
         self._ceiling_warned |= set(state.get("ceiling_warned", ()))  # a rollback keeps its own warnings

@@ -99,7 +99,7 @@ def format_balance(summary: dict[str, Any]) -> str:
 def _final_state(core: PrimalDual, deviations: dict[str, float | None]) -> StepResult:
     """The state after the last update, in the shape of a step result (no loss): gate constraints read the
     gates; a deviation constraint reads ``deviations[name]`` (NaN if missing)."""
-    seen = core.snapshot([c.multiplier.weight.detach() for c in core.cooper_constraints.values()])
+    seen = core.snapshot()
     tolerances = core.tolerances()
     values, violations = {}, {}
     for c in core.constraints:

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ace.constrained.constraints import Constraint
-from ace.constrained.dual import DualSettings
+from ace.constrained.multipliers import DualSettings
 from ace.constrained.primal_dual import PrimalDual, module_device
 from ace.runs import layout
 from ace.runs.metrics import MetricsLog, write_json

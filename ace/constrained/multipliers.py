@@ -1,4 +1,5 @@
-"""The dual side: how multipliers are updated (:class:`DualSettings`) and the cooper objects holding them."""
+"""The dual side: how multipliers are updated (:class:`DualSettings`) and :class:`Multipliers`, the one owner
+of the cooper objects that hold them (the problem, its constraints and the constrained optimiser)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,10 @@ from cooper.optim import nuPI, nuPIInitType
 from cooper.penalty_coefficients import DensePenaltyCoefficient
 
 from ace.constrained.constraints import Constraint
+from ace.constrained.lagrangian import lagrangian_surrogate, primal_lagrangian
 from ace.constrained.scale import check_scale
 
-__all__ = [
-    "DualSettings",
-    "make_problem",
-    "make_optimizer",
-    "primal_lagrangian",
-    "multiplier_weights",
-    "lagrangian_surrogate",
-    "dual_step",
-    "clamp_multipliers",
-]
+__all__ = ["DualSettings", "Multipliers", "make_problem", "make_optimizer", "dual_step", "clamp_multipliers"]
 
 
 @dataclass(frozen=True)
@@ -147,85 +140,6 @@ def make_optimizer(cmp: _Problem, primal: list[torch.optim.Optimizer], dual: Dua
     return cooper.optim.SimultaneousOptimizer(cmp, primal, dual_opt)
 
 
-def primal_lagrangian(
-    objective: torch.Tensor,
-    violations: dict[str, torch.Tensor],
-    multipliers: dict[str, torch.Tensor],
-    constraints: dict[str, cooper.Constraint],
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The primal Lagrangian ``objective + s sum_i lambda_i^T v_i`` (``s`` the loss scale, 1 when ``None``),
-    with the augmented terms where the constraint has a penalty coefficient c:
-
-    .. math::
-        \\lambda^\\top h + \\tfrac{1}{2} c^\\top h^2 \\;\\text{(equality)}, \\qquad
-        \\tfrac{1}{2} (1/c)^\\top \\left(\\mathrm{relu}(\\lambda + c\\, g)^2 - \\lambda^2\\right)
-        \\;\\text{(inequality; Nocedal \\& Wright 17.64-65)}.
-
-    cooper's formulas (``CMPState.compute_primal_lagrangian``, equal on the tested cases) without
-    its per-step objects and einsums (their cost: docs/performance.md).
-    """
-    lagrangian = objective
-    for name, violation in violations.items():
-        c, multiplier = constraints[name], multipliers[name]
-        if c.penalty_coefficient is None:
-            term = torch.dot(multiplier, violation)
-        elif c.constraint_type == cooper.ConstraintType.EQUALITY:
-            rho = c.penalty_coefficient.value
-            term = torch.dot(multiplier, violation) + 0.5 * torch.dot(rho, violation**2)
-        else:
-            rho = c.penalty_coefficient.value
-            shifted = torch.relu(multiplier + rho * violation) ** 2
-            term = 0.5 * torch.dot(1 / rho, shifted - multiplier**2)
-        lagrangian = lagrangian + (term if scale is None else scale * term)
-    return lagrangian
-
-
-def multiplier_weights(
-    violations: dict[str, torch.Tensor], constraints: dict[str, cooper.Constraint]
-) -> dict[str, torch.Tensor]:
-    """``w_i``, the derivative of :func:`primal_lagrangian` with respect to ``v_i`` (detached), so that
-    backpropagating ``objective + sum_i w_i^T v_i`` gives the primal Lagrangian's gradient with one dot per
-    constraint, where autograd through the terms takes five to nine operators and as many backward nodes:
-
-    .. math::
-        w = \\lambda, \\qquad \\lambda + c \\odot h \\;\\text{(augmented equality)}, \\qquad
-        \\tfrac{1}{2} (1/c) \\odot 2\\,\\mathrm{relu}(\\lambda + c\\, g) \\odot c
-        \\;\\text{(augmented inequality)}.
-
-    The last is the chain rule factor by factor, in the order autograd multiplies them: the gradients are bit
-    for bit those of backpropagating the terms (tested), so runs are unchanged.
-    """
-    weights = {}
-    with torch.no_grad():
-        for name, violation in violations.items():
-            c = constraints[name]
-            multiplier = c.multiplier.weight
-            if c.penalty_coefficient is None:
-                weights[name] = multiplier.detach()
-            elif c.constraint_type == cooper.ConstraintType.EQUALITY:
-                weights[name] = multiplier + c.penalty_coefficient.value * violation
-            else:
-                rho = c.penalty_coefficient.value
-                shifted = torch.relu(multiplier + rho * violation)
-                weights[name] = ((0.5 * (1 / rho)) * (2 * shifted)) * rho
-    return weights
-
-
-def lagrangian_surrogate(
-    objective: torch.Tensor,
-    violations: dict[str, torch.Tensor],
-    constraints: dict[str, cooper.Constraint],
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``objective + s sum_i w_i^T v_i`` (:func:`multiplier_weights`; ``s`` the loss scale, 1 when ``None``),
-    whose gradient is the primal Lagrangian's."""
-    surrogate = objective
-    for name, w in multiplier_weights(violations, constraints).items():
-        surrogate = surrogate + torch.dot(w if scale is None else w * scale, violations[name])
-    return surrogate
-
-
 def dual_step(
     optimizer: Any,
     constraints: dict[str, cooper.Constraint],
@@ -273,3 +187,90 @@ def clamp_multipliers(
                 event = {"step": step, "event": "multiplier_ceiling", "constraint": name}
                 events.append({**event, "message": message})
             w.clamp_(-ceiling, ceiling)
+
+
+class Multipliers:
+    """The multipliers of the constraints that have them (``sizes[name]`` each, of ``dtype``), with the cooper
+    problem that holds them and cooper's constrained optimiser over ``primal`` optimisers and the dual one.
+
+    Nothing else reads cooper's objects: the core asks this class to step, keep, restore and clamp the
+    multipliers and for the Lagrangian at them. Its state is the checkpoint's ``cooper_optimizer`` and
+    ``cmp`` entries.
+    """
+
+    def __init__(
+        self,
+        constraints: list[Constraint],
+        sizes: dict[str, int],
+        dual: DualSettings,
+        primal: list[torch.optim.Optimizer],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.dual = dual
+        self.cmp, self.constraints = make_problem(constraints, sizes, dual, device, dtype)
+        self.optimizer = make_optimizer(self.cmp, primal, dual)
+        self.device = device
+
+    def __bool__(self) -> bool:
+        return bool(self.constraints)
+
+    def weights(self) -> list[torch.Tensor]:
+        """The multipliers themselves (live tensors, in constraint order)."""
+        return [c.multiplier.weight for c in self.constraints.values()]
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """The current multipliers by constraint name (detached)."""
+        return {name: c.multiplier.weight.detach() for name, c in self.constraints.items()}
+
+    def keep(self) -> list[torch.Tensor]:
+        """Copies of the multipliers, for :meth:`restore` (a dropped step undoes its dual step)."""
+        with torch.no_grad():
+            return [w.clone() for w in self.weights()]
+
+    def restore(self, kept: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for weight, value in zip(self.weights(), kept):
+                weight.copy_(value)
+
+    def split(self, numbers: list[float]) -> list[torch.Tensor]:
+        """Flat multiplier values (as the step's check reads them) back into one tensor per constraint."""
+        sizes = [w.numel() for w in self.weights()]
+        return list(torch.tensor(numbers, device=self.device).split(sizes))
+
+    def step(self, violations: dict[str, torch.Tensor]) -> None:
+        """One ascent step on the (rank-averaged) ``violations`` (:func:`dual_step`)."""
+        dual_step(self.optimizer, self.constraints, violations, self.dual)
+
+    def clamp(self, ceiling: float, warned: set[str], step: int, events: list[dict[str, Any]]) -> None:
+        """Clamp to ``[-ceiling, ceiling]``, warning once per constraint (:func:`clamp_multipliers`)."""
+        clamp_multipliers(self.constraints, ceiling, warned, step, events)
+
+    def zero_grad(self) -> None:
+        """Forget every gradient the constrained optimiser holds (primal and dual)."""
+        self.optimizer.zero_grad()
+
+    def surrogate(
+        self, objective: torch.Tensor, violations: dict[str, torch.Tensor], scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A scalar whose gradient is the primal Lagrangian's at the current multipliers."""
+        return lagrangian_surrogate(objective, violations, self.constraints, scale)
+
+    def lagrangian(
+        self,
+        objective: torch.Tensor,
+        violations: dict[str, torch.Tensor],
+        multipliers: list[torch.Tensor],
+        scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The primal Lagrangian's value at ``multipliers`` (one tensor per constraint, in order)."""
+        with torch.no_grad():
+            used = dict(zip(self.constraints, multipliers))
+            return primal_lagrangian(objective, violations, used, self.constraints, scale)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cooper_optimizer": self.optimizer.state_dict(), "cmp": self.cmp.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cmp.load_state_dict(state["cmp"])
+        self.optimizer.load_state_dict(state["cooper_optimizer"])
