@@ -15,8 +15,8 @@ slice and increment records that ``get_example`` reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Sequence, Sized
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,7 @@ def _layout(graph: Any) -> dict[str, tuple[int | None, int]] | None:
     return layout
 
 
-def stackable(graphs: Any) -> bool:
+def stackable(graphs: Any) -> TypeGuard[list[Any] | tuple[Any, ...]]:
     """Whether ``graphs`` is a non-empty list of torch_geometric ``Data`` of one class that
     :class:`StackedGraphs` batches exactly like ``Batch.from_data_list``: the same attributes, plain
     tensors of equal shape, dtype and device, the same number of nodes, and index attributes
@@ -88,6 +88,7 @@ class StackedGraphs(Dataset):
         if not stackable(graphs):
             raise ValueError("StackedGraphs needs Data graphs with equal nodes, attributes and edge_index")
         first, layout = graphs[0], _layout(graphs[0])
+        assert layout is not None, "stackable graphs have a layout"
         self.graphs = graphs
         self.num_nodes: int = first.num_nodes
         self._cls = type(first)
@@ -159,6 +160,10 @@ def make_loader(
     With ``distributed``, each rank reads its shard through a DistributedSampler (reshuffled each epoch
     from ``seed``) and ``batch_size`` is the global batch, split evenly over the ranks.
     """
+    if not isinstance(dataset, Sized):
+        raise TypeError(
+            f"make_loader needs a dataset with a length (map-style), got {type(dataset).__name__}"
+        )
     if len(dataset) == 0:
         raise ValueError("cannot make a loader over an empty dataset")
     kwargs: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle}
@@ -173,5 +178,7 @@ def make_loader(
     if hasattr(dataset[0], "num_nodes"):
         from torch_geometric.loader import DataLoader as GraphLoader
 
-        return (StackedGraphLoader if stackable(dataset) else GraphLoader)(dataset, **kwargs)
+        if stackable(dataset):
+            return StackedGraphLoader(dataset, **kwargs)
+        return GraphLoader(dataset, **kwargs)
     return DataLoader(dataset, **kwargs)
