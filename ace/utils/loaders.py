@@ -16,14 +16,17 @@ slice and increment records that ``get_example`` reads.
 from __future__ import annotations
 
 from collections.abc import Sequence, Sized
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["make_loader", "StackedGraphLoader", "StackedGraphs", "stackable"]
+__all__ = ["make_loader", "MapDataset", "StackedGraphLoader", "StackedGraphs", "stackable"]
+
+MapDataset = Dataset[Any] | Sequence[Any]
+"""A map-style data set, ``data[i]`` and ``len(data)``: a torch ``Dataset`` or a plain list of samples."""
 
 
 def _layout(graph: Any) -> dict[str, tuple[int | None, int]] | None:
@@ -149,7 +152,7 @@ class StackedGraphLoader(DataLoader):
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, distributed: bool = False, seed: int = 0
+    dataset: MapDataset, batch_size: int, shuffle: bool, distributed: bool = False, seed: int = 0
 ) -> DataLoader:
     """A DataLoader, or torch_geometric's when the items are graphs.
 
@@ -166,6 +169,8 @@ def make_loader(
         )
     if len(dataset) == 0:
         raise ValueError("cannot make a loader over an empty dataset")
+    # torch's loader and sampler read any map-style data set, a list too; their stubs ask for a Dataset
+    as_dataset = cast(Dataset[Any], dataset)
     kwargs: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle}
     if distributed:
         world = dist.get_world_size()
@@ -173,7 +178,7 @@ def make_loader(
             raise ValueError(f"train.batch_size: {batch_size} does not split evenly over {world} processes")
         kwargs = {
             "batch_size": batch_size // world,
-            "sampler": DistributedSampler(dataset, shuffle=shuffle, seed=seed),
+            "sampler": DistributedSampler(as_dataset, shuffle=shuffle, seed=seed),
         }
     if hasattr(dataset[0], "num_nodes"):
         from torch_geometric.loader import DataLoader as GraphLoader
@@ -181,4 +186,4 @@ def make_loader(
         if stackable(dataset):
             return StackedGraphLoader(dataset, **kwargs)
         return GraphLoader(dataset, **kwargs)
-    return DataLoader(dataset, **kwargs)
+    return DataLoader(as_dataset, **kwargs)
