@@ -69,6 +69,8 @@ class Schedule:
     """Base class of tolerance schedules: ``schedule(step) -> float``, a pure function of the step."""
 
     _auto_fields: ClassVar[tuple[str, ...]] = ()
+    # every schedule is a frozen dataclass: said here for the type checker (dataclasses.fields and replace)
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __call__(self, step: int) -> float:
         if self.needs_start:
@@ -86,10 +88,7 @@ class Schedule:
     def resolve(self, start: float) -> Schedule:
         """A copy with every ``"auto"`` start replaced by ``start``; unchanged if there is none."""
         auto = {name: start for name in self._auto_fields if getattr(self, name) == AUTO}
-        if not auto:
-            return self
-        assert dataclasses.is_dataclass(self), "a schedule with fields to resolve is a dataclass"
-        return dataclasses.replace(self, **auto)
+        return dataclasses.replace(self, **auto) if auto else self
 
 
 def _set(schedule: Schedule, name: str, value: Any) -> None:

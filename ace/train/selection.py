@@ -64,10 +64,11 @@ class BestCheckpoints:
                 # the record that selected it: the variant's validation scores need no second evaluation
                 self.steps[variant] = {"step": step, "value": value, "val": own(record, variant, "val")}
                 state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                if self.folder is None:
+                path = self.path(variant)
+                if path is None:
                     self._memory[variant] = state
                 else:
-                    save_atomic({"step": step, "model": state}, self.path(variant), previous=None)
+                    save_atomic({"step": step, "model": state}, path, previous=None)
                 improved.append(variant)
         return improved
 
@@ -79,10 +80,10 @@ class BestCheckpoints:
             for variant, best in self.steps.items():
                 if only is not None and variant not in only:
                     continue
-                if self.folder is None:
+                path = self.path(variant)
+                if path is None:
                     state = self._memory.get(variant)
                 else:
-                    path = self.path(variant)
                     state = read_checkpoint(path, device)["model"] if path.exists() else None
                 if state is None:  # e.g. a run resumed in another process without a run directory
                     continue
