@@ -22,10 +22,12 @@ def _bake(model: nn.Module) -> nn.Module:
     """Replace every parametrization of ``model`` (the bounded branches' spectral norm) by its current value,
     in place: torch cannot pickle a parametrized module. (In place because removing a parametrization from a
     deep copy also strips the original, whose class the copy shares.)"""
+    from torch.nn import ModuleDict
     from torch.nn.utils import parametrize
 
     for m in model.modules():
         if parametrize.is_parametrized(m):
+            assert isinstance(m.parametrizations, ModuleDict)  # what is_parametrized checks for
             for name in list(m.parametrizations):
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
     return model
@@ -71,7 +73,9 @@ def export(
 
     probe = copy.deepcopy(model).to(torch.float64)
     generator = torch.Generator().manual_seed(cfg.seed)
-    worst, deviations, relatives = 0.0, [], []
+    worst = 0.0
+    deviations: list[torch.Tensor] = []
+    relatives: list[torch.Tensor] = []
     with torch.no_grad():
         for batch in itertools.islice(loaders["val"], batches):
             inputs = cast(split_batch(batch)[0], torch.float64)

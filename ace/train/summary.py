@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import cooper
 import torch
 
 from ace.constrained.constraints import GateConstraint
@@ -96,10 +97,18 @@ def format_balance(summary: dict[str, Any]) -> str:
     return f"final balance after {summary['steps']} steps\n" + format_table(header, rows)
 
 
+def _multipliers(c: cooper.Constraint) -> torch.Tensor:
+    """The multipliers of a constraint the core built (each has them), detached."""
+    assert c.multiplier is not None, "the core gives every constraint a multiplier"
+    weight = c.multiplier.weight  # a Parameter, which cooper's types leave as Tensor | Module
+    assert isinstance(weight, torch.Tensor)
+    return weight.detach()
+
+
 def _final_state(core: PrimalDual, deviations: dict[str, float | None]) -> StepResult:
     """The state after the last update, in the shape of a step result (no loss): gate constraints read the
     gates; a deviation constraint reads ``deviations[name]`` (NaN if missing)."""
-    seen = core.snapshot([c.multiplier.weight.detach() for c in core.cooper_constraints.values()])
+    seen = core.snapshot([_multipliers(c) for c in core.cooper_constraints.values()])
     tolerances = core.tolerances()
     values, violations = {}, {}
     for c in core.constraints:
