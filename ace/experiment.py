@@ -80,9 +80,9 @@ def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[
     if method in ("strict", "unconstrained", "cr"):
         return relaxed, [], gate_schedule
     tolerance = schedule_from_config(c.tolerance, total_steps) if method in ("scheduled", "penalty") else 0.0
-    if method == "scheduled" and tolerance.needs_start:
+    if method == "scheduled" and isinstance(tolerance, Schedule) and tolerance.needs_start:
         tolerance = _Tightening(tolerance, total_steps)
-    options = dict(
+    options: dict[str, Any] = dict(
         tolerance=tolerance,
         equality=method == "ace" and kind == "gate",
         resilient=method == "ace_resilient",
@@ -219,6 +219,7 @@ def _build_parts(cfg: Config) -> dict[str, Any]:
         )
     model = task.model
     if relaxed:
+        assert task.relax_where is not None, "method_setup relaxes only a task with gated layers"
         relax(
             model,
             where=task.relax_where,
@@ -275,7 +276,8 @@ def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) ->
         close_gates_below=cfg.optim.close_gates_below,
         resume=True,  # the caller has checked or cleared the directory
     )
-    trainer.total_steps = total
+    # read by ace.tune.search; Trainer does not declare it yet (it is being rewritten): declare it there
+    trainer.total_steps = total  # type: ignore[attr-defined]
     return trainer, parts["loaders"]
 
 

@@ -22,10 +22,12 @@ def _bake(model: nn.Module) -> nn.Module:
     """Replace every parametrization of ``model`` (the bounded branches' spectral norm) by its current value,
     in place: torch cannot pickle a parametrized module. (In place because removing a parametrization from a
     deep copy also strips the original, whose class the copy shares.)"""
+    from torch.nn import ModuleDict
     from torch.nn.utils import parametrize
 
     for m in model.modules():
         if parametrize.is_parametrized(m):
+            assert isinstance(m.parametrizations, ModuleDict)  # what is_parametrized checks for
             for name in list(m.parametrizations):
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
     return model
@@ -69,24 +71,24 @@ def export(
     torch.save(model, out_path)
     torch.save(model.state_dict(), out_path.with_name(out_path.stem + ".state_dict.pt"))
 
+    symmetry = trainer.symmetry
+    assert symmetry is not None  # every built-in task has one
     probe = copy.deepcopy(model).to(torch.float64)
     generator = torch.Generator().manual_seed(cfg.seed)
-    worst, deviations, relatives = 0.0, [], []
+    worst = 0.0
+    deviations: list[torch.Tensor] = []
+    relatives: list[torch.Tensor] = []
     with torch.no_grad():
         for batch in itertools.islice(loaders["val"], batches):
             inputs = cast(split_batch(batch)[0], torch.float64)
             state = generator.get_state()
             worst = max(
                 worst,
-                assert_equivariant(
-                    probe, inputs, trainer.symmetry, samples, atol=math.inf, generator=generator
-                ),
+                assert_equivariant(probe, inputs, symmetry, samples, atol=math.inf, generator=generator),
             )
             for relative, sink in ((False, deviations), (True, relatives)):
                 generator.set_state(state)
-                sink.append(
-                    equivariance_deviation(probe, inputs, trainer.symmetry, samples, relative, generator)
-                )
+                sink.append(equivariance_deviation(probe, inputs, symmetry, samples, relative, generator))
     return {
         "max_abs_error": worst,
         "deviation": float(torch.stack(deviations).mean()),

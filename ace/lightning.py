@@ -23,7 +23,7 @@ it advances by 2 a batch (``max_steps`` counts those); ace's tolerances and lr s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -76,9 +76,12 @@ class Constrained(pl.LightningModule):
     def _core(self) -> PrimalDual:
         """Built at the first step, once Lightning has moved the module and set up its optimisers."""
         if self.core is None:
-            optimizers = self.optimizers()
-            optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-            # Lightning's optimiser wrappers: their step() counts global_step and runs the strategy's hooks
+            wrapped = self.optimizers()
+            # Lightning's optimiser wrappers: their step() counts global_step and runs the strategy's hooks;
+            # they stand in for the optimisers they wrap (their types do not say so)
+            optimizers = cast(
+                list[torch.optim.Optimizer], wrapped if isinstance(wrapped, list) else [wrapped]
+            )
             self.core = PrimalDual(
                 self.module, optimizers, device=self.device, backward=self.manual_backward, **self._settings
             )
@@ -91,6 +94,10 @@ class Constrained(pl.LightningModule):
         with core.cached():
             out = self.module.training_step(batch, batch_idx)
             loss = out["loss"] if isinstance(out, dict) else out
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(
+                    f"training_step must return the loss (a tensor or a dict with 'loss'), got {out!r}"
+                )
             needs_batch = any(isinstance(c, DeviationConstraint) for c in core.constraints)
             inputs = self.inputs_of(batch) if needs_batch else None
             result = core.step(loss, inputs=inputs)

@@ -66,7 +66,7 @@ def probe(run_dir: str | Path, samples: int = 8, points: int = 2000) -> str:
     batch = next(iter(val))
     inputs = split_batch(batch)[0]
     lines += ["## Per-layer audit", ""]
-    rows = []
+    rows: list[list[Any]] = []
     if task.layer_symmetries:
         rows = [
             [name, value, "local: the layer on its own recorded inputs"]

@@ -101,8 +101,10 @@ def verdict(relative_deviation: float | None) -> str:
 def constraint_state(row: dict[str, float], equality: bool = False) -> str:
     """Whether one constraint entry keeps slack, binds or has room to spare (module docstring)."""
     value, slack = row.get("gate", row.get("deviation")), row.get("slack")
-    if slack is not None and slack > SLACK_ZERO and abs(value) > row.get("tolerance", 0.0):
-        return "kept slack"
+    if slack is not None and slack > SLACK_ZERO:
+        assert value is not None, "a constraint row holds its gate or its deviation"
+        if abs(value) > row.get("tolerance", 0.0):
+            return "kept slack"
     if is_active(row, equality):
         return "constraint active" + (" (violated)" if abs(row["violation"]) > _band(row) else "")
     return "constraint inactive"
@@ -207,17 +209,17 @@ def _balance(run: RunData) -> list[str]:
         format_table(header, rows),
         "",
     ]
-    measured = {
+    deviations: dict[str, float] = {
         n: r["relative_deviation"] for n, r in layers.items() if r.get("relative_deviation") is not None
     }
-    worst = max(measured, key=measured.get, default=None)
-    if worst is not None and measured[worst] > SYMMETRIC:
+    worst = max(deviations, key=deviations.__getitem__, default=None)
+    if worst is not None and deviations[worst] > SYMMETRIC:
         lines += [
             f"`{worst}` gives up the most symmetry: with only its branch enabled the measured relative "
-            f"deviation is {measured[worst]:.3g}.",
+            f"deviation is {deviations[worst]:.3g}.",
             "",
         ]
-    elif measured and len(measured) == len(layers):
+    elif deviations and len(deviations) == len(layers):
         lines += [
             f"Every gated layer is symmetric as measured: relative deviation <= {SYMMETRIC:g} with its "
             "branch alone.",

@@ -59,7 +59,8 @@ def run_all(
     """Train (or read back) every config for seeds 0 .. seeds-1; returns config name -> summaries.
 
     With ``train=False`` only finished runs are read (the table then counts the seeds it found)."""
-    tasks, summaries = [], {r.name: [] for r in runs}
+    tasks: list[tuple[Run, list[str], Path]] = []
+    summaries: dict[str, list[dict[str, Any]]] = {r.name: [] for r in runs}
     for seed in range(seeds):  # seed-major: a run cut short still has every config at the first seeds
         for r in runs:
             run_dir = out / r.name / f"seed{seed}"

@@ -61,14 +61,14 @@ def sweep(config: str | Path, grid: dict[str, Sequence[str]] | Sequence[str], ou
     from ace import experiment
     from ace.config.loading import load_config
 
-    grid = (
+    values = (
         parse_grid(grid)
         if not isinstance(grid, dict)
         else {k: [str(v) for v in vs] for k, vs in grid.items()}
     )
     out_dir = Path(out_dir)
-    varying = {k for k, vs in grid.items() if len(vs) > 1}
-    combos = [[f"{k}={v}" for k, v in zip(grid, values)] for values in itertools.product(*grid.values())]
+    varying = {k for k, vs in values.items() if len(vs) > 1}
+    combos = [[f"{k}={v}" for k, v in zip(values, combo)] for combo in itertools.product(*values.values())]
     plan = [(out_dir / _run_name(overrides, varying), load_config(config, overrides)) for overrides in combos]
     stale = [
         f"{path.name} ({'; '.join(changes)})"

@@ -138,6 +138,20 @@ def test_every_import_runs_down_the_layers_and_no_private_name_crosses_a_sub_pac
     assert violations(ROOT / "ace") == []
 
 
+def test_only_the_constrained_step_imports_cooper():
+    importers = {
+        module
+        for module, path in modules(ROOT / "ace").items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and any(
+            n.split(".")[0] == "cooper"
+            for n in [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+        )
+    }
+    assert importers == {"ace.constrained.multipliers", "ace.constrained.lagrangian"}
+
+
 def test_the_check_fails_on_a_planted_upward_import_a_cycle_and_a_private_reach_in(tmp_path):
     package = tmp_path / "ace"
     shutil.copytree(ROOT / "ace", package)

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 def opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:  # noqa: A002
     """A documented config field."""
-    meta = {"help": help}
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = choices
     if isinstance(default, (dict, list)):

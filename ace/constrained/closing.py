@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ace.constrained.constraints import Constraint, GateConstraint
+from ace.nn.relaxed import GatedLayer
 
 __all__ = ["ClosedGates"]
 
@@ -62,6 +63,7 @@ class ClosedGates:
     def close(self, name: str) -> None:
         """Set gate ``name`` to 0 for good: no longer learned, its branch no longer computed."""
         layer = self.model.get_submodule(name)
+        assert isinstance(layer, GatedLayer), "a gate is named by its GatedLayer (ace.gates)"
         with torch.no_grad():
             layer.gate.zero_()
         layer.gate.requires_grad_(False)

@@ -15,7 +15,7 @@ The constraint objects are plain settings; :class:`ace.Trainer` turns them into 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,7 @@ class Constraint:
 
     def penalty_term(self, violation: torch.Tensor) -> torch.Tensor:
         """w * relu(g - eps) summed (w * |g - eps| for an equality)."""
+        assert self.penalty is not None, "penalty_term is the loss term of a constraint with a fixed penalty"
         excess = violation.abs() if self.equality else torch.relu(violation)
         return self.penalty * excess.sum()
 
@@ -175,7 +176,7 @@ def check_limits(**limits: float | None) -> None:
 
 def check_setup(
     constraints: list[Constraint],
-    gates: dict[str, torch.Tensor],
+    gates: Mapping[str, torch.Tensor],
     model: torch.nn.Module,
     optimizers: list[torch.optim.Optimizer],
     symmetry: Any,

@@ -9,7 +9,16 @@ from __future__ import annotations
 import cooper
 import torch
 
-__all__ = ["primal_lagrangian", "multiplier_weights", "lagrangian_surrogate"]
+__all__ = ["primal_lagrangian", "multiplier_weights", "lagrangian_surrogate", "multiplier_of"]
+
+
+def multiplier_of(c: cooper.Constraint) -> torch.Tensor:
+    """The multiplier tensor of a cooper constraint that has one (ace builds every one with a
+    ``DenseMultiplier``, whose ``weight`` is a Parameter; cooper's types allow a missing one and a Module)."""
+    assert c.multiplier is not None, "ace gives every cooper constraint a multiplier"
+    weight = c.multiplier.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def primal_lagrangian(
@@ -65,7 +74,7 @@ def multiplier_weights(
     with torch.no_grad():
         for name, violation in violations.items():
             c = constraints[name]
-            multiplier = c.multiplier.weight
+            multiplier = multiplier_of(c)
             if c.penalty_coefficient is None:
                 weights[name] = multiplier.detach()
             elif c.constraint_type == cooper.ConstraintType.EQUALITY:

@@ -16,7 +16,7 @@ from cooper.optim import nuPI, nuPIInitType
 from cooper.penalty_coefficients import DensePenaltyCoefficient
 
 from ace.constrained.constraints import Constraint
-from ace.constrained.lagrangian import lagrangian_surrogate, primal_lagrangian
+from ace.constrained.lagrangian import lagrangian_surrogate, multiplier_of, primal_lagrangian
 from ace.constrained.scale import check_scale
 
 __all__ = ["DualSettings", "Multipliers", "make_problem", "make_optimizer", "dual_step", "clamp_multipliers"]
@@ -129,14 +129,14 @@ def make_optimizer(cmp: _Problem, primal: list[torch.optim.Optimizer], dual: Dua
     if not list(cmp.dual_parameters()):
         return cooper.optim.UnconstrainedOptimizer(cmp, primal)
     params = list(cmp.dual_parameters())
+    dual_opt: torch.optim.Optimizer
     if dual.optimizer == "sgd":
         dual_opt = torch.optim.SGD(params, lr=dual.lr, maximize=True)
     elif dual.optimizer == "adam":
         dual_opt = torch.optim.Adam(params, lr=dual.lr, maximize=True)
     else:  # ZEROS init: cooper 1.0.1's default init takes a wrong second step when Kp != 0
-        dual_opt = nuPI(
-            params, lr=dual.lr, Kp=dual.kp, Ki=dual.ki, init_type=nuPIInitType.ZEROS, maximize=True
-        )
+        kp, ki = dual.kp, dual.ki  # floats, as nuPI's own defaults are (its annotation says Tensor)
+        dual_opt = nuPI(params, lr=dual.lr, Kp=kp, Ki=ki, init_type=nuPIInitType.ZEROS, maximize=True)  # type: ignore[arg-type]
     return cooper.optim.SimultaneousOptimizer(cmp, primal, dual_opt)
 
 
@@ -155,12 +155,12 @@ def dual_step(
         lr = optimizer.dual_optimizers[0].param_groups[0]["lr"]
         with torch.no_grad():
             for name, c in constraints.items():
-                weight = c.multiplier.weight.add_(violations[name], alpha=lr)
+                weight = multiplier_of(c).add_(violations[name], alpha=lr)
                 if c.constraint_type == cooper.ConstraintType.INEQUALITY:
                     weight.relu_()
         return
     for name, c in constraints.items():
-        c.multiplier.weight.grad = violations[name].clone()
+        multiplier_of(c).grad = violations[name].clone()
     optimizer.dual_step()
 
 
@@ -175,7 +175,7 @@ def clamp_multipliers(
     constraint (names in ``warned``)."""
     with torch.no_grad():
         for name, c in constraints.items():
-            w = c.multiplier.weight
+            w = multiplier_of(c)
             if w.abs().max() > ceiling and name not in warned:
                 warned.add(name)
                 message = (
@@ -217,11 +217,11 @@ class Multipliers:
 
     def weights(self) -> list[torch.Tensor]:
         """The multipliers themselves (live tensors, in constraint order)."""
-        return [c.multiplier.weight for c in self.constraints.values()]
+        return [multiplier_of(c) for c in self.constraints.values()]
 
     def values(self) -> dict[str, torch.Tensor]:
         """The current multipliers by constraint name (detached)."""
-        return {name: c.multiplier.weight.detach() for name, c in self.constraints.items()}
+        return {name: multiplier_of(c).detach() for name, c in self.constraints.items()}
 
     def keep(self) -> list[torch.Tensor]:
         """Copies of the multipliers, for :meth:`restore` (a dropped step undoes its dual step)."""

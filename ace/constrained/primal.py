@@ -9,13 +9,14 @@ the gates are set, not learned. :class:`ace.PrimalDual` owns one :class:`PrimalS
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 __all__ = ["PrimalSide"]
 
-Bounds = tuple[list[torch.Tensor], list[torch.Tensor]]
+Tensors = list[torch.Tensor] | tuple[torch.Tensor, ...]  # what torch's _foreach ops take and return
+Bounds = tuple[Tensors, Tensors]
 
 
 class PrimalSide:
@@ -32,7 +33,7 @@ class PrimalSide:
     def __init__(
         self,
         optimizers: list[torch.optim.Optimizer],
-        gates: list[torch.Tensor],
+        gates: Sequence[torch.Tensor],
         slack_optimizer: torch.optim.Optimizer | None,
         grad_clip: float | None,
         gate_max_step: float | None,
@@ -40,7 +41,7 @@ class PrimalSide:
         gate_lr: float | None = None,
     ) -> None:
         self.optimizers = [*optimizers, *([slack_optimizer] if slack_optimizer else [])]
-        self.gates = gates
+        self.gates = list(gates)
         gate_ids = {id(g) for g in gates}
         self.weights = [  # the parameters other than the gates and slacks, listed once for the hot path
             p
@@ -106,15 +107,16 @@ class PrimalSide:
             torch.nn.utils.clip_grad_norm_(self.weights, self.grad_clip)
             if self.gates:
                 torch.nn.utils.clip_grad_norm_(self.gates, self.grad_clip)
-        stepped = [g for g in self.gates if g.grad is not None] if self.gate_lr is not None else []
-        grads = [g.grad for g in stepped]
+        lr = self.gate_lr
+        stepped = [g for g in self.gates if g.grad is not None] if lr is not None else []
+        grads = [g.grad for g in stepped if g.grad is not None]  # all of them (the filter narrows the type)
         for g in stepped:  # an optimiser that holds a gate skips it: a parameter without a gradient
             g.grad = None
         for o in self.optimizers:
             o.step()
         with torch.no_grad():
-            if stepped:  # plain SGD: the multipliers' pull stays proportional to them
-                torch._foreach_add_(stepped, grads, alpha=-self.gate_lr)
+            if lr is not None and stepped:  # plain SGD: the multipliers' pull stays proportional to them
+                torch._foreach_add_(stepped, grads, alpha=-lr)
                 for g, grad in zip(stepped, grads, strict=True):
                     g.grad = grad
             for u in self.slacks:

@@ -49,11 +49,18 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ace.constrained.closing import ClosedGates
-from ace.constrained.constraints import Constraint, GateConstraint, check_limits, check_setup, check_tolerance
+from ace.constrained.constraints import (
+    Constraint,
+    DeviationConstraint,
+    GateConstraint,
+    check_limits,
+    check_setup,
+    check_tolerance,
+)
 from ace.constrained.multipliers import DualSettings, Multipliers
 from ace.constrained.primal import Bounds, PrimalSide
 from ace.constrained.scale import LossScale
-from ace.constrained.schedules import LearningRates
+from ace.constrained.schedules import LearningRates, Schedule
 from ace.constrained.step_check import StepCheck
 from ace.constrained.step_result import StepResult, constraint_table
 from ace.nn.relaxed import gates as find_gates
@@ -194,21 +201,21 @@ class PrimalDual:
     def resolve_tolerances(self, measure: Callable[[Constraint], float]) -> None:
         """Fill ``start="auto"`` tolerances with ``measure(constraint)`` (once; kept in the state)."""
         for c in self.constraints:
-            if getattr(c.tolerance, "needs_start", False) and c.name not in self.tolerance_starts:
+            if _waits_for_start(c) and c.name not in self.tolerance_starts:
                 self.tolerance_starts[c.name] = measure(c)
-        for c in self._apply_tolerance_starts():
-            start = self.tolerance_starts[c.name]
-            check_tolerance(c.tolerance, f"constraint '{c.name}' (measured start {start:.4g})")
+        for name, schedule in self._apply_tolerance_starts():
+            start = self.tolerance_starts[name]
+            check_tolerance(schedule, f"constraint '{name}' (measured start {start:.4g})")
 
-    def _apply_tolerance_starts(self) -> list[Constraint]:
-        """Give every ``start="auto"`` schedule its recorded start; returns the constraints it resolved."""
-        resolved = [
-            c
-            for c in self.constraints
-            if getattr(c.tolerance, "needs_start", False) and c.name in self.tolerance_starts
-        ]
-        for c in resolved:
-            c.tolerance = c.tolerance.resolve(start=self.tolerance_starts[c.name])
+    def _apply_tolerance_starts(self) -> list[tuple[str, Schedule]]:
+        """Give every ``start="auto"`` schedule its recorded start; returns each constraint it resolved, by
+        name, with its resolved schedule."""
+        resolved = []
+        for c in self.constraints:
+            schedule = _waits_for_start(c)
+            if schedule is not None and c.name in self.tolerance_starts:
+                c.tolerance = schedule.resolve(start=self.tolerance_starts[c.name])
+                resolved.append((c.name, c.tolerance))
         return resolved
 
     # ------------------------------------------------------------------ one step
@@ -237,8 +244,10 @@ class PrimalDual:
         raw = {}
         for c in self.constraints:
             if isinstance(c, GateConstraint):
+                assert gates is not None  # check_setup refuses gate constraints without gates
                 raw[c.name] = c.value(gates)
             else:
+                assert isinstance(c, DeviationConstraint)
                 # in the multipliers' dtype: under autocast the deviation may come out in bfloat16
                 deviation = c.measure(self.model, inputs, self.symmetry, self.generator, output)
                 raw[c.name] = deviation.to(self.dtype)
@@ -304,8 +313,8 @@ class PrimalDual:
         if problem is None:
             self.primal.step(measured.gate_bounds, measured.scale)
             if self.closed.threshold is not None:
-                values = {c.name: numbers[f"constraint '{c.name}'"] for c in self.closed.equalities}
-                self.closed.update(self.gates, values, measured.tolerances, self.step_count + 1, events)
+                read = {c.name: numbers[f"constraint '{c.name}'"] for c in self.closed.equalities}
+                self.closed.update(self.gates, read, measured.tolerances, self.step_count + 1, events)
             if self.max_multiplier is not None and largest > self.max_multiplier:
                 step, warned = self.step_count + 1, self._ceiling_warned
                 multipliers.clamp(self.max_multiplier, warned, step, events)
@@ -336,10 +345,11 @@ class PrimalDual:
     def _lagrangian(self, measured: _Measured, multipliers: list[float] | list[torch.Tensor]) -> torch.Tensor:
         """The primal Lagrangian's value at the step (for records: a step that is not logged skips it), from
         the multipliers its primal step used: read by the step's check, or kept before a dual step."""
-        if multipliers and not torch.is_tensor(multipliers[0]):
-            multipliers = self.duals.split(multipliers)
+        tensors = [m for m in multipliers if isinstance(m, torch.Tensor)]
+        if len(tensors) != len(multipliers):  # the floats the step's check read
+            tensors = self.duals.split([float(m) for m in multipliers])
         objective = measured.objective.detach()
-        return self.duals.lagrangian(objective, measured.observed, multipliers, measured.scale)
+        return self.duals.lagrangian(objective, measured.observed, tensors, measured.scale)
 
     def snapshot(
         self, multipliers: list[torch.Tensor] | None = None, gates: torch.Tensor | None = None
@@ -356,7 +366,7 @@ class PrimalDual:
             "gates": dict(zip(self.gates, gates.unbind())) if gates is not None else {},
             "slacks": {k: u.detach().clone() for k, u in self.slacks.items()},
             "multipliers": {
-                c.name: weights[c.name] if c.dual else torch.full((self._size(c),), float(c.penalty))
+                c.name: weights[c.name] if c.dual else torch.full((self._size(c),), float(c.penalty or 0.0))
                 for c in self.constraints
             },
         }
@@ -369,7 +379,7 @@ class PrimalDual:
 
     def needs_tolerance_starts(self) -> bool:
         """Some constraint's schedule starts at ``"auto"`` and waits for :meth:`resolve_tolerances`."""
-        return any(getattr(c.tolerance, "needs_start", False) for c in self.constraints)
+        return any(_waits_for_start(c) is not None for c in self.constraints)
 
     def multipliers(self) -> dict[str, torch.Tensor]:
         """Current multiplier values by constraint name (the fixed weight for penalty constraints)."""
@@ -425,3 +435,8 @@ def module_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter (torch's default where it has none)."""
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     return p.dtype if p is not None else torch.get_default_dtype()
+
+
+def _waits_for_start(c: Constraint) -> Schedule | None:
+    """``c``'s tolerance schedule when it starts at ``"auto"`` and waits for a measured start."""
+    return c.tolerance if isinstance(c.tolerance, Schedule) and c.tolerance.needs_start else None

@@ -22,7 +22,7 @@ import bisect
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -69,6 +69,8 @@ class Schedule:
     """Base class of tolerance schedules: ``schedule(step) -> float``, a pure function of the step."""
 
     _auto_fields: ClassVar[tuple[str, ...]] = ()
+    # every schedule is a frozen dataclass: said here for the type checker (dataclasses.fields and replace)
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __call__(self, step: int) -> float:
         if self.needs_start:
@@ -93,6 +95,12 @@ def _set(schedule: Schedule, name: str, value: Any) -> None:
     object.__setattr__(schedule, name, value)  # normalising fields of a frozen dataclass
 
 
+def _resolved(start: Start) -> float:
+    """``start`` where ``Schedule.__call__`` has checked that it is no longer ``"auto"``."""
+    assert isinstance(start, float), "Schedule.__call__ evaluates only resolved schedules"
+    return start
+
+
 @dataclass(frozen=True)
 class Constant(Schedule):
     """eps(t) = value.
@@ -108,7 +116,7 @@ class Constant(Schedule):
         _set(self, "value", check_number(self.value, "value", self, auto=True))
 
     def _value(self, step: int) -> float:
-        return self.value
+        return _resolved(self.value)
 
 
 @dataclass(frozen=True)
@@ -128,14 +136,14 @@ class _Ramp(Schedule):
         _set(self, "delay", check_count(self.delay, "delay", self))
 
     def _value(self, step: int) -> float:
-        w = _progress(step, self.delay, self.steps)
+        w, start = _progress(step, self.delay, self.steps), _resolved(self.start)
         if w <= 0.0:
-            return self.start
+            return start
         if w >= 1.0:  # exact endpoint, whatever the rounding of the interpolation
             return self.end
-        return self._interpolate(w)
+        return self._interpolate(start, w)
 
-    def _interpolate(self, w: float) -> float:
+    def _interpolate(self, start: float, w: float) -> float:
         raise NotImplementedError
 
 
@@ -156,8 +164,8 @@ class Linear(_Ramp):
         delay: steps held at ``start`` before the ramp.
     """
 
-    def _interpolate(self, w: float) -> float:
-        return self.start + (self.end - self.start) * w
+    def _interpolate(self, start: float, w: float) -> float:
+        return start + (self.end - start) * w
 
 
 @dataclass(frozen=True)
@@ -173,8 +181,8 @@ class Cosine(_Ramp):
         delay: steps held at ``start`` before the ramp.
     """
 
-    def _interpolate(self, w: float) -> float:
-        return self.start + (self.end - self.start) * (1.0 - math.cos(math.pi * w)) / 2.0
+    def _interpolate(self, start: float, w: float) -> float:
+        return start + (self.end - start) * (1.0 - math.cos(math.pi * w)) / 2.0
 
 
 @dataclass(frozen=True)
@@ -198,8 +206,8 @@ class Geometric(_Ramp):
             if value != AUTO and value <= 0:
                 raise ValueError(f"Geometric: {name!r} must be > 0 (log-linear interpolation), got {value!r}")
 
-    def _interpolate(self, w: float) -> float:
-        return self.start * (self.end / self.start) ** w
+    def _interpolate(self, start: float, w: float) -> float:
+        return start * (self.end / start) ** w
 
 
 @dataclass(frozen=True)
@@ -376,7 +384,9 @@ class LearningRates:
     ``factor`` (1 at first) lowers the rates on top of the schedule: a loop's rollbacks set it.
     """
 
-    def __init__(self, schedule: Callable[[int], float] | None, optimizers: list, skip: list = ()) -> None:
+    def __init__(
+        self, schedule: Callable[[int], float] | None, optimizers: list, skip: Iterable[Any] = ()
+    ) -> None:
         skipped = {id(p) for p in skip}
         self.schedule = schedule
         self.groups = [

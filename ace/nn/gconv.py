@@ -69,6 +69,8 @@ class LiftingConv(nn.Module):
 class GroupConv(nn.Module):
     """Regular ``(B, C_in, |G|, H, W)`` -> regular ``(B, C_out, |G|, H, W)``."""
 
+    order: Tensor  # a buffer
+
     def __init__(
         self, group: GridGroup, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True
     ):

@@ -130,11 +130,13 @@ class MLPBranch(nn.Module):
         super().__init__()
         self.split = None if isinstance(out_features, int) else tuple(out_features)
         self.flat_shape = None if flat_shape is None else tuple(flat_shape)
-        total = out_features if self.split is None else sum(self.split)
+        total = out_features if isinstance(out_features, int) else sum(out_features)
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, total))
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x = _first_float_tensor(args, kwargs)
+        if x is None:
+            raise TypeError("MLPBranch needs a float tensor argument")
         if self.flat_shape is not None:
             return self.net(x.flatten(1)).view(x.shape[0], *self.flat_shape)
         y = self.net(x)
@@ -206,7 +208,7 @@ def relax(
 
 def _select(model: nn.Module, where: Where) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every selected occurrence, shared modules under each name."""
-    modules = list(model.named_modules(remove_duplicate=False))
+    modules: list[tuple[str, nn.Module]] = list(model.named_modules(remove_duplicate=False))
     if isinstance(where, type):
         selected = [(n, m) for n, m in modules if isinstance(m, where)]
     elif callable(where):
@@ -239,13 +241,13 @@ def _default_branches(
     example: Any,
 ) -> dict[int, nn.Module]:
     """An :class:`MLPBranch` per layer, from its in/out_features or from a dry forward on ``example``."""
-    branches = {}
+    branches: dict[int, nn.Module] = {}
     unsized = []
     for name, m in layers:
-        sizes = (getattr(m, "in_features", None), getattr(m, "out_features", None))
-        if outputs is None and all(isinstance(s, int) for s in sizes):
+        n_in, n_out = getattr(m, "in_features", None), getattr(m, "out_features", None)
+        if outputs is None and isinstance(n_in, int) and isinstance(n_out, int):
             reference = next(m.parameters(), None)
-            branch = MLPBranch(*sizes, hidden=hidden)
+            branch = MLPBranch(n_in, n_out, hidden=hidden)
             branches[id(m)] = branch if reference is None else branch.to(reference.device, reference.dtype)
         else:
             unsized.append((name, m))
@@ -261,8 +263,8 @@ def _default_branches(
         if x is None or x.dim() == 0:
             raise ValueError(f"relax: layer {name!r} has no float tensor argument for the default branch")
         if all(torch.is_tensor(e) and e.shape[:-1] == x.shape[:-1] for e in entries):
-            sizes = entries[0].shape[-1] if outputs is None else [e.shape[-1] for e in entries]
-            branch = MLPBranch(x.shape[-1], sizes, hidden=hidden)
+            widths = entries[0].shape[-1] if outputs is None else [e.shape[-1] for e in entries]
+            branch = MLPBranch(x.shape[-1], widths, hidden=hidden)
         elif outputs is None and torch.is_tensor(out) and out.dim() >= 1 and out.shape[0] == x.shape[0]:
             branch = MLPBranch(x[0].numel(), out[0].numel(), hidden=hidden, flat_shape=out.shape[1:])
         else:

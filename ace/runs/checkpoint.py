@@ -69,7 +69,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # the default: numpy's stubs default to legacy=False
+    assert isinstance(np_state, tuple), "the legacy global generator's state is a tuple"
     state = {
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),

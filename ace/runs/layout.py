@@ -26,7 +26,7 @@ from ace.runs.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): no advisory lock
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the usual optional-module idiom: no lock where it is absent
 
 __all__ = [
     "METRICS",
@@ -73,8 +73,7 @@ def last_checkpoint(run: Path) -> Path:
 
 
 def best_checkpoint(run: Path, variant: str) -> Path:
-    """The weights at the best validation step of ``variant`` (``model`` or ``eq``,
-    :mod:`ace.train.selection`)."""
+    """The weights of ``variant`` (``model`` or ``eq``) at its best validation step (ace.train.selection)."""
     return checkpoints(run) / best_name(variant)
 
 

@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = ["MetricsLog", "read_metrics", "write_json", "format_table"]
 
@@ -27,7 +27,7 @@ class MetricsLog:
 
     def __init__(self, path: str | os.PathLike | None, tensorboard_dir: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else None
-        self._file = None
+        self._file: IO[str] | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _drop_torn_tail(self.path)
@@ -57,6 +57,7 @@ class MetricsLog:
         """Rewrite the file with only the records for which ``keep`` is true."""
         if self._file is None:
             return
+        assert self.path is not None, "a file is open only with a path"
         self._file.close()
         kept = [r for r in read_metrics(self.path) if keep(r)]
         tmp = self.path.with_name(self.path.name + ".tmp")  # a kill mid-rewrite must not lose the records

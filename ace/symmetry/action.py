@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,14 @@ from ace.symmetry.groups import Permutation
 __all__ = ["Symmetry", "call_model", "is_graph"]
 
 Spec = str | tuple[str, ...] | dict[str, str]
+
+
+class _OwnAction(Protocol):
+    """A group that acts on the field kinds it names in ``kinds`` itself (the grid groups' images)."""
+
+    kinds: tuple[str, ...]
+
+    def act(self, name: str, kind: str, x: Tensor, g: GroupElement) -> Tensor: ...
 
 
 def is_graph(x: Any) -> bool:
@@ -122,7 +130,7 @@ class Symmetry:
                     inputs.num_nodes, dtype=torch.long, device=tensors[0].device if tensors else None
                 )
             if isinstance(self.group, Permutation):
-                g = self._sample_graph_permutation(n, batch, generator)
+                g = _sample_graph_permutation(self.group, n, batch, generator)
             else:
                 g = self.group.sample(n, generator, dtype=dtype, device=batch.device)
             return GroupElement(g.matrix, g.translation, g.permutation, batch)
@@ -147,15 +155,6 @@ class Symmetry:
     def _tensors(self, inputs: Any) -> list[Tensor]:
         fields = self.fields(self.inputs, inputs, "input")
         return [x for _, kind, x in fields if kind != "none" and torch.is_tensor(x)]
-
-    def _sample_graph_permutation(self, n: int, batch: Tensor, generator) -> GroupElement:
-        perm = self.group.sample(n, generator, device=batch.device, size=torch.bincount(batch, minlength=n))
-        # perm shuffles graphs stored one after another; map it through the sorted node order so that
-        # it also holds when a graph's nodes are not contiguous.
-        order = batch.argsort(stable=True)
-        actual = torch.empty_like(order)
-        actual[order] = order[perm.permutation]
-        return GroupElement(permutation=actual)
 
     def transform_inputs(self, inputs: Any, g: GroupElement) -> Any:
         """``g . x``: the inputs with every named field transformed, as a new object."""
@@ -256,7 +255,7 @@ class Symmetry:
                     )
                 x = x[torch.arange(x.shape[0], device=x.device)[:, None], g.permutation]
         if kind in getattr(self.group, "kinds", ()):  # a group with its own action (the grid groups)
-            return self.group.act(name, kind, x, g)
+            return cast(_OwnAction, self.group).act(name, kind, x, g)
         if g.matrix is not None and kind != "scalar":
             if kind not in reps:
                 reps[kind] = self.group.representation(kind, g)
@@ -284,6 +283,16 @@ class Symmetry:
             elif value.shape[0] == perm.shape[0]:
                 out[key] = value[perm]
         return out
+
+
+def _sample_graph_permutation(group: Permutation, n: int, batch: Tensor, generator) -> GroupElement:
+    perm = group.sample(n, generator, device=batch.device, size=torch.bincount(batch, minlength=n))
+    # perm shuffles graphs stored one after another; map it through the sorted node order so that
+    # it also holds when a graph's nodes are not contiguous.
+    order = batch.argsort(stable=True)
+    actual = torch.empty_like(order)
+    actual[order] = order[perm.permutation]
+    return GroupElement(permutation=actual)
 
 
 def _act(rho: Tensor, x: Tensor) -> Tensor:

@@ -66,12 +66,16 @@ class GroupElement:
             raise TypeError("cannot compose elements that act on a graph batch")
         matrix = translation = permutation = None
         if self.matrix is not None:
+            assert other.matrix is not None, "elements of one group have the same parts"
             matrix = self.matrix @ other.matrix
-        if self.translation is not None or other.translation is not None:
-            t2 = other.translation if other.translation is not None else 0
-            t2 = (self.matrix @ t2.unsqueeze(-1)).squeeze(-1) if torch.is_tensor(t2) else t2
-            translation = t2 + (self.translation if self.translation is not None else 0)
+        if other.translation is not None:
+            assert self.matrix is not None, "a translation comes with its linear part"
+            moved = (self.matrix @ other.translation.unsqueeze(-1)).squeeze(-1)
+            translation = moved if self.translation is None else moved + self.translation
+        else:
+            translation = self.translation
         if self.permutation is not None:
+            assert other.permutation is not None, "elements of one group have the same parts"
             permutation = other.permutation.gather(1, self.permutation)
         return GroupElement(matrix, translation, permutation)
 
@@ -154,12 +158,14 @@ class Group:
         """
         m = self.width(kind)
         R = element.matrix
+        assert R is not None, f"{self!r} acts through matrices"
         if kind == "scalar":
             return torch.eye(width or 1, dtype=R.dtype, device=R.device).expand(R.shape[0], -1, -1)
         if kind in ("vector", "position"):
             return R
         if kind == "pseudovector":
             return torch.linalg.det(R)[:, None, None] * R
+        assert m is not None, "an irreps string has a fixed width"
         return _wigner(kind, R).reshape(R.shape[0], m, m)
 
     def __repr__(self) -> str:

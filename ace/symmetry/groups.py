@@ -80,6 +80,7 @@ class O3(Group):
 
     def sample(self, n, generator=None, dtype=torch.float32, device=None) -> GroupElement:
         R = SO3().sample(n, generator, dtype, device).matrix
+        assert R is not None
         return GroupElement(_random_sign(n, generator, dtype, device)[:, None, None] * R)
 
 
@@ -90,6 +91,8 @@ def _random_sign(n, generator, dtype, device) -> Tensor:
 
 class _PlaneRotation(Group):
     """Rotations by an angle in the plane (d = 2) or about a coordinate axis of 3-D space."""
+
+    dim: int
 
     def __init__(self, axis: str | None = None):
         if axis is not None and axis not in _AXES:
@@ -154,6 +157,8 @@ class Translation(Group):
     Only ``"position"`` fields move; vectors and scalars are invariant.
     """
 
+    dim: int
+
     def __init__(self, dim: int = 3, scale: float = 1.0):
         self.dim = int(dim)
         self.scale = float(scale)
@@ -174,6 +179,8 @@ class Euclidean(Group):
 
     ``Euclidean(O3())`` is E(3), ``Euclidean(SO3())`` is SE(3), ``Euclidean(SO2())`` is SE(2).
     """
+
+    dim: int
 
     def __init__(self, base: Group, scale: float = 1.0):
         if not isinstance(base, Group) or base.dim is None or isinstance(base, (Translation, Euclidean)):
@@ -198,6 +205,8 @@ class SignFlip(Group):
     ``(Z_2)^dim``: each coordinate flips on its own, ``diag(s_1, ..., s_dim)``. The latter is the symmetry of
     ``dim`` Laplacian eigenvectors stacked as node features ``(num_nodes, dim)`` (kind ``"vector"``): each
     eigenvector is defined up to its sign, one draw per graph."""
+
+    dim: int
 
     def __init__(self, dim: int = 3, independent: bool = False):
         self.dim = int(dim)
@@ -251,6 +260,7 @@ class Permutation(Group):
         """Identity ``(n, m, m)``; ``m = width`` (default 1) except for irreps strings."""
         m = self.width(kind) or width or 1
         n = len(element)
+        assert element.permutation is not None, "a permutation's element is its permutation"
         return torch.eye(m, device=element.permutation.device).expand(n, -1, -1)
 
 
@@ -265,8 +275,8 @@ def _elements(order: int) -> tuple[tuple[tuple[int, int], tuple[int, int]], ...]
     out = []
     for m in range(order // 4):
         for k in range(4):
-            M = torch.linalg.matrix_power(R, k) @ torch.linalg.matrix_power(F, m)
-            out.append(tuple(map(tuple, M.tolist())))
+            (a, b), (c, d) = (torch.linalg.matrix_power(R, k) @ torch.linalg.matrix_power(F, m)).tolist()
+            out.append(((a, b), (c, d)))
     return tuple(out)
 
 
@@ -287,6 +297,7 @@ class GridGroup(Group):
 
     def index(self, g: GroupElement) -> Tensor:
         """The index of each element (``(n,)``, long): its position in :meth:`matrices`."""
+        assert g.matrix is not None, f"{self!r} acts through matrices"
         table = self.matrices(g.matrix.dtype, g.matrix.device)
         hit = (g.matrix[:, None] - table[None]).abs().amax(dim=(-1, -2)) < 0.5
         if not bool(hit.any(dim=1).all()):
@@ -296,7 +307,7 @@ class GridGroup(Group):
     def pose_order(self) -> Tensor:
         """``order[h, j]`` = index of ``h^-1 j`` (``(order, order)``, long): the group axis as element ``h``
         permutes it, ``(h . f)(j) = f(h^-1 j)``; also the slot a group convolution's pose ``h`` reads."""
-        return _pose_order(type(self))
+        return _pose_order(self)
 
     def width(self, kind: str) -> int | None:
         if kind in self.kinds:
@@ -344,8 +355,7 @@ class GridGroup(Group):
 
 
 @functools.cache
-def _pose_order(cls: type) -> Tensor:
-    group = cls()
+def _pose_order(group: GridGroup) -> Tensor:
     m = group.matrices(torch.float64)
     products = torch.einsum("iab,jbc->ijac", m.transpose(-1, -2), m).reshape(-1, 2, 2)  # h^-1 = h^T
     return group.index(GroupElement(products)).reshape(group.order, group.order)

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+
+from ace.utils.loaders import MapDataset
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,9 +37,9 @@ class Task:
             per-layer audit of ``ace probe`` (:func:`ace.diagnostics.audit`); ``None``: not declared.
     """
 
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    train: MapDataset
+    val: MapDataset
+    test: MapDataset
     model: nn.Module
     symmetry: Any
     loss: Metric

@@ -21,6 +21,7 @@ image (a left- from a right-handed helix): it is SO(3)- but not O(3)-invariant.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from e3nn import o3
@@ -96,10 +97,11 @@ class PointConv(nn.Module):
         )
         self.irreps_out = self.gate.irreps_out
         target = self.gate.irreps_in
-        irreps_sh = o3.Irreps(irreps_sh)
-        mid, instructions = [], []
+        sh = o3.Irreps(irreps_sh)
+        mid: list[tuple[int, Any]] = []
+        instructions: list[tuple[int, int, int, str, bool]] = []
         for i, (mul, ir_in) in enumerate(self.irreps_in):
-            for j, (_, ir_sh) in enumerate(irreps_sh):
+            for j, (_, ir_sh) in enumerate(sh):
                 for ir_out in ir_in * ir_sh:
                     if ir_out in target:
                         instructions.append((i, j, len(mid), "uvu", True))
@@ -233,6 +235,7 @@ def branch_factory(hidden: int):
     """``relax_branch`` of the point-cloud tasks: a :class:`PointBranch` sized to the layer."""
 
     def make(name: str, module: nn.Module) -> nn.Module:
+        assert isinstance(module, PointConv), "is_conv selects the PointConv layers"
         return PointBranch(module.irreps_in.dim, module.irreps_out.dim, hidden)
 
     return make

@@ -60,8 +60,12 @@ class EGNNLayer(MessagePassing):
         self.hidden = hidden
         self.edge_mlp = nn.Sequential(_mlp(2 * hidden + 1 + edge_dim, hidden, hidden), nn.SiLU())
         self.node_mlp = _mlp(2 * hidden, hidden, hidden)
-        self.coord_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1, bias=False))
-        nn.init.xavier_uniform_(self.coord_mlp[-1].weight, gain=0.001)
+        first, last = (
+            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, 1, bias=False),
+        )  # in this order: seeded init
+        self.coord_mlp = nn.Sequential(first, nn.SiLU(), last)
+        nn.init.xavier_uniform_(last.weight, gain=0.001)
         self.vel_mlp = _mlp(hidden, hidden, 1)
 
     def forward(

@@ -168,8 +168,11 @@ def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
         return isinstance(module, (GroupConv, E4Block))
 
     def branch(name: str, module: nn.Module) -> nn.Module:
-        channels = module.channels if isinstance(module, E4Block) else module.in_channels
-        out = module.channels if isinstance(module, E4Block) else module.out_channels
+        if isinstance(module, E4Block):
+            channels = out = module.channels
+        else:
+            assert isinstance(module, GroupConv), "where selects GroupConv and E4Block layers"
+            channels, out = module.in_channels, module.out_channels
         return RegularConvBranch(channels, out, group.order, model.kernel_size)
 
     return Task(

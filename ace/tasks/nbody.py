@@ -15,6 +15,7 @@ is regenerated with a warning.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -189,7 +190,7 @@ def load_data(data: DataConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, d
     paths = {split: cache_path(data.cache_dir, f"nbody_{split}_", params[split]) for split in splits}
     result = {}
     for split in splits:
-        stored = read_cache(paths[split], params[split], lambda t, p=params[split]: _check(t, p))
+        stored = read_cache(paths[split], params[split], functools.partial(_check, params=params[split]))
         if stored is not None:
             result[split] = {k: stored[k] for k in ("pos", "vel", "charge", "target")}
     missing = tuple(s for s in splits if s not in result)
@@ -243,6 +244,7 @@ def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
         net = EGNN(layers=model.layers, hidden=model.hidden)
 
     def branch(name: str, module: nn.Module) -> nn.Module:
+        assert isinstance(module, EGNNLayer), "_is_egnn_layer selects the EGNN layers"
         return EGNNBranch(module.hidden, model.branch_hidden)
 
     return Task(

@@ -50,6 +50,8 @@ Everything is vectorised over trajectories; internally states are stored coordin
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -68,7 +70,7 @@ def sample_initial_state(
     Returns:
         ``(pos, vel, charge)`` in float64 with shapes ``(num, n, 3)``, ``(num, n, 3)``, ``(num, n, 1)``.
     """
-    kw = {"generator": generator, "dtype": torch.float64}
+    kw: dict[str, Any] = {"generator": generator, "dtype": torch.float64}
     charge = torch.randint(0, 2, (num, num_particles, 1), generator=generator).double() * 2 - 1
     pos = torch.randn(num, num_particles, 3, **kw) * (loc_std * (num_particles / 5) ** (1 / 3))
     vel = torch.randn(num, num_particles, 3, **kw)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,7 +51,7 @@ def _uniform(g: torch.Generator, low: float, high: float, *shape: int) -> Tensor
     return low + (high - low) * torch.rand(shape or (), generator=g, dtype=torch.float64)
 
 
-def _pick(g: torch.Generator, n: int, areas: list[float]) -> Tensor:
+def _pick(g: torch.Generator, n: int, areas: Sequence[float | Tensor]) -> Tensor:
     """Which part of a composite surface each of n points lies on, with probability ~ area."""
     return torch.multinomial(torch.tensor(areas, dtype=torch.float64), n, replacement=True, generator=g)
 

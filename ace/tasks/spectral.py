@@ -91,16 +91,16 @@ def make_graph(data: DataConfig, g: torch.Generator):
     n = data.nodes
     partial = data.variant == "partial"
     for _ in range(100):
-        edges = set()
+        drawn: set[tuple[int, int]] = set()
         for copy in (0, n):
             a, b = torch.triu_indices(n, n, 1)
             keep = torch.rand(len(a), generator=g) < data.edge_probability
-            edges |= {(int(i) + copy, int(j) + copy) for i, j in zip(a[keep], b[keep])}
+            drawn |= {(int(i) + copy, int(j) + copy) for i, j in zip(a[keep], b[keep])}
             path = torch.randperm(n, generator=g) + copy
-            edges |= {tuple(sorted((int(i), int(j)))) for i, j in zip(path[:-1], path[1:])}
+            drawn |= {(int(min(i, j)), int(max(i, j))) for i, j in zip(path[:-1], path[1:])}
         ends = torch.randint(n, (data.bridges, 2), generator=g)
-        edges |= {(int(i), int(j) + n) for i, j in ends}
-        edges = sorted(edges)
+        drawn |= {(int(i), int(j) + n) for i, j in ends}
+        edges = sorted(drawn)
         order = torch.randperm(len(edges), generator=g)
         k = max(1, round(data.held_out * len(edges)))
         held_out = [edges[i] for i in order[:k]]
@@ -134,7 +134,7 @@ def make_graph(data: DataConfig, g: torch.Generator):
     eig = (vectors * signs).float()
     present = set(edges)
     negatives = [e for e in held_out if e not in positives]
-    non_edges = []
+    non_edges: list[tuple[int, int]] = []
     while len(non_edges) < len(positives):
         i, j = sorted(torch.randint(2 * n, (2,), generator=g).tolist())
         if i != j and (i, j) not in present:
@@ -185,7 +185,7 @@ class SpectralLinkPredictor(nn.Module):
             self.layers = nn.ModuleList(SignEquivariantMessage(k, model.hidden) for _ in range(model.layers))
             width = k
         elif model.name == "signnet":
-            self.encoder = SignNet(k, model.hidden, model.hidden)
+            self.encoder: nn.Module = SignNet(k, model.hidden, model.hidden)
             width = model.hidden
         else:
             self.encoder = nn.Sequential(

@@ -164,6 +164,7 @@ def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
             return isinstance(module, RadialVectorLayer)
 
         def branch(name: str, module: nn.Module) -> nn.Module:
+            assert isinstance(module, RadialVectorLayer), "where selects the RadialVectorLayers"
             return VectorBranch(module.in_channels, module.out_channels, model.hidden)
 
     return Task(

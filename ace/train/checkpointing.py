@@ -116,11 +116,9 @@ class Checkpointing:
         """The batches of the current epoch not yet taken: after a mid-epoch resume, the epoch's shuffle is
         replayed from its saved RNG state and the batches already taken are skipped."""
         state, generator = self.trainer.state, self.trainer.generator
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(
-            sampler, "set_epoch"
-        ):  # DistributedSampler: a new shuffle each epoch, the same on all ranks
-            sampler.set_epoch(state.epoch)
+        set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+        if set_epoch is not None:  # DistributedSampler: a new shuffle each epoch, the same on all ranks
+            set_epoch(state.epoch)
         resumed = None
         if state.batch_in_epoch > 0 and state.epoch_rng is not None:
             resumed = rng_state(generator)

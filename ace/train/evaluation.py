@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ace.constrained.constraints import Constraint, GateConstraint
+from ace.constrained.constraints import Constraint, DeviationConstraint, GateConstraint
 from ace.nn.relaxed import equivariant, gates
 from ace.symmetry.action import call_model
 from ace.symmetry.deviation import equivariance_deviation, mean_squared_norm
@@ -28,7 +28,7 @@ def evaluate(
     *,
     metrics: dict[str, Callable] | None = None,
     symmetry: Any = None,
-    gate_names: list[str] = (),
+    gate_names: Sequence[str] = (),
     samples: int = 4,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -86,7 +86,7 @@ def evaluate(
     return {k: v / counts[k] for k, v in totals.items()}
 
 
-def _variants(model: nn.Module, gate_names: list[str], per_layer: bool, variants: Collection[str]):
+def _variants(model: nn.Module, gate_names: Sequence[str], per_layer: bool, variants: Collection[str]):
     """(key prefix, key suffix, context): the model, f_eq, and the model relaxed at one layer only."""
     if "model" in variants:
         yield "", "", contextlib.nullcontext()
@@ -118,6 +118,7 @@ def initial_value(
     ``samples`` group elements per batch."""
     if isinstance(c, GateConstraint):
         return c.value(torch.stack(list(gates(model).values()))).abs().max().item()
+    assert isinstance(c, DeviationConstraint), "a constraint bounds the gates or the deviation"
     k = max(c.samples, samples)
     measured = [equivariance_deviation(model, x, symmetry, k, c.relative, generator) for x in inputs]
     return torch.stack(measured).mean().item()

@@ -98,7 +98,7 @@ def catch_signals(on_signal: Callable[[int], None]) -> Callable[[], None]:
     function that restores the previous handlers. Outside the main thread nothing is installed."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = {}
+    previous: dict[signal.Signals, Any] = {}  # what signal.signal returns: a handler, a constant or None
 
     def restore() -> None:
         for sig, handler in previous.items():

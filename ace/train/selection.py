@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,15 @@ class BestCheckpoints:
                 # the record that selected it: the variant's validation scores need no second evaluation
                 self.steps[variant] = {"step": step, "value": value, "val": own(record, variant, "val")}
                 state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                if self.folder is None:
+                path = self.path(variant)
+                if path is None:
                     self._memory[variant] = state
                 else:
-                    save_atomic({"step": step, "model": state}, self.path(variant), previous=None)
+                    save_atomic({"step": step, "model": state}, path, previous=None)
                 improved.append(variant)
         return improved
 
-    def restored(self, device: torch.device, only: list[str] | None = None) -> Iterator[tuple[str, int]]:
+    def restored(self, device: torch.device, only: list[str] | None = None) -> Generator[tuple[str, int]]:
         """Load each variant's (or each of ``only``'s) best weights in turn, yielding ``(variant, step)``; the
         current weights come back afterwards."""
         current = copy.deepcopy(self.model.state_dict())
@@ -79,10 +80,10 @@ class BestCheckpoints:
             for variant, best in self.steps.items():
                 if only is not None and variant not in only:
                     continue
-                if self.folder is None:
+                path = self.path(variant)
+                if path is None:
                     state = self._memory.get(variant)
                 else:
-                    path = self.path(variant)
                     state = read_checkpoint(path, device)["model"] if path.exists() else None
                 if state is None:  # e.g. a run resumed in another process without a run directory
                     continue

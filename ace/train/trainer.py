@@ -40,6 +40,7 @@ from ace.train.state import TrainState
 from ace.train.validation import Validation
 from ace.utils import distributed
 from ace.utils.batches import split_batch, to_device
+from ace.utils.loaders import Loader
 
 __all__ = ["Trainer"]
 
@@ -272,7 +273,7 @@ class Trainer:
 
     def fit(
         self,
-        train_loader: Iterable,
+        train_loader: Loader,
         val_loader: Iterable | None = None,
         *,
         epochs: int | None = None,
@@ -343,7 +344,7 @@ class Trainer:
             print(self.format_balance(summary))
         return summary
 
-    def _run_epoch(self, loader: Iterable, total: int, bar: tqdm) -> bool:
+    def _run_epoch(self, loader: Loader, total: int, bar: tqdm) -> bool:
         """Run the rest of the current epoch; False if ``total`` steps were reached before its end, or a
         step rolled back (``state.rollbacks`` tells)."""
         rollbacks = self.state.rollbacks

@@ -52,6 +52,8 @@ def _plots(study, out: Path, label: str) -> list[str]:
     returns what could not be drawn and why."""
     import warnings
 
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from optuna.visualization import matplotlib as vis
 
     skipped = []
@@ -76,14 +78,13 @@ def _plots(study, out: Path, label: str) -> list[str]:
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
                 axes = draw()
             first = axes.flat[0] if hasattr(axes, "flat") else axes
-            if file == "history.png":
-                first.set_ylabel(name)  # Optuna labels a single objective "Objective" whatever its name
+            if file == "history.png":  # Optuna labels a single objective "Objective" whatever its name
+                first.set_ylabel(name or label)
             figure = first.get_figure()
+            assert isinstance(figure, Figure), "Optuna draws each plot on a figure of its own"
             figure.set_size_inches(7, 4.5)
             figure.tight_layout()
             figure.savefig(out / file, dpi=110)
-            import matplotlib.pyplot as plt
-
             plt.close(figure)
         except Exception as err:  # noqa: BLE001 - a plot that needs more trials is skipped, said so
             skipped.append(f"{file}: {err}")

@@ -22,7 +22,7 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
     )
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
+def to_device(obj: Any, device: torch.device | str) -> Any:
     """Move tensors inside tuples, lists, dicts and torch_geometric objects to ``device``."""
     if isinstance(obj, torch.Tensor) or hasattr(obj, "num_nodes"):
         return obj.to(device)

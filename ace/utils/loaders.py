@@ -15,15 +15,28 @@ slice and increment records that ``get_example`` reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence, Sized
+from typing import Any, Protocol, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["make_loader", "StackedGraphLoader", "StackedGraphs", "stackable"]
+__all__ = ["make_loader", "Loader", "MapDataset", "StackedGraphLoader", "StackedGraphs", "stackable"]
+
+MapDataset = Dataset[Any] | Sequence[Any]
+
+
+class Loader(Protocol):
+    """What a training loop reads: an epoch's batches, and how many there are (a DataLoader, or a list)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
+
+
+"""A map-style data set, ``data[i]`` and ``len(data)``: a torch ``Dataset`` or a plain list of samples."""
 
 
 def _layout(graph: Any) -> dict[str, tuple[int | None, int]] | None:
@@ -45,7 +58,7 @@ def _layout(graph: Any) -> dict[str, tuple[int | None, int]] | None:
     return layout
 
 
-def stackable(graphs: Any) -> bool:
+def stackable(graphs: Any) -> TypeGuard[list[Any] | tuple[Any, ...]]:
     """Whether ``graphs`` is a non-empty list of torch_geometric ``Data`` of one class that
     :class:`StackedGraphs` batches exactly like ``Batch.from_data_list``: the same attributes, plain
     tensors of equal shape, dtype and device, the same number of nodes, and index attributes
@@ -88,6 +101,7 @@ class StackedGraphs(Dataset):
         if not stackable(graphs):
             raise ValueError("StackedGraphs needs Data graphs with equal nodes, attributes and edge_index")
         first, layout = graphs[0], _layout(graphs[0])
+        assert layout is not None, "stackable graphs have a layout"
         self.graphs = graphs
         self.num_nodes: int = first.num_nodes
         self._cls = type(first)
@@ -148,7 +162,7 @@ class StackedGraphLoader(DataLoader):
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, distributed: bool = False, seed: int = 0
+    dataset: MapDataset, batch_size: int, shuffle: bool, distributed: bool = False, seed: int = 0
 ) -> DataLoader:
     """A DataLoader, or torch_geometric's when the items are graphs.
 
@@ -159,8 +173,14 @@ def make_loader(
     With ``distributed``, each rank reads its shard through a DistributedSampler (reshuffled each epoch
     from ``seed``) and ``batch_size`` is the global batch, split evenly over the ranks.
     """
+    if not isinstance(dataset, Sized):
+        raise TypeError(
+            f"make_loader needs a dataset with a length (map-style), got {type(dataset).__name__}"
+        )
     if len(dataset) == 0:
         raise ValueError("cannot make a loader over an empty dataset")
+    # torch's loader and sampler read any map-style data set, a list too; their stubs ask for a Dataset
+    as_dataset = cast(Dataset[Any], dataset)
     kwargs: dict[str, Any] = {"batch_size": batch_size, "shuffle": shuffle}
     if distributed:
         world = dist.get_world_size()
@@ -168,10 +188,12 @@ def make_loader(
             raise ValueError(f"train.batch_size: {batch_size} does not split evenly over {world} processes")
         kwargs = {
             "batch_size": batch_size // world,
-            "sampler": DistributedSampler(dataset, shuffle=shuffle, seed=seed),
+            "sampler": DistributedSampler(as_dataset, shuffle=shuffle, seed=seed),
         }
     if hasattr(dataset[0], "num_nodes"):
         from torch_geometric.loader import DataLoader as GraphLoader
 
-        return (StackedGraphLoader if stackable(dataset) else GraphLoader)(dataset, **kwargs)
-    return DataLoader(dataset, **kwargs)
+        if stackable(dataset):
+            return StackedGraphLoader(dataset, **kwargs)
+        return GraphLoader(dataset, **kwargs)
+    return DataLoader(as_dataset, **kwargs)
