@@ -108,11 +108,12 @@ class GateConstraint(Constraint):
 class DeviationConstraint(Constraint):
     r"""``D(f) <= eps(t)`` on the measured equivariance deviation of the whole model.
 
-    .. math::
-        D(f) = \mathbb{E}_x \mathbb{E}_g \| f(g \cdot x) - \rho_{out}(g) f(x) \|^2
+    $$
+    D(f) = \mathbb{E}_x \mathbb{E}_g \| f(g \cdot x) - \rho_{out}(g) f(x) \|^2
+    $$
 
     estimated on each batch with ``samples`` group elements (``relative=True`` divides by
-    :math:`\mathbb{E}\|f(x)\|^2`). Works for any model, gated or not. Since ``D >= 0``,
+    $\mathbb{E}\|f(x)\|^2$). Works for any model, gated or not. Since ``D >= 0``,
     ``tolerance=0`` as an inequality is ACE's "hold at zero and let the duals work".
     """
 

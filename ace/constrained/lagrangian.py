@@ -28,13 +28,14 @@ def primal_lagrangian(
     constraints: dict[str, cooper.Constraint],
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The primal Lagrangian ``objective + s sum_i lambda_i^T v_i`` (``s`` the loss scale, 1 when ``None``),
+    r"""The primal Lagrangian ``objective + s sum_i lambda_i^T v_i`` (``s`` the loss scale, 1 when ``None``),
     with the augmented terms where the constraint has a penalty coefficient c:
 
-    .. math::
-        \\lambda^\\top h + \\tfrac{1}{2} c^\\top h^2 \\;\\text{(equality)}, \\qquad
-        \\tfrac{1}{2} (1/c)^\\top \\left(\\mathrm{relu}(\\lambda + c\\, g)^2 - \\lambda^2\\right)
-        \\;\\text{(inequality; Nocedal \\& Wright 17.64-65)}.
+    $$
+    \lambda^\top h + \tfrac{1}{2} c^\top h^2 \;\text{(equality)}, \qquad
+    \tfrac{1}{2} (1/c)^\top \left(\mathrm{relu}(\lambda + c\, g)^2 - \lambda^2\right)
+    \;\text{(inequality; Nocedal \& Wright 17.64-65)}.
+    $$
 
     cooper's formulas (``CMPState.compute_primal_lagrangian``, equal on the tested cases) without
     its per-step objects and einsums (their cost: docs/performance.md).
@@ -58,14 +59,15 @@ def primal_lagrangian(
 def multiplier_weights(
     violations: dict[str, torch.Tensor], constraints: dict[str, cooper.Constraint]
 ) -> dict[str, torch.Tensor]:
-    """``w_i``, the derivative of :func:`primal_lagrangian` with respect to ``v_i`` (detached), so that
+    r"""``w_i``, the derivative of :func:`primal_lagrangian` with respect to ``v_i`` (detached), so that
     backpropagating ``objective + sum_i w_i^T v_i`` gives the primal Lagrangian's gradient with one dot per
     constraint, where autograd through the terms takes five to nine operators and as many backward nodes:
 
-    .. math::
-        w = \\lambda, \\qquad \\lambda + c \\odot h \\;\\text{(augmented equality)}, \\qquad
-        \\tfrac{1}{2} (1/c) \\odot 2\\,\\mathrm{relu}(\\lambda + c\\, g) \\odot c
-        \\;\\text{(augmented inequality)}.
+    $$
+    w = \lambda, \qquad \lambda + c \odot h \;\text{(augmented equality)}, \qquad
+    \tfrac{1}{2} (1/c) \odot 2\,\mathrm{relu}(\lambda + c\, g) \odot c
+    \;\text{(augmented inequality)}.
+    $$
 
     The last is the chain rule factor by factor, in the order autograd multiplies them: the gradients are bit
     for bit those of backpropagating the terms (tested), so runs are unchanged.

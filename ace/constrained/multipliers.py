@@ -24,15 +24,16 @@ __all__ = ["DualSettings", "Multipliers", "make_problem", "make_optimizer", "dua
 
 @dataclass(frozen=True)
 class DualSettings:
-    """How the multipliers are updated. The defaults close the gates of any relaxed model at any loss scale:
+    r"""How the multipliers are updated. The defaults close the gates of any relaxed model at any loss scale:
     with the loss measured in units of its initial scale (``scale="initial"``, :mod:`ace.constrained.scale`)
     every gain is
     dimensionless, and the gate-multiplier pair of an equality ``gamma_i = 0``,
 
-    .. math::
-        \\gamma_i \\leftarrow \\gamma_i
-            - \\eta_\\gamma \\big(\\partial_{\\gamma_i} \\ell / s + \\lambda_i + c\\,\\gamma_i\\big),
-        \\qquad \\lambda_i \\leftarrow \\lambda_i + \\eta_\\lambda\\, \\gamma_i,
+    $$
+    \gamma_i \leftarrow \gamma_i
+        - \eta_\gamma \big(\partial_{\gamma_i} \ell / s + \lambda_i + c\,\gamma_i\big),
+    \qquad \lambda_i \leftarrow \lambda_i + \eta_\lambda\, \gamma_i,
+    $$
 
     is a PI controller, critically damped at ``eta_lambda = eta_gamma c^2 / 4`` (``eta_gamma`` = 0.05, the
     gates' rate of :class:`ace.PrimalDual`; c = 4, eta_lambda = 0.2: a time constant ``2 / (eta_gamma c)`` of

@@ -1,18 +1,23 @@
-"""The constrained step: multipliers, slacks and one primal-dual update, for any training loop.
+r"""The constrained step: multipliers, slacks and one primal-dual update, for any training loop.
 
 For constraints ``g_i(theta) <= eps_i(t)`` (or ``= eps_i(t)``) with multipliers ``lambda_i``, slacks
 ``u_i >= 0`` (resilient constraints only) and the task loss ``l``, one step on a batch is
 
-.. math::
-    L(\\theta, u, \\lambda) = \\ell(\\theta) + \\sum_i \\tfrac{\\rho_i}{2} u_i^2
-        + \\sum_i \\lambda_i \\, (g_i(\\theta) - \\epsilon_i(t) - u_i)
-        \\; [+ \\tfrac{c}{2} \\textstyle\\sum_i \\max(g_i - \\epsilon_i - u_i, 0)^2 \\text{ (augmented)}]
+$$
+L(\theta, u, \lambda) = \ell(\theta) + \sum_i \tfrac{\rho_i}{2} u_i^2
+    + \sum_i \lambda_i \, (g_i(\theta) - \epsilon_i(t) - u_i)
+    \; [+ \tfrac{c}{2} \textstyle\sum_i \max(g_i - \epsilon_i - u_i, 0)^2 \text{ (augmented)}]
+$$
 
-    \\lambda_i \\leftarrow [\\lambda_i + \\eta_\\lambda (g_i - \\epsilon_i(t) - u_i)]_+
-    \\quad (\\text{no } [\\cdot]_+ \\text{ for equalities; first when alternating})
+$$
+\lambda_i \leftarrow [\lambda_i + \eta_\lambda (g_i - \epsilon_i(t) - u_i)]_+
+\quad (\text{no } [\cdot]_+ \text{ for equalities; first when alternating})
+$$
 
-    \\theta, \\gamma, u \\leftarrow \\text{primal step on } \\nabla_{\\theta, \\gamma, u} L, \\quad
-    u \\leftarrow \\max(u, 0), \\quad |\\Delta \\gamma_i| \\le \\delta_{\\max}
+$$
+\theta, \gamma, u \leftarrow \text{primal step on } \nabla_{\theta, \gamma, u} L, \quad
+u \leftarrow \max(u, 0), \quad |\Delta \gamma_i| \le \delta_{\max}
+$$
 
 With ``dual.scale="initial"`` (the default) every term but the loss is multiplied by the loss's scale ``s``
 (its mean over the first 20 steps, :mod:`ace.constrained.scale`): the multipliers are prices relative to the

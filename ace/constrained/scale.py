@@ -1,14 +1,15 @@
-"""The loss's scale, which makes the constrained step's gains dimensionless.
+r"""The loss's scale, which makes the constrained step's gains dimensionless.
 
 A multiplier is a price in units of the loss: ``lambda = -dP*/d eps``. A loss summed instead of averaged, or
 another model, changes those units, and with them the gains that a gate and its multiplier need (every
 hand-tuned ``dual.lr`` before ace 0.2 was tuned in one task's units). :class:`ace.PrimalDual` therefore
 measures the loss in units of its scale at the start of training,
 
-.. math::
-    s = \\frac{1}{K} \\sum_{t=1}^{K} |\\ell_t| \\quad (K = 20 \\text{ steps, then fixed}), \\qquad
-    L = \\ell + s \\Big(\\sum_i \\lambda_i\\, h_i + \\tfrac{\\rho_i}{2} u_i^2
-        \\;[+ \\tfrac{c}{2} h_i^2]\\Big),
+$$
+s = \frac{1}{K} \sum_{t=1}^{K} |\ell_t| \quad (K = 20 \text{ steps, then fixed}), \qquad
+L = \ell + s \Big(\sum_i \lambda_i\, h_i + \tfrac{\rho_i}{2} u_i^2
+    \;[+ \tfrac{c}{2} h_i^2]\Big),
+$$
 
 and prices every constraint in those units: a multiplier is the fraction of the untrained model's loss that
 one unit of tolerance would save, ``rho`` is relative to that loss, and the gates and slacks that

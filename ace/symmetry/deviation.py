@@ -26,11 +26,11 @@ def equivariance_deviation(
 ) -> Tensor:
     r"""Monte-Carlo estimate of how far ``model`` is from equivariance on ``inputs``.
 
-    .. math::
-
-        D = \frac{1}{k} \sum_{j=1}^{k} \operatorname{mean}_{b}
-            \big\| f(g_{jb} \cdot x_b) - \rho_{out}(g_{jb}) f(x_b) \big\|^2,
-        \qquad D_{rel} = \frac{D}{\operatorname{mean}_b \| f(x_b) \|^2 + 10^{-12}}
+    $$
+    D = \frac{1}{k} \sum_{j=1}^{k} \operatorname{mean}_{b}
+        \big\| f(g_{jb} \cdot x_b) - \rho_{out}(g_{jb}) f(x_b) \big\|^2,
+    \qquad D_{rel} = \frac{D}{\operatorname{mean}_b \| f(x_b) \|^2 + 10^{-12}}
+    $$
 
     with ``g_{jb}`` drawn independently for every sample (graph) b and copy j. The squared norm is
     summed over the last (feature) dim and averaged over every other dim (samples, set elements,

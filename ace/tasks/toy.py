@@ -1,10 +1,11 @@
-"""Toy task: a planar vector field with rotation symmetry, small enough to train in seconds on a CPU.
+r"""Toy task: a planar vector field with rotation symmetry, small enough to train in seconds on a CPU.
 
 Data: points ``x ~ N(0, I_2)`` and targets
 
-.. math::
-    y = \\cos(|x|)\\, x + \\tfrac12 \\sin(2|x|)\\, J x + \\beta\\, e_1 + \\sigma\\, \\xi, \\qquad
-    J = \\begin{pmatrix} 0 & -1 \\\\ 1 & 0 \\end{pmatrix},
+$$
+y = \cos(|x|)\, x + \tfrac12 \sin(2|x|)\, J x + \beta\, e_1 + \sigma\, \xi, \qquad
+J = \begin{pmatrix} 0 & -1 \\ 1 & 0 \end{pmatrix},
+$$
 
 which is exactly SO(2)-equivariant (``y(Rx) = R y(x)``) for ``beta = 0`` (``data.breaking``); a
 constant field ``beta e_1`` breaks the symmetry in proportion to beta (partially symmetric data).
@@ -90,10 +91,11 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class RadialVectorLayer(nn.Module):
-    """SO(2)-equivariant map between stacks of planar vectors.
+    r"""SO(2)-equivariant map between stacks of planar vectors.
 
-    .. math::
-        v'_o = \\sum_c a_{oc}(|v|)\\, v_c + b_{oc}(|v|)\\, J v_c
+    $$
+    v'_o = \sum_c a_{oc}(|v|)\, v_c + b_{oc}(|v|)\, J v_c
+    $$
 
     with ``a, b`` an MLP of the invariant norms ``|v_1|..|v_C|``; ``J`` commutes with rotations.
     Shapes: (B, C_in, 2) -> (B, C_out, 2).
