@@ -1,7 +1,8 @@
-"""Suite-wide settings."""
+"""Suite-wide settings and shared fixtures."""
 
 import pytest
 import torch
+from fault_kit import ARGS, TOY, cli
 
 # The tests run tiny models, for which extra threads only add contention (on a loaded 2-core machine two
 # threads made small ops ~15x slower); a test that needs more threads sets them itself.
@@ -21,3 +22,17 @@ def runs(tmp_path_factory):
     run(load_config(CONFIGS / "toy_relaxed.yaml", [*TINY, "method=ace_resilient"]), gated)
     run(load_config(CONFIGS / "toy.yaml", TINY), plain)
     return gated, plain
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()  # train.threads=1 must not slow down the rest of the test session
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert cli("train", TOY, "--out", str(out), *ARGS) == 0
+    return out

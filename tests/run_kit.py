@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+CONFIGS = ROOT / "configs"
 TINY = [
     "data.train_size=64",
     "data.val_size=32",

@@ -1,19 +1,18 @@
 """Two gloo processes: identical multipliers and parameters on every rank, equal to one process with the
 same global batch, and a resumed 2-process run equal to an uninterrupted one."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from run_kit import ROOT
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ace.config import load_config
 from ace.experiment import build_task, prepare_run, run
 from ace.train import Trainer
 
-CONFIG = Path(__file__).parent.parent / "configs" / "toy_relaxed.yaml"
+CONFIG = ROOT / "configs" / "toy_relaxed.yaml"
 SMALL = [
     "data.train_size=128",
     "data.val_size=32",

@@ -1,10 +1,10 @@
 """End to end through the config and the CLI: run directories, resume, refusal to overwrite."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from run_kit import ROOT
 
 from ace.cli import main
 from ace.config import load_config
@@ -12,7 +12,7 @@ from ace.experiment import prepare_run, run
 from ace.runs import RunDirError, read_metrics
 from ace.train import Trainer
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 SMALL = [
     "data.train_size=128",
     "data.val_size=32",

@@ -7,7 +7,7 @@ import ast
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from run_kit import ROOT
 
 # what each sub-package may import from ace (besides itself); the top-level modules and ace.tune are the
 # applications, which may import anything

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_kit import ROOT
 
 optuna = pytest.importorskip("optuna")
 
@@ -26,7 +27,6 @@ from ace.config import (  # noqa: E402
 from ace.tune.search import TuneSettings, homotopy_end, tune  # noqa: E402
 from ace.tune.space import as_override, base_values, load_space, parse_space, suggest  # noqa: E402
 
-ROOT = Path(__file__).parent.parent
 CONFIG = str(ROOT / "configs" / "toy_relaxed.yaml")
 SMALL = [
     "method=ace_resilient",

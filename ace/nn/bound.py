@@ -25,7 +25,7 @@ layers satisfies ``||f_neq(x)|| <= ||x|| + L sqrt(P)``.
 sigma_max is estimated by one power iteration per training forward pass (its vectors are buffers in
 the model's ``state_dict``, so a resumed run continues bit for bit). The estimate approaches
 sigma_max from below, so the bound holds up to the estimate's error (below 1e-3 relative once the
-weights settle; ``tests/test_bound.py`` trains a branch to maximise its output and checks it).
+weights settle; ``tests/nn/test_bound.py`` trains a branch to maximise its output and checks it).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ group ``G`` (:class:`ace.groups.C4` for p4, :class:`ace.groups.D4` for p4m), see
   filter depend on the input, as E4's, with ``k^2`` generated taps instead of ``C k^2`` learned ones;
 * :class:`GroupPool`: regular -> image (max over the group axis); spatial pooling then gives invariants.
 
-Every layer is exactly equivariant (rot90 and flips permute entries; ``tests/test_gconv.py`` in float64).
+Every layer is exactly equivariant (rot90 and flips permute entries; ``tests/nn/test_gconv.py`` in float64).
 :func:`cost` counts parameters and FLOPs (``torch.utils.flop_counter``) to set them beside a plain CNN.
 """
 

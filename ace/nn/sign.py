@@ -13,7 +13,7 @@ each column: a model that reads them should not depend on the choice. With ``S =
 * :class:`SignNet`: the sign-invariant baseline ``rho(phi(V) + phi(-V))`` (Lim et al. 2022),
   ``f(V S) = f(V)``.
 
-Exact in float64 (``tests/test_sign.py``). Use them with ``ace.Symmetry(ace.groups.SignFlip(k,
+Exact in float64 (``tests/nn/test_sign.py``). Use them with ``ace.Symmetry(ace.groups.SignFlip(k,
 independent=True), inputs={"eig": "vector"}, output=...)``.
 """
 

@@ -39,7 +39,7 @@ A property of the protocol worth knowing: opposite charges often fall onto each 
 4100 simulated steps about 40% of trajectories bring a pair closer than 0.1 (where the clipping
 acts) and more than half closer than 0.2; ``delta_t = 1e-3`` does not resolve those encounters and the
 energy jumps there. Elsewhere ``H`` below is conserved to ~1e-3 relative (median; at most 2e-2,
-see tests/test_nbody.py).
+see tests/tasks/test_nbody.py).
 As a check against the published numbers, the best constant-velocity extrapolation
 ``x + t v`` (fitted ``t ~ 0.69``) has test MSE 0.088 on our data; EGNN reports 0.0819 for its
 "Linear" baseline on theirs.

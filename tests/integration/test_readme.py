@@ -2,9 +2,9 @@
 summary table is the same in both; the layout page is the package's."""
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
+from run_kit import ROOT
+
 README = (ROOT / "README.md").read_text()
 PAGES = {p: p.read_text() for p in sorted((ROOT / "docs").rglob("*.md"))}
 METHODS = {"strict", "unconstrained", "penalty", "ace", "ace_resilient", "scheduled", "cr"}

@@ -1,13 +1,12 @@
 """Config files validate, typos and impossible values fail with the key named."""
 
-from pathlib import Path
-
 import pytest
+from run_kit import ROOT
 
 from ace.config import ConfigError, config_from_dict, dump_config, load_config
 from ace.config.reference import reference
 
-CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+CONFIGS = sorted(ROOT.joinpath("configs").glob("*.yaml"))
 
 
 def write(tmp_path, text):
@@ -71,7 +70,7 @@ def test_reference_documents_every_key_and_the_site_generates_it():
     text = reference()
     for key in ("optim.lr", "constraint.tolerance", "dual.formulation", "data.breaking", "log.every"):
         assert f"`{key}`" in text
-    docs = Path(__file__).parent.parent / "docs"
+    docs = ROOT / "docs"
     spec = importlib.util.spec_from_file_location("hooks", docs / "hooks.py")
     hooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hooks)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from run_kit import ROOT
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -218,12 +219,11 @@ def test_the_reported_lagrangian_uses_the_multipliers_of_the_primal_step(update)
 
 
 def _toy_trainer(*overrides):
-    from pathlib import Path
 
     from ace.config import load_config
     from ace.experiment import prepare_run
 
-    config = Path(__file__).parent.parent / "configs" / "toy_relaxed.yaml"
+    config = ROOT / "configs" / "toy_relaxed.yaml"
     trainer, loaders = prepare_run(load_config(config, ["data.train_size=64", *overrides]), None)
     return trainer, next(iter(loaders["train"]))
 

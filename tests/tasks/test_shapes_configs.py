@@ -1,13 +1,12 @@
 """Every point-cloud config runs a few steps from its YAML, the way `ace train CONFIG` reads it."""
 
-from pathlib import Path
-
 import pytest
+from run_kit import ROOT
 
 from ace.config import load_config
 from ace.experiment import run
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 SHAPES = sorted(CONFIGS.glob("shapes_*.yaml"))
 # Tiny everything: a smoke test of config -> data -> (relaxed) model -> constraints -> trainer, not a fit.
 TINY = [

@@ -3,9 +3,9 @@
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from run_kit import ROOT
 
 pytest.importorskip("torch_geometric")
 
@@ -13,7 +13,6 @@ from ace.cli import main  # noqa: E402
 from ace.config import load_config  # noqa: E402
 from ace.experiment import run  # noqa: E402
 
-ROOT = Path(__file__).parent.parent
 NBODY_CONFIGS = sorted((ROOT / "configs").glob("nbody_*.yaml"))  # nbody.yaml's data variants
 TINY = [
     "data.train_size=16",

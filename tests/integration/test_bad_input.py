@@ -1,7 +1,7 @@
 """Bad input: every malformed config, path or API call is refused before training, naming the key or path.
 
 None of these trains: config errors stop in ``load_config`` or before a run directory is written, and API
-errors at construction or in the first step. 240 malformed inputs (with tests/test_faults.py: 297).
+errors at construction or in the first step. 240 malformed inputs (with the fault tests in tests/train and tests/runs: 297).
 """
 
 import dataclasses
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_kit import cli
+from run_kit import ROOT
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,7 +24,6 @@ from ace.experiment import run
 from ace.runs import OutputError
 from ace.tasks.cache import cache_path, write_cache
 
-ROOT = Path(__file__).parent.parent
 TOY = str(ROOT / "configs" / "toy.yaml")
 SMALL = ["train.epochs=1", "data.train_size=32", "model.hidden=8", "log.progress=false", "train.threads=1"]
 
@@ -354,3 +355,124 @@ def test_a_log_dir_that_holds_a_run_is_refused_unless_resume_or_overwrite(tmp_pa
     assert not (tmp_path / "summary.json").exists() and not list((tmp_path / "checkpoints").glob("*.pt"))
     assert (tmp_path / "metrics.jsonl").read_text() == ""
     trainer(log_dir=tmp_path).close()  # an empty log is no run
+
+
+# --------------------------------------------------------------------------------------- bad batches
+
+
+class TwoFields(nn.Module):
+    def __init__(self, out=2):
+        super().__init__()
+        self.linear = nn.Linear(4, out)
+
+    def forward(self, pos, vel):
+        return self.linear(torch.cat([pos, vel], -1))
+
+
+def field_trainer(model=None):
+    model = model or TwoFields()
+    return ace.Trainer(
+        model,
+        nn.functional.mse_loss,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        symmetry=ace.Symmetry(ace.groups.SO2(), inputs={"pos": "vector", "vel": "vector"}, output="vector"),
+        progress=False,
+    )
+
+
+def fields(n=4, **kw):
+    return {"pos": torch.randn(n, 2), "vel": torch.randn(n, 2), **kw}
+
+
+BAD_BATCHES = {
+    "missing field": (
+        ({"pos": torch.randn(4, 2)}, torch.randn(4, 2)),
+        r"field 'vel' \(kind 'vector', shape \(\.\.\., 2\)\) is missing",
+    ),
+    "wrong last dim": (
+        (fields(pos=torch.randn(4, 3)), torch.randn(4, 2)),
+        r"field 'pos': kind 'vector' .*needs last dim 2",
+    ),
+    "wrong batch dim": (
+        (fields(vel=torch.randn(3, 2)), torch.randn(4, 2)),
+        r"field 'vel': expected a leading batch dim of 4 .*got shape \(3, 2\)",
+    ),
+    "float64 inputs": (
+        (fields(pos=torch.randn(4, 2).double()), torch.randn(4, 2)),
+        "field 'pos' has dtype torch.float64, but the model's parameters are torch.float32",
+    ),
+    "empty batch": ((fields(n=0), torch.randn(0, 2)), "empty batch in step 1"),
+    "not a pair": (torch.randn(4, 2), r"must be an \(inputs, target\) pair"),
+    "not a dict": (
+        (torch.randn(4, 2), torch.randn(4, 2)),
+        "need a dict or a torch_geometric Data, got Tensor",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_BATCHES))
+def test_bad_batch_names_the_field_and_shape(name):
+    batch, message = BAD_BATCHES[name]
+    trainer = field_trainer()
+    before = [p.clone() for p in trainer.model.parameters()]
+    with pytest.raises((ValueError, TypeError), match=message):
+        trainer.train_step(batch)
+    assert trainer.step == 0 and all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_output_that_does_not_fit_its_representation():
+    with pytest.raises(
+        ValueError, match=r"field 'output': kind 'vector' .*needs last dim 2, got shape \(4, 3\)"
+    ):
+        field_trainer(TwoFields(out=3)).train_step((fields(), torch.randn(4, 3)))
+
+
+def test_empty_loaders_are_refused():
+    trainer = field_trainer()
+    empty = DataLoader(TensorDataset(torch.zeros(0, 2), torch.zeros(0, 2)), batch_size=4)
+    with pytest.raises(ValueError, match="training loader is empty"):
+        trainer.fit(empty, epochs=1)
+    with pytest.raises(ValueError, match="empty loader"):
+        trainer.evaluate(empty)
+
+
+# --------------------------------------------------------------------------------------- malformed configs
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- just\n- a list\n", "a config is a mapping of sections, got list"),
+        ("train: [1, 2\n", "not valid YAML"),
+        ("train: 5\n", "train: expected a mapping, got 5"),
+        ("task: [toy]\n", "task: expected a mapping with 'name'"),
+        ("schema: 2\n", "schema: this config is for schema 2, newer"),
+        ("schema: two\n", "schema: expected int"),
+        ("train: {on_nan: explode}\n", "train.on_nan: 'explode' is not one of"),
+        ("dual: {max_multiplier: 0}\n", "dual.max_multiplier: must be > 0 or null"),
+        ("dual: {max_multiplier: big}\n", "dual.max_multiplier: expected float"),
+        ("train: {threads: 0}\n", "train.threads: must be > 0"),
+        ("train: {max_steps: 0}\n", "train.max_steps: must be > 0"),
+        ("train: {epochs: 0}\n", "0 epochs and no train.max_steps"),
+        ("train: {checkpoint_every: 0}\n", "train.checkpoint_every: must be > 0"),
+        ("optim: {grad_clip: -1}\n", "optim.grad_clip: must be > 0"),
+        ("optim: {name: lbfgs}\n", "optim.name: 'lbfgs' is not one of"),
+        ("log: {progress: maybe}\n", "log.progress: expected bool"),
+        ("log: {evry: 5}\n", "unknown config key 'log.evry' .did you mean 'log.every'"),
+        ("train: {on_nans: skip}\n", "did you mean 'train.on_nan'"),
+        ("dual: {lr: 0}\n", "dual.lr: must be > 0"),
+    ],
+)
+def test_malformed_config_file(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_config_file_and_cli_exit_codes(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    assert cli("train", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run")) == 2
+    assert cli("train", TOY, "--out", str(tmp_path / "run"), "optim.lrr=0.1") == 2
+    assert "optim.lrr" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -2,10 +2,10 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from run_kit import ROOT
 
 import ace
 from ace.config import load_config
@@ -13,7 +13,7 @@ from ace.experiment import prepare_run, run
 from ace.report import report
 from ace.train.heldout import HeldOut, heldout, small_batches
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_kit import ROOT
 
 pytest.importorskip("torch_geometric")
 
@@ -26,8 +27,6 @@ from ace.utils.loaders import (  # noqa: E402
     make_loader,  # noqa: E402
     stackable,
 )
-
-ROOT = Path(__file__).parent.parent
 
 
 def _nbody_graphs(num: int = 50) -> list[Data]:

@@ -1,9 +1,8 @@
 """The images task: digits under the grid groups, exactly invariant group CNNs, every config runs."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from run_kit import ROOT
 
 pytest.importorskip("sklearn")
 
@@ -12,7 +11,7 @@ from ace.config import load_config  # noqa: E402
 from ace.experiment import run  # noqa: E402
 from ace.tasks import images  # noqa: E402
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 #: every images config and the methods it is measured with in the README
 METHODS = {
     "images": ("strict", "unconstrained", "ace", "ace_resilient", "scheduled"),

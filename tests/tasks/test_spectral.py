@@ -1,9 +1,8 @@
 """The spectral task: graphs as documented, exactly sign-invariant scores, AUC, every config runs."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from run_kit import ROOT
 
 pytest.importorskip("torch_geometric")
 
@@ -12,7 +11,7 @@ from ace.config import load_config  # noqa: E402
 from ace.experiment import run  # noqa: E402
 from ace.tasks import spectral  # noqa: E402
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 #: every spectral config and the methods it is measured with in the README
 METHODS = {
     "spectral": ("strict", "unconstrained", "ace", "ace_resilient", "scheduled"),

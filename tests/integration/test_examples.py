@@ -1,11 +1,9 @@
 """The README's and the tutorials' examples are the example files, and the examples run as written."""
 
 import runpy
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).parent.parent
+from run_kit import ROOT
 
 
 def test_readme_shows_the_wrap_example_verbatim():
