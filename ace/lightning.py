@@ -31,6 +31,7 @@ import torch
 from ace.constrained.constraints import Constraint, DeviationConstraint
 from ace.constrained.multipliers import DualSettings
 from ace.constrained.primal_dual import PrimalDual
+from ace.symmetry.action import Symmetry
 from ace.utils.batches import split_batch
 
 __all__ = ["Constrained"]
@@ -53,7 +54,7 @@ class Constrained(pl.LightningModule):
         module: pl.LightningModule,
         constraints: list[Constraint],
         *,
-        symmetry: Any = None,
+        symmetry: Symmetry | None = None,
         dual: DualSettings = DualSettings(),
         inputs_of: Callable[[Any], Any] = lambda batch: split_batch(batch)[0],
         log_every: int = 10,

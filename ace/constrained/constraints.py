@@ -9,7 +9,8 @@ Both kinds share the same options:
 * ``penalty``: a fixed multiplier ``w`` and no dual step: the loss gets ``w * relu(g - eps)``
   (``w * |g - eps|`` for an equality), the classic fixed-weight regulariser.
 
-The constraint objects are plain settings; :class:`ace.Trainer` turns them into cooper constraints.
+The constraint objects are plain settings; :class:`ace.PrimalDual` measures them, and its multipliers
+(:class:`ace.constrained.multipliers.Multipliers`) hold the cooper constraints made from them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ace.symmetry.action import Symmetry
 from ace.symmetry.deviation import equivariance_deviation
 
 __all__ = [
@@ -132,13 +134,15 @@ class DeviationConstraint(Constraint):
         self,
         model: torch.nn.Module,
         inputs: Any,
-        symmetry: Any,
+        symmetry: Symmetry | None,
         generator: torch.Generator,
         output: Any = None,
     ) -> torch.Tensor:
         """D(f) on a batch, shape (1,); ``output`` (the model's on ``inputs``) saves a forward pass."""
         if inputs is None:
             raise ValueError(f"deviation constraint '{self.name}' needs the batch: step(loss, inputs=...)")
+        if symmetry is None:
+            raise ValueError(f"deviation constraint '{self.name}' needs a symmetry (ace.Symmetry)")
         deviation = equivariance_deviation(
             model,
             inputs,
@@ -180,7 +184,7 @@ def check_setup(
     gates: Mapping[str, torch.Tensor],
     model: torch.nn.Module,
     optimizers: list[torch.optim.Optimizer],
-    symmetry: Any,
+    symmetry: Symmetry | None,
     gate_schedule: Callable[[int], float] | None,
     step_gates: bool = True,
 ) -> None:

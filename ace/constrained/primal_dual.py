@@ -69,6 +69,7 @@ from ace.constrained.schedules import LearningRates, Schedule
 from ace.constrained.step_check import StepCheck
 from ace.constrained.step_result import StepResult, constraint_table
 from ace.nn.relaxed import gates as find_gates
+from ace.symmetry.action import Symmetry
 from ace.utils import distributed
 
 __all__ = ["PrimalDual"]
@@ -135,7 +136,7 @@ class PrimalDual:
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         constraints: Sequence[Constraint] = (),
         *,
-        symmetry: Any = None,
+        symmetry: Symmetry | None = None,
         dual: DualSettings = DualSettings(),
         slack_lr: float = 1e-2,
         gate_lr: float = 0.05,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ace.nn.bound import NORMALIZE_CHOICES, bound_branch
+from ace.symmetry.action import call_model
 
 Where = Callable[[str, nn.Module], bool] | type[nn.Module] | str | Sequence[str]
 BranchFactory = Callable[[str, nn.Module], nn.Module]
@@ -304,7 +305,7 @@ def _record(model: nn.Module, modules: list[nn.Module], example: Any) -> list[tu
     try:
         model.eval()  # no batch-norm statistics updated by the dry run
         with torch.no_grad():
-            _call(model, example)
+            call_model(model, example)
     finally:
         model.train(training)
         for handle in handles:
@@ -313,14 +314,6 @@ def _record(model: nn.Module, modules: list[nn.Module], example: Any) -> list[tu
     if missing:
         raise ValueError(f"relax: layers {missing} were not called by the model on example=")
     return [seen[id(m)] for m in modules]
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
 
 
 def gates(model: nn.Module) -> dict[str, nn.Parameter]:

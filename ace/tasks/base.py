@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ace.symmetry.action import Symmetry
 from ace.utils.loaders import MapDataset
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,7 +42,7 @@ class Task:
     val: MapDataset
     test: MapDataset
     model: nn.Module
-    symmetry: Any
+    symmetry: Symmetry
     loss: Metric
     metrics: dict[str, Metric] = field(default_factory=dict)
     relax_where: Callable[[str, nn.Module], bool] | None = None

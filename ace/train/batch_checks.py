@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ace.symmetry.action import Symmetry
 from ace.utils.batches import batch_size, float_fields
 
 __all__ = ["BatchChecks"]
@@ -16,7 +17,7 @@ __all__ = ["BatchChecks"]
 class BatchChecks:
     """Checks of the first batch (and of every batch for emptiness), with messages that name the field."""
 
-    def __init__(self, model: nn.Module, symmetry: Any) -> None:
+    def __init__(self, model: nn.Module, symmetry: Symmetry | None) -> None:
         self.model, self.symmetry = model, symmetry
         self.done = False
 

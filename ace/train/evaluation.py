@@ -12,7 +12,7 @@ from torch import nn
 
 from ace.constrained.constraints import Constraint, DeviationConstraint, GateConstraint
 from ace.nn.relaxed import equivariant, gates
-from ace.symmetry.action import call_model
+from ace.symmetry.action import Symmetry, call_model
 from ace.symmetry.deviation import equivariance_deviation, mean_squared_norm
 from ace.train.selection import higher_is_better
 from ace.utils.batches import batch_size, split_batch, to_device
@@ -27,7 +27,7 @@ def evaluate(
     loss: Callable[[Any, torch.Tensor], torch.Tensor],
     *,
     metrics: dict[str, Callable] | None = None,
-    symmetry: Any = None,
+    symmetry: Symmetry | None = None,
     gate_names: Sequence[str] = (),
     samples: int = 4,
     seed: int = 0,
@@ -110,7 +110,12 @@ def track_best(best: dict[str, dict[str, float]], record: dict[str, Any], step: 
 
 @torch.no_grad()
 def initial_value(
-    c: Constraint, model: nn.Module, symmetry: Any, inputs: list, samples: int, generator: torch.Generator
+    c: Constraint,
+    model: nn.Module,
+    symmetry: Symmetry | None,
+    inputs: list,
+    samples: int,
+    generator: torch.Generator,
 ) -> float:
     """A constraint's value before training, the start of a ``start="auto"`` tolerance: the largest
     ``|gate|``, or the deviation averaged over the batches ``inputs`` (one batch's estimate is noisy, and a
@@ -119,6 +124,7 @@ def initial_value(
     if isinstance(c, GateConstraint):
         return c.value(torch.stack(list(gates(model).values()))).abs().max().item()
     assert isinstance(c, DeviationConstraint), "a constraint bounds the gates or the deviation"
+    assert symmetry is not None, "check_setup refuses a deviation constraint without a symmetry"
     k = max(c.samples, samples)
     measured = [equivariance_deviation(model, x, symmetry, k, c.relative, generator) for x in inputs]
     return torch.stack(measured).mean().item()

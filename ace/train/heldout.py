@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ace.nn.relaxed import equivariant, gates
-from ace.symmetry.action import call_model
+from ace.symmetry.action import Symmetry, call_model
 from ace.symmetry.diagnostics import orbit_average
 from ace.train.selection import higher_is_better
 from ace.utils.batches import batch_size, split_batch, to_device
@@ -105,7 +105,7 @@ def heldout(
     score: Callable[[Any, torch.Tensor], torch.Tensor],
     metric: str = "loss",
     *,
-    symmetry: Any = None,
+    symmetry: Symmetry | None = None,
     samples: int = 8,
     boots: int = 2000,
     seed: int = 0,
