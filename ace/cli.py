@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from ace.config.loading import dump_config, load_config, run_name
 from ace.config.reference import reference
@@ -167,6 +168,66 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+def _config(args: argparse.Namespace) -> None:
+    if args.reference:
+        print(reference())
+    elif args.config is None:
+        raise ConfigError("ace config needs a CONFIG file (or --reference)")
+    else:
+        print(dump_config(load_config(args.config, args.overrides)), end="")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from ace.report import report
+
+    print(report(args.run_dir))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from ace.runs.compare import compare
+
+    print(compare(args.run_dirs, out=args.out))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from ace.sweep import sweep
+
+    print(sweep(args.config, args.overrides, args.out))
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from ace.probe import probe
+
+    print(probe(args.run_dir, samples=args.samples))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "train": _train,
+    "config": _config,
+    "report": _report,
+    "compare": _compare,
+    "sweep": _sweep,
+    "tune": _tune,
+    "export": _export,
+    "probe": _probe,
+}
+
+
+def _exit_code(err: Exception) -> int | None:
+    """The exit status of an error the CLI reports in one line (2: a usage error found before any work, 1: the
+    run or its files), or None for a bug, which keeps its traceback."""
+    from ace.export import ExportError
+    from ace.runs.checkpoint import CheckpointError
+    from ace.runs.layout import OutputError, RunDirError
+    from ace.train.faults import NonFiniteError
+
+    codes: list[tuple[type[Exception] | tuple[type[Exception], ...], int]] = [
+        (OutputError, 2),  # a bad --out (a subclass of RunDirError: first)
+        ((RunDirError, CheckpointError, NonFiniteError, ExportError, OSError), 1),
+    ]
+    return next((code for kind, code in codes if isinstance(err, kind)), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may come after --out
@@ -177,35 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"ace {args.command} takes no overrides: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
-        if args.command == "train":
-            _train(args)
-        elif args.command == "config":
-            if args.reference:
-                print(reference())
-            elif args.config is None:
-                raise ConfigError("ace config needs a CONFIG file (or --reference)")
-            else:
-                print(dump_config(load_config(args.config, args.overrides)), end="")
-        elif args.command == "report":
-            from ace.report import report
-
-            print(report(args.run_dir))
-        elif args.command == "compare":
-            from ace.runs.compare import compare
-
-            print(compare(args.run_dirs, out=args.out))
-        elif args.command == "sweep":
-            from ace.sweep import sweep
-
-            print(sweep(args.config, args.overrides, args.out))
-        elif args.command == "tune":
-            _tune(args)
-        elif args.command == "export":
-            _export(args)
-        elif args.command == "probe":
-            from ace.probe import probe
-
-            print(probe(args.run_dir, samples=args.samples))
+        COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"ace: config error: {err}", file=sys.stderr)
         return 2
@@ -213,22 +246,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ace: interrupted: {err}" if str(err) else "ace: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, ValueError, OSError) as err:
-        from ace.export import ExportError
-        from ace.runs.checkpoint import CheckpointError
-        from ace.runs.layout import OutputError, RunDirError
-        from ace.train.faults import NonFiniteError
-
-        if isinstance(err, OutputError):  # a bad --out, found before any work: a usage error
-            print(f"ace: error: {err}", file=sys.stderr)
-            return 2
-        if isinstance(err, (RunDirError, CheckpointError, NonFiniteError, ExportError, FileNotFoundError)):
-            print(f"ace: error: {err}", file=sys.stderr)
-            return 1
-        if isinstance(err, OSError):  # an unwritable output path, a full disk: one line, not a traceback
+        code = _exit_code(err)
+        if code is None:
+            raise
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            # an unwritable output path, a full disk: one line, not a traceback
             where = f"{err.filename}: " if err.filename is not None else ""
             print(f"ace: error: {where}{err.strerror or err}", file=sys.stderr)
-            return 1
-        raise
+        else:
+            print(f"ace: error: {err}", file=sys.stderr)
+        return code
     finally:
         import torch.distributed as dist
 
