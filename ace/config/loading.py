@@ -275,63 +275,18 @@ def _numeric_strings(value: Any) -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    """Checks that need several keys, or numbers that must be positive."""
-    positive = {
-        "optim.lr": cfg.optim.lr,
-        "optim.slack_lr": cfg.optim.slack_lr,
-        "optim.gate_lr": cfg.optim.gate_lr,
-        "dual.lr": cfg.dual.lr,
-        "dual.penalty_coefficient": cfg.dual.penalty_coefficient,
-        "optim.decay_factor": cfg.optim.decay_factor,
-        "constraint.rho": cfg.constraint.rho,
-        "constraint.samples": cfg.constraint.samples,
-        "train.batch_size": cfg.train.batch_size,
-        "train.eval_batch_size": cfg.train.eval_batch_size,
-        "train.eval_every": cfg.train.eval_every,
-        "train.checkpoint_every": cfg.train.checkpoint_every,
-        "train.eval_samples": cfg.train.eval_samples,
-        "log.every": cfg.log.every,
-        "relax.hidden": cfg.relax.hidden,
-    }
-    for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{key}: must be > 0, got {value!r}")
-    nonnegative = {
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "constraint.penalty": cfg.constraint.penalty,
-        "train.epochs": cfg.train.epochs,
-        "optim.warmup": cfg.optim.warmup,
-        "optim.min_lr_factor": cfg.optim.min_lr_factor,
-        "optim.momentum": cfg.optim.momentum,
-        "dual.kp": cfg.dual.kp,
-        "dual.ki": cfg.dual.ki,
-        "seed": cfg.seed,
-    }
-    for key, value in nonnegative.items():
-        if not value >= 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value!r}")
+    """The bounds of single keys (``opt(above=, at_least=)``), then the checks that need several keys."""
+    for key, value, (op, bound), nullable in _bounded(cfg):
+        if value is None and nullable:
+            continue
+        if not (value > bound if op == ">" else value >= bound):
+            raise ConfigError(f"{key}: must be {op} {bound:g}{' or null' if nullable else ''}, got {value!r}")
     if cfg.seed > MAX_SEED:
         raise ConfigError(f"seed: must be < 2**63, got {cfg.seed!r}")
-    if cfg.dual.max_multiplier is not None and not cfg.dual.max_multiplier > 0:
-        raise ConfigError(f"dual.max_multiplier: must be > 0 or null, got {cfg.dual.max_multiplier!r}")
     try:
         check_scale(cfg.dual.scale)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if not cfg.train.readout_every >= 0:
-        raise ConfigError(f"train.readout_every: must be >= 0, got {cfg.train.readout_every!r}")
-    if cfg.train.readout_batches is not None and not cfg.train.readout_batches > 0:
-        raise ConfigError(f"train.readout_batches: must be > 0 or null, got {cfg.train.readout_batches!r}")
-    if cfg.train.threads is not None and not cfg.train.threads > 0:
-        raise ConfigError(f"train.threads: must be > 0 or null, got {cfg.train.threads!r}")
-    for key in ("gate_max_step", "decay_every", "close_gates_below"):
-        value = getattr(cfg.optim, key)
-        if value is not None and not value > 0:
-            raise ConfigError(f"optim.{key}: must be > 0 or null, got {value!r}")
-    if cfg.optim.grad_clip is not None and not cfg.optim.grad_clip > 0:
-        raise ConfigError(f"optim.grad_clip: must be > 0 or null, got {cfg.optim.grad_clip!r}")
-    if cfg.train.max_steps is not None and not cfg.train.max_steps > 0:
-        raise ConfigError(f"train.max_steps: must be > 0 or null, got {cfg.train.max_steps!r}")
     if cfg.train.epochs == 0 and cfg.train.max_steps is None:
         raise ConfigError("train.epochs: 0 epochs and no train.max_steps would train nothing")
     from ace.config.schedule_specs import schedule_from_config
@@ -377,3 +332,18 @@ def config_to_dict(cfg: Any) -> Any:
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _bounded(cfg: Config) -> list[tuple[str, Any, tuple[str, float], bool]]:
+    """``(key, value, (">" or ">=", bound), may it be null?)`` of every bounded key of ``cfg``."""
+    sections = [(getattr(cfg, f.name), f"{f.name}.") for f in dataclasses.fields(cfg)]
+    out = []
+    for owner, prefix in [(cfg, ""), *sections]:
+        if not dataclasses.is_dataclass(owner):
+            continue
+        hints = typing.get_type_hints(type(owner))
+        for f in dataclasses.fields(owner):
+            if "bound" in f.metadata:
+                nullable = type(None) in typing.get_args(hints[f.name])  # float | None
+                out.append((prefix + f.name, getattr(owner, f.name), f.metadata["bound"], nullable))
+    return out

@@ -29,6 +29,9 @@ def reference() -> str:
             text = f.metadata.get("help", "")
             if "choices" in f.metadata:
                 text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
+            if "bound" in f.metadata:
+                op, bound = f.metadata["bound"]
+                text += f" (must be {op} {bound:g})"
             shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
             text = text.replace("|", "\\|")  # a raw pipe would split the markdown cell
             lines.append(f"| `{prefix}{f.name}` | `{shown}` | {note}{text} |")

@@ -31,11 +31,23 @@ class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type or impossible value."""
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:  # noqa: A002
-    """A documented config field."""
+def opt(
+    default: Any,
+    help: str,  # noqa: A002
+    choices: tuple | None = None,
+    above: float | None = None,
+    at_least: float | None = None,
+    **kw: Any,
+) -> Any:
+    """A documented config field; ``above``/``at_least``: its value must be ``> above`` / ``>= at_least`` (or
+    null where the default is null), checked when a config is loaded and shown in the key reference."""
     meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    if above is not None:
+        meta["bound"] = (">", above)
+    if at_least is not None:
+        meta["bound"] = (">=", at_least)
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -58,7 +70,9 @@ class TaskConfig:
 @dataclass
 class RelaxConfig:
     gate_init: float = opt(1.0, "initial value of every gate gamma (f_eq + gamma * f_neq)")
-    hidden: int = opt(64, "width of the default MLP branch f_neq, where the task does not supply its own")
+    hidden: int = opt(
+        64, "width of the default MLP branch f_neq, where the task does not supply its own", above=0
+    )
     normalize: str = opt(
         "spectral",
         "bound every branch: 'spectral' normalises each linear map of f_neq (operator norm 1, bias norm "
@@ -82,10 +96,12 @@ class ConstraintConfig:
         "piecewise, triangular, join; 'start: auto' = the value measured before the first step; "
         "'steps: null' = the whole run). 'ace' and 'ace_resilient' hold eps at 0",
     )
-    samples: int = opt(1, "group elements sampled per step to estimate the deviation D (kind 'deviation')")
+    samples: int = opt(
+        1, "group elements sampled per step to estimate the deviation D (kind 'deviation')", above=0
+    )
     relative: bool = opt(False, "divide D by the mean squared norm of f(x) (scale-free tolerance)")
-    rho: float = opt(1.0, "slack cost rho/2 * u^2 of 'ace_resilient' (larger rho = less slack)")
-    penalty: float = opt(1.0, "fixed multiplier w of method 'penalty': loss + w * relu(g - eps)")
+    rho: float = opt(1.0, "slack cost rho/2 * u^2 of 'ace_resilient' (larger rho = less slack)", above=0)
+    penalty: float = opt(1.0, "fixed multiplier w of method 'penalty': loss + w * relu(g - eps)", at_least=0)
     cr_schedule: Any = opt(
         {"type": "triangular", "low": 0.0, "peak": 1.0},
         "gate value over training for method 'cr' (a schedule; gates set to 0 for the final model)",
@@ -106,15 +122,16 @@ class DualConfig:
         0.2,
         "dual step size eta_lambda; with the defaults the gate-multiplier pair is critically damped, "
         "eta_lambda = optim.gate_lr * c^2 / 4",
+        above=0,
     )
     update: str = opt(
         "alternating",
         "'alternating' (dual step first, then the primal step with the new multipliers) or 'simultaneous'",
         choices=("simultaneous", "alternating"),
     )
-    penalty_coefficient: float = opt(4.0, "c of the augmented Lagrangian: the damping of each gate")
-    kp: float = opt(0.0, "nuPI proportional gain")
-    ki: float = opt(1.0, "nuPI integral gain")
+    penalty_coefficient: float = opt(4.0, "c of the augmented Lagrangian: the damping of each gate", above=0)
+    kp: float = opt(0.0, "nuPI proportional gain", at_least=0)
+    ki: float = opt(1.0, "nuPI integral gain", at_least=0)
     init: float = opt(0.0, "initial multiplier value")
     scale: Any = opt(
         "initial",
@@ -124,19 +141,20 @@ class DualConfig:
         "'none' (units of the loss, as before ace 0.2) or a fixed positive number",
     )
     max_multiplier: float | None = opt(
-        1.0e6, "ceiling on abs(multiplier): clamped there with a warning in the log (null = none)"
+        1.0e6, "ceiling on abs(multiplier): clamped there with a warning in the log (null = none)", above=0
     )
 
 
 @dataclass
 class OptimConfig:
     name: str = opt("adam", "primal optimiser", choices=("adam", "adamw", "sgd"))
-    lr: float = opt(1.0e-3, "primal learning rate")
-    weight_decay: float = opt(0.0, "weight decay (gates excluded)")
+    lr: float = opt(1.0e-3, "primal learning rate", above=0)
+    weight_decay: float = opt(0.0, "weight decay (gates excluded)", at_least=0)
     gate_lr: float = opt(
         0.05,
         "learning rate eta_gamma of the gates (plain SGD on the loss-scaled gradient, stepped by ace: the "
         "multipliers' pull stays proportional)",
+        above=0,
     )
     gates: str = opt(
         "ace",
@@ -144,19 +162,24 @@ class OptimConfig:
         "weights' optimiser optim.name at optim.lr, as in the ACE paper's code)",
         choices=("ace", "optimizer"),
     )
-    momentum: float = opt(0.9, "momentum for 'sgd'")
+    momentum: float = opt(0.9, "momentum for 'sgd'", at_least=0)
     grad_clip: float | None = opt(
-        None, "clip the gradient norm of the weights, and separately of the gates, to this value (null = off)"
+        None,
+        "clip the gradient norm of the weights, and separately of the gates, to this value (null = off)",
+        above=0,
     )
-    slack_lr: float = opt(1.0e-2, "learning rate of the slacks u of 'ace_resilient' (SGD)")
+    slack_lr: float = opt(1.0e-2, "learning rate of the slacks u of 'ace_resilient' (SGD)", above=0)
     gate_max_step: float | None = opt(
-        0.1, "largest change of a gate in one step, a trust region safe at any loss scale (null = none)"
+        0.1,
+        "largest change of a gate in one step, a trust region safe at any loss scale (null = none)",
+        above=0,
     )
     close_gates_below: float | None = opt(
         None,
         "method 'ace': a gate below this is closed for good (set to 0, its branch no longer computed, an "
         "event 'gate_closed' in metrics.jsonl): the model is f_eq up to that layer and steps get cheaper as "
         "gates close (null = never)",
+        above=0,
     )
     schedule: str = opt(
         "constant",
@@ -165,47 +188,55 @@ class OptimConfig:
         choices=("constant", "cosine", "step"),
     )
     warmup: float = opt(
-        0.0, "linear warm-up of the learning rate: a fraction of the run (< 1) or steps (>= 1)"
+        0.0, "linear warm-up of the learning rate: a fraction of the run (< 1) or steps (>= 1)", at_least=0
     )
     schedule_gates: bool = opt(
         True,
         "apply optim.schedule to the gates' learning rate too: their batch noise around equilibrium shrinks "
         "with it, so equality-constrained gates settle at 0 by the end (false: the gates keep optim.gate_lr)",
     )
-    min_lr_factor: float = opt(0.0, "'cosine': the final learning rate as a fraction of optim.lr")
+    min_lr_factor: float = opt(0.0, "'cosine': the final learning rate as a fraction of optim.lr", at_least=0)
     decay_every: float | None = opt(
-        None, "'step': steps between decays, or a fraction of the run (< 1); null = a third of the run"
+        None,
+        "'step': steps between decays, or a fraction of the run (< 1); null = a third of the run",
+        above=0,
     )
-    decay_factor: float = opt(0.1, "'step': factor applied at each decay")
+    decay_factor: float = opt(0.1, "'step': factor applied at each decay", above=0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(10, "passes over the training set")
-    max_steps: int | None = opt(None, "stop after this many steps (null = epochs decide)")
-    batch_size: int = opt(32, "training batch size")
-    eval_batch_size: int = opt(256, "batch size for validation and test")
-    eval_every: int = opt(1, "epochs between validation passes")
-    checkpoint_every: int = opt(1, "epochs between checkpoints (checkpoints/last.pt, previous.pt kept)")
+    epochs: int = opt(10, "passes over the training set", at_least=0)
+    max_steps: int | None = opt(None, "stop after this many steps (null = epochs decide)", above=0)
+    batch_size: int = opt(32, "training batch size", above=0)
+    eval_batch_size: int = opt(256, "batch size for validation and test", above=0)
+    eval_every: int = opt(1, "epochs between validation passes", above=0)
+    checkpoint_every: int = opt(
+        1, "epochs between checkpoints (checkpoints/last.pt, previous.pt kept)", above=0
+    )
     eval_samples: int = opt(
         4,
         "group elements per batch for the deviation reported at evaluation: a validation pass costs "
         "(1 + eval_samples) forward passes a batch for the model, as many for f_eq, and as many per gated "
         "layer for the read-out",
+        above=0,
     )
     readout_every: int = opt(
         1,
         "validation passes between two measurements of the per-layer deviations (the read-out of a relaxed "
         "model, the largest part of its validation cost); 0 = only at the end (final validation, test and "
         "the best checkpoints always have them)",
+        at_least=0,
     )
     readout_batches: int | None = opt(
-        None, "measure the per-layer deviations on the first validation and test batches only (null = all)"
+        None,
+        "measure the per-layer deviations on the first validation and test batches only (null = all)",
+        above=0,
     )
     device: str = opt(
         "cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available; under torchrun: the local rank's GPU)"
     )
-    threads: int | None = opt(None, "torch CPU threads per process (null = torch's default)")
+    threads: int | None = opt(None, "torch CPU threads per process (null = torch's default)", above=0)
     select: str | None = opt(
         None,
         "validation metric that picks the best step of each variant (model and f_eq, separately), whose test "
@@ -223,14 +254,14 @@ class TrainConfig:
 
 @dataclass
 class LogConfig:
-    every: int = opt(10, "steps between records in metrics.jsonl")
+    every: int = opt(10, "steps between records in metrics.jsonl", above=0)
     tensorboard: bool = opt(False, "also write TensorBoard scalars to RUN/tensorboard (needs tensorboard)")
     progress: bool | None = opt(None, "progress bar: true, false, or null (only when stderr is a terminal)")
 
 
 @dataclass
 class Config:
-    seed: int = opt(0, "seeds data generation, initialisation, shuffling and group sampling")
+    seed: int = opt(0, "seeds data generation, initialisation, shuffling and group sampling", at_least=0)
     method: str = opt(
         "ace",
         "how to train: strict (f_eq only), unconstrained (relaxed, no constraint), "
