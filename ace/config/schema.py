@@ -10,6 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = [
+    "SCHEMA_VERSION",
+    "MAX_SEED",
+    "METHODS",
+    "TASKS",
+    "ConfigError",
+    "opt",
+    "check_positive_ints",
+    "TaskConfig",
+    "RelaxConfig",
+    "ConstraintConfig",
+    "DualConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "LogConfig",
+    "Config",
+]
+
 SCHEMA_VERSION = 1
 
 #: seeds go to torch.manual_seed (and seed + small offsets): keep them in [0, 2**63)

@@ -28,6 +28,25 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+__all__ = [
+    "AUTO",
+    "Schedule",
+    "Constant",
+    "Linear",
+    "Cosine",
+    "Geometric",
+    "Triangular",
+    "Piecewise",
+    "Join",
+    "check_number",
+    "check_count",
+    "is_nonincreasing",
+    "settles_at",
+    "steps_of",
+    "lr_schedule",
+    "LearningRates",
+]
+
 AUTO = "auto"
 Start = float | Literal["auto"]
 

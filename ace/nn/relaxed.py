@@ -30,6 +30,8 @@ from torch import nn
 from ace.nn.bound import NORMALIZE_CHOICES, bound_branch
 from ace.symmetry.action import call_model
 
+__all__ = ["GatedLayer", "MLPBranch", "relax", "gates", "weights", "equivariant", "strip"]
+
 Where = Callable[[str, nn.Module], bool] | type[nn.Module] | str | Sequence[str]
 BranchFactory = Callable[[str, nn.Module], nn.Module]
 
