@@ -261,7 +261,7 @@ class Symmetry:
                 reps[kind] = self.group.representation(kind, g)
             rho = reps[kind].to(x.dtype)
             rho = rho if rows is None else rho[rows]
-            x = _act(rho, x)
+            x = _apply_matrix(rho, x)
         if kind == "position" and g.translation is not None:
             t = g.translation.to(x.dtype)
             t = t if rows is None else t[rows]
@@ -295,7 +295,7 @@ def _sample_graph_permutation(group: Permutation, n: int, batch: Tensor, generat
     return GroupElement(permutation=actual)
 
 
-def _act(rho: Tensor, x: Tensor) -> Tensor:
+def _apply_matrix(rho: Tensor, x: Tensor) -> Tensor:
     """``rho[n] @ x[n, ..., :]`` for every sample n, as one batched matmul: the same bmm that
     ``einsum("nij,n...j->n...i", rho, x)`` plans, bit for bit, without its 7 permutes and views around it
     (the step's fixed cost on a small model is mostly per-operator overhead)."""
