@@ -262,7 +262,7 @@ def test_the_action_is_einsums_bit_for_bit(dtype, shape, d):
     rho = torch.randn(shape[0], d, d, dtype=dtype, generator=gen)
     x = torch.randn(*shape, d, dtype=dtype, generator=gen, requires_grad=True)
     w = torch.randn(*shape, d, dtype=dtype, generator=gen)
-    ours, theirs = _act(rho, x), torch.einsum("nij,n...j->n...i", rho, x)
+    ours, theirs = _apply_matrix(rho, x), torch.einsum("nij,n...j->n...i", rho, x)
     assert torch.equal(ours, theirs)
     (g_ours,) = torch.autograd.grad((ours * w).sum(), x)
     (g_theirs,) = torch.autograd.grad((theirs * w).sum(), x)
