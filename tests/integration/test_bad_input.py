@@ -1,7 +1,8 @@
 """Bad input: every malformed config, path or API call is refused before training, naming the key or path.
 
 None of these trains: config errors stop in ``load_config`` or before a run directory is written, and API
-errors at construction or in the first step. 240 malformed inputs (with the fault tests in tests/train and tests/runs: 297).
+errors at construction or in the first step. 240 malformed inputs (with the fault tests in tests/train and
+tests/runs: 297).
 """
 
 import dataclasses

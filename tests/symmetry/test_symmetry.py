@@ -3,7 +3,7 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from ace.symmetry import O3, SO2, SO3, Euclidean, GroupElement, Permutation, Translation
-from ace.symmetry.action import Symmetry, _act, call_model, is_graph
+from ace.symmetry.action import Symmetry, _apply_matrix, call_model, is_graph
 
 F64 = torch.float64
 
