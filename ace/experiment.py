@@ -10,6 +10,7 @@ unconstrained   learned    none
 penalty         learned    fixed multiplier: loss + w * relu(g - eps(t))
 ace             learned    gamma_i = 0 (gate) or D <= 0 (deviation), dual ascent (ACE Alg. 1)
 ace_resilient   learned    |gamma_i| <= u_i or D <= u, slack cost rho/2 u^2 (ACE Alg. 2)
+ace_heldout     learned    ace_resilient (gates), each slack kept or held at 0 by held-out data
 scheduled       learned    |gamma_i| <= eps(t) or D <= eps(t), eps(t) tightening
 cr              scheduled  none: gates follow ``constraint.cr_schedule``, f_eq is the final model
 ==============  =========  ======================================================================
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -51,6 +53,7 @@ from ace.runs.layout import (
     write_config,
 )
 from ace.tasks.base import Task
+from ace.train.heldout_slacks import HeldOutSlacks
 from ace.train.trainer import Trainer
 from ace.utils.distributed import join_process_group
 from ace.utils.loaders import make_loader
@@ -75,6 +78,10 @@ def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[
                 f"gates, but task '{cfg.task.name}' with this model has none; use constraint.kind: deviation "
                 "(or a relaxable model)"
             )
+    if method == "ace_heldout" and kind != "gate":
+        raise ConfigError(
+            "method 'ace_heldout' judges each gated layer's branch: it needs constraint.kind: gate"
+        )
     relaxed = gated and method != "strict"
     gate_schedule = schedule_from_config(c.cr_schedule, total_steps) if method == "cr" else None
     if method in ("strict", "unconstrained", "cr"):
@@ -85,7 +92,7 @@ def method_setup(cfg: Config, task: Task, total_steps: int) -> tuple[bool, list[
     options: dict[str, Any] = dict(
         tolerance=tolerance,
         equality=method == "ace" and kind == "gate",
-        resilient=method == "ace_resilient",
+        resilient=method in ("ace_resilient", "ace_heldout"),
         rho=c.rho,
         penalty=c.penalty if method == "penalty" else None,
     )
@@ -195,6 +202,8 @@ def _build_parts(cfg: Config) -> dict[str, Any]:
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     device = _device(cfg.train.device)
     task = _build_task_and_model(cfg)
+    if distributed and cfg.method == "ace_heldout":  # rank 0 validates: its decision would not reach the rest
+        raise ConfigError("method 'ace_heldout' runs in one process (not under torchrun)")
     if distributed and cfg.train.batch_size % dist.get_world_size():
         world = dist.get_world_size()
         raise ConfigError(
@@ -276,8 +285,10 @@ def _make_trainer(cfg: Config, parts: dict[str, Any], out: str | Path | None) ->
         close_gates_below=cfg.optim.close_gates_below,
         resume=True,  # the caller has checked or cleared the directory
     )
-    # read by ace.tune.search; Trainer does not declare it yet (it is being rewritten): declare it there
-    trainer.total_steps = total  # type: ignore[attr-defined]
+    trainer.total_steps = total
+    if cfg.method == "ace_heldout":
+        after = math.ceil(cfg.constraint.heldout_after * total)
+        trainer.observers.append(HeldOutSlacks(parts["loaders"]["val"], after_step=after))
     return trainer, parts["loaders"]
 
 

@@ -287,6 +287,10 @@ def _validate(cfg: Config) -> None:
         check_scale(cfg.dual.scale)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.constraint.heldout_after > 1:
+        raise ConfigError(
+            f"constraint.heldout_after: a fraction of the run, <= 1, got {cfg.constraint.heldout_after!r}"
+        )
     if cfg.train.epochs == 0 and cfg.train.max_steps is None:
         raise ConfigError("train.epochs: 0 epochs and no train.max_steps would train nothing")
     from ace.config.schedule_specs import schedule_from_config

@@ -33,7 +33,7 @@ SCHEMA_VERSION = 1
 #: seeds go to torch.manual_seed (and seed + small offsets): keep them in [0, 2**63)
 MAX_SEED = 2**63 - 1
 
-METHODS = ("strict", "unconstrained", "penalty", "ace", "ace_resilient", "scheduled", "cr")
+METHODS = ("strict", "unconstrained", "penalty", "ace", "ace_resilient", "ace_heldout", "scheduled", "cr")
 
 TASKS = {
     "toy": "ace.tasks.toy",
@@ -119,6 +119,13 @@ class ConstraintConfig:
     )
     relative: bool = opt(False, "divide D by the mean squared norm of f(x) (scale-free tolerance)")
     rho: float = opt(1.0, "slack cost rho/2 * u^2 of 'ace_resilient' (larger rho = less slack)", above=0)
+    heldout_after: float = opt(
+        0.5,
+        "method 'ace_heldout': the fraction of the run after which each gated layer's branch is judged on "
+        "the validation data (at the next validation); the slacks of the layers it does not help are held "
+        "at 0",
+        at_least=0,
+    )
     penalty: float = opt(1.0, "fixed multiplier w of method 'penalty': loss + w * relu(g - eps)", at_least=0)
     cr_schedule: Any = opt(
         {"type": "triangular", "low": 0.0, "peak": 1.0},
@@ -284,7 +291,8 @@ class Config:
         "ace",
         "how to train: strict (f_eq only), unconstrained (relaxed, no constraint), "
         "penalty (fixed multiplier), ace (eps = 0, dual ascent), ace_resilient (eps = 0 plus learned slack), "
-        "scheduled (eps(t) tightening), "
+        "ace_heldout (ace_resilient whose slacks the validation data keep or hold at 0, once, at "
+        "constraint.heldout_after), scheduled (eps(t) tightening), "
         "cr (gates on a fixed schedule, set to 0 at the end)",
         choices=METHODS,
     )

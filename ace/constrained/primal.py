@@ -2,8 +2,9 @@
 
 Each step zeroes their gradients, divides the gates' and slacks' by the loss scale, clips them (the weights
 and the gates apart), steps the primal optimisers and the gates (plain SGD, unless the user's optimiser holds
-them), projects the slacks onto ``u >= 0`` and bounds each gate's move (a trust region). Under a gate schedule
-the gates are set, not learned. :class:`ace.PrimalDual` owns one :class:`PrimalSide`.
+them), projects the slacks onto ``u >= 0`` (and below their caps, where set) and bounds each gate's move (a
+trust region). Under a gate schedule the gates are set, not learned. :class:`ace.PrimalDual` owns one
+:class:`PrimalSide`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class PrimalSide:
         )
         self.grad_clip, self.gate_max_step, self.gate_schedule = grad_clip, gate_max_step, gate_schedule
         self.gate_lr = gate_lr
+        #: per slack, an upper bound on its entries after each step (None: u >= 0 only)
+        self.slack_caps: list[torch.Tensor | None] = [None] * len(self.slacks)
         held = {id(p) for o in optimizers for group in o.param_groups for p in group["params"]}
         if gate_lr is not None and gate_ids & held:  # said once (Python shows a warning once per place)
             warnings.warn(
@@ -119,8 +122,10 @@ class PrimalSide:
                 torch._foreach_add_(stepped, grads, alpha=-lr)
                 for g, grad in zip(stepped, grads, strict=True):
                     g.grad = grad
-            for u in self.slacks:
+            for u, cap in zip(self.slacks, self.slack_caps):
                 u.clamp_(min=0.0)
+                if cap is not None:
+                    torch.minimum(u, cap, out=u)
             if gate_bounds is not None:
                 torch._foreach_clamp_min_(self.gates, gate_bounds[0])
                 torch._foreach_clamp_max_(self.gates, gate_bounds[1])

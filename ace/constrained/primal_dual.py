@@ -379,6 +379,20 @@ class PrimalDual:
 
     # ------------------------------------------------------------------ read-out
 
+    def cap_slacks(self, name: str, caps: torch.Tensor) -> None:
+        """Bound the slack of constraint ``name`` entry by entry from now on: ``u <= caps`` (0 holds that
+        entry's constraint strict, ``inf`` leaves it resilient); kept in the state."""
+        index = list(self.slacks).index(name)
+        cap = caps.to(device=self.device, dtype=self.dtype).reshape(self.slacks[name].shape)
+        self.primal.slack_caps[index] = cap
+        with torch.no_grad():
+            torch.minimum(self.slacks[name], cap, out=self.slacks[name])
+
+    def slack_caps(self) -> dict[str, torch.Tensor]:
+        """The caps set by :meth:`cap_slacks`, by constraint name."""
+        capped = zip(self.slacks, self.primal.slack_caps)
+        return {name: cap for name, cap in capped if cap is not None}
+
     def zero_grad(self) -> None:
         """Forget the gradients of the step in progress (every parameter, gate, slack and multiplier)."""
         self.duals.zero_grad()
@@ -409,6 +423,7 @@ class PrimalDual:
             "ceiling_warned": sorted(self._ceiling_warned),
             "loss_scale": self.scale.state_dict(),
             "closed_gates": sorted(self.closed.names),
+            "slack_caps": self.slack_caps(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -429,6 +444,8 @@ class PrimalDual:
             self.scale.load_state_dict(state["loss_scale"])
         for name in state.get("closed_gates", ()):
             self.closed.close(name)
+        for name, cap in state.get("slack_caps", {}).items():  # absent before ace 0.2's ace_heldout
+            self.cap_slacks(name, cap)
         self.primal.set_scheduled_gates(self.step_count)
 
 

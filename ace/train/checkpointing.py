@@ -25,7 +25,16 @@ if TYPE_CHECKING:
 __all__ = ["Checkpointing"]
 
 #: the constrained step's state a checkpoint holds (:meth:`ace.PrimalDual.state_dict`)
-CORE_KEYS = ("cooper_optimizer", "cmp", "slacks", "step", "tolerance_starts", "loss_scale", "closed_gates")
+CORE_KEYS = (
+    "cooper_optimizer",
+    "cmp",
+    "slacks",
+    "step",
+    "tolerance_starts",
+    "loss_scale",
+    "closed_gates",
+    "slack_caps",
+)
 
 
 class Checkpointing:

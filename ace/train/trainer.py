@@ -178,6 +178,8 @@ class Trainer:
         #: called as ``observer(trainer, record)`` after every record is written (a pruner, a live plot);
         #: an exception it raises ends ``fit`` there, the records and the last checkpoint kept
         self.observers: list[Callable[[Trainer, dict[str, Any]], None]] = []
+        #: the run's length in steps where the caller knows it before fit (set by ace.experiment)
+        self.total_steps: int | None = None
         variants = ("model", "eq") if self.gates else ("model",)
         self.selection = BestCheckpoints(
             model, select, layout.checkpoints(self.log_dir) if self.log_dir else None, variants

@@ -1,5 +1,8 @@
 """PrimalDual on its own: a plain loop equals Trainer.fit bit for bit; the state round trips."""
 
+import copy
+import json
+
 import pytest
 import torch
 from run_kit import ROOT
@@ -250,3 +253,32 @@ def test_a_slack_stepped_below_zero_is_projected_back():
         trainer.slacks["gate"].fill_(0.5)
     trainer.train_step(batch)
     assert torch.equal(trainer.slacks["gate"], torch.zeros_like(trainer.slacks["gate"]))
+
+
+def test_slack_caps_are_kept_in_the_state_and_a_restored_core_steps_bit_for_bit():
+    def core_and_batches():
+        model, optimizers, constraints, settings, loader = setup()
+        return model, optimizers, ace.PrimalDual(model, optimizers, constraints, **settings), list(loader)
+
+    def steps(model, core, batches):
+        for x, y in batches:
+            with core.cached():
+                out = model(x)
+                core.step(torch.nn.functional.mse_loss(out, y), inputs=x, output=out)
+
+    model, optimizers, core, batches = core_and_batches()
+    steps(model, core, batches)
+    core.cap_slacks("deviation", torch.zeros(1))
+    assert core.slacks["deviation"].item() == 0.0
+    state = copy.deepcopy([core.state_dict(), model.state_dict(), [o.state_dict() for o in optimizers]])
+    steps(model, core, batches)
+    other_model, other_optimizers, other, _ = core_and_batches()
+    other_model.load_state_dict(state[1])
+    for o, saved in zip(other_optimizers, state[2]):
+        o.load_state_dict(saved)
+    other.load_state_dict(state[0])
+    assert json.dumps({k: v.tolist() for k, v in other.slack_caps().items()}) == '{"deviation": [0.0]}'
+    steps(other_model, other, batches)
+    for a, b in zip(model.parameters(), other_model.parameters()):
+        assert torch.equal(a, b)
+    assert core.slacks["deviation"].item() == other.slacks["deviation"].item() == 0.0
