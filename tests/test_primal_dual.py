@@ -248,3 +248,30 @@ def test_a_slack_stepped_below_zero_is_projected_back():
         trainer.slacks["gate"].fill_(0.5)
     trainer.train_step(batch)
     assert torch.equal(trainer.slacks["gate"], torch.zeros_like(trainer.slacks["gate"]))
+
+
+def test_an_adam_dual_step_moves_every_multiplier_by_the_rate_whatever_its_violation():
+    """Adam's first step is ``lr * sign(v)`` (plain SGD's would be ``lr * v``): the dual optimiser asked for
+    is the one that steps."""
+    from ace.constrained.dual import dual_step, make_optimizer, make_problem
+
+    dual = ace.DualSettings(optimizer="adam", lr=0.1)
+    cmp, made = make_problem([ace.GateConstraint(equality=True)], {"gate": 3}, dual, torch.device("cpu"))
+    optimizer = make_optimizer(cmp, [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)], dual)
+    dual_step(optimizer, made, {"gate": torch.tensor([0.01, -5.0, 2.0])}, dual)
+    torch.testing.assert_close(made["gate"].multiplier.weight, torch.tensor([0.1, -0.1, 0.1]))
+
+
+def test_the_loss_scale_multiplies_every_constraint_term_of_the_lagrangian():
+    from ace.constrained.dual import make_problem, primal_lagrangian
+
+    constraints = [ace.GateConstraint(equality=True, name="eq"), ace.GateConstraint(name="ineq")]
+    for formulation in ("lagrangian", "augmented"):
+        dual = ace.DualSettings(formulation=formulation)
+        _, made = make_problem(constraints, {"eq": 2, "ineq": 2}, dual, torch.device("cpu"), torch.float64)
+        violations = {"eq": torch.tensor([0.5, -1.0]).double(), "ineq": torch.tensor([0.25, -2.0]).double()}
+        multipliers = {"eq": torch.tensor([1.0, 2.0]).double(), "ineq": torch.tensor([3.0, 0.5]).double()}
+        objective = torch.tensor(7.0, dtype=torch.float64)
+        terms = primal_lagrangian(objective, violations, multipliers, made) - objective
+        scaled = primal_lagrangian(objective, violations, multipliers, made, torch.tensor(4.0).double())
+        assert terms != 0 and scaled - objective == 4 * terms
