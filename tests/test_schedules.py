@@ -206,3 +206,55 @@ def test_the_cosine_learning_rate_falls_from_one_to_its_floor():
     assert all(schedule(t + 1) <= schedule(t) for t in range(100))
     warm = lr_schedule("cosine", 100, warmup=10)
     assert warm(0) == pytest.approx(0.1) and warm(9) == pytest.approx(1.0) and warm(100) == pytest.approx(0.0)
+
+
+def test_the_step_learning_rate_decays_by_its_factor_every_period_after_the_warm_up():
+    from ace.constrained.schedules import lr_schedule
+
+    default = lr_schedule("step", 90)  # a third of the run: x0.1 at 30 and 60
+    assert [default(t) for t in (0, 29, 30, 59, 60, 89)] == [1.0, 1.0, 0.1, 0.1, 0.1**2, 0.1**2]
+    warm = lr_schedule("step", 50, warmup=10, decay_every=0.2, decay_factor=0.5)  # every 10 steps after 10
+    assert [warm(t) for t in (0, 9, 10, 19, 20, 30, 49)] == [0.1, 1.0, 1.0, 1.0, 0.5, 0.25, 0.125]
+    assert lr_schedule("constant", 100) is None
+    constant = lr_schedule("constant", 100, warmup=4)
+    assert [constant(t) for t in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert lr_schedule("cosine", 100, warmup=1)(0) == 1.0  # one warm-up step: the full rate at once
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        lr_schedule("linear", 100)
+
+
+def test_a_length_is_a_fraction_of_the_run_below_one_and_a_step_count_from_one_on():
+    from ace.constrained.schedules import steps_of
+
+    assert steps_of(0.25, 100) == 25 and steps_of(0.0, 100) == 0 and steps_of(1, 100) == 1
+    assert steps_of(7, 100) == 7 and steps_of("0.5", 10) == 5
+    with pytest.raises(ValueError, match=">= 0"):
+        steps_of(-1, 100)
+
+
+def test_a_schedule_settles_at_the_first_step_that_holds_its_final_value():
+    from ace.constrained.schedules import settles_at
+
+    assert settles_at(Linear(1.0, 0.0, steps=10, delay=5), 100) == 15
+    assert settles_at(Piecewise((3,), (1.0, 0.0)), 100) == 3
+    assert settles_at(Constant(0.1), 100) == 0
+    assert settles_at(Linear(1.0, 0.0, steps=200), 100) == 100  # still moving at the end
+
+
+def test_learning_rates_scale_every_group_but_the_skipped_ones_from_their_base():
+    import torch
+
+    from ace.constrained.schedules import LearningRates
+
+    a, b, c = (torch.zeros(1, requires_grad=True) for _ in range(3))
+    first = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 2.0}])
+    second = torch.optim.SGD([c], lr=4.0)
+    rates = LearningRates(Piecewise((2,), (0.5, 0.25)), [first, second], skip=[b])
+    rates.factor = 0.5
+    for step in (0, 2):  # from the base each time, not compounded
+        rates.apply(step)
+    assert [g["lr"] for o in (first, second) for g in o.param_groups] == [0.125, 2.0, 0.5]
+    assert rates.rate(8.0, 0) == 2.0 and rates.rate(8.0, 0, scheduled=False) == 4.0
+    assert LearningRates(None, [second]).rate(8.0, 5) == 8.0
+    LearningRates(None, [second]).apply(3)
+    assert second.param_groups[0]["lr"] == 0.5  # no schedule: the rates are left alone
