@@ -275,3 +275,58 @@ def test_the_loss_scale_multiplies_every_constraint_term_of_the_lagrangian():
         terms = primal_lagrangian(objective, violations, multipliers, made) - objective
         scaled = primal_lagrangian(objective, violations, multipliers, made, torch.tensor(4.0).double())
         assert terms != 0 and scaled - objective == 4 * terms
+
+
+def test_an_auto_tolerance_starts_at_the_measured_value_once_and_a_resume_keeps_that_start():
+    model, optimizers, constraints, settings, _ = setup()
+    constraints[1].tolerance = ace.schedules.Linear("auto", 0.0, steps=10)
+    core = ace.PrimalDual(model, optimizers, constraints, **settings)
+    measured = []
+    core.resolve_tolerances(lambda c: measured.append(c.name) or 0.5)
+    core.resolve_tolerances(lambda c: measured.append(c.name) or 0.9)  # kept: no second measurement
+    assert measured == ["deviation"] and core.tolerances() == {"gate": 0.0, "deviation": 0.5}
+    core.rates.factor = 0.25
+    state = core.state_dict()
+    model, optimizers, constraints, settings, _ = setup()
+    constraints[1].tolerance = ace.schedules.Linear("auto", 0.0, steps=10)
+    fresh = ace.PrimalDual(model, optimizers, constraints, **settings)
+    fresh.load_state_dict(state)
+    assert fresh.tolerances() == {"gate": 0.0, "deviation": 0.5} and fresh.rates.factor == 0.25
+    del state["lr_factor"]  # a checkpoint from before rollbacks: the full rate
+    fresh.load_state_dict(state)
+    assert fresh.rates.factor == 1.0
+
+
+def test_a_measured_start_that_makes_the_tolerance_negative_is_refused_with_its_value():
+    model, optimizers, constraints, settings, _ = setup()
+    constraints[1].tolerance = ace.schedules.Linear("auto", 0.0, steps=10)
+    core = ace.PrimalDual(model, optimizers, constraints, **settings)
+    with pytest.raises(ValueError, match=r"constraint 'deviation' \(measured start -0.5\): .* down to -0.5"):
+        core.resolve_tolerances(lambda c: -0.5)
+
+
+def test_a_checkpoint_with_other_slacks_is_refused_naming_both():
+    model, optimizers, constraints, settings, _ = setup()
+    state = ace.PrimalDual(model, optimizers, constraints, **settings).state_dict()
+    state["slacks"] = {"other": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"checkpoint slacks \['other'\] != \['deviation'\]"):
+        ace.PrimalDual(model, optimizers, constraints, **settings).load_state_dict(state)
+
+
+def test_multipliers_beyond_the_ceiling_are_clamped_on_both_sides_with_one_event_per_constraint():
+    from ace.constrained.dual import clamp_multipliers, make_problem
+
+    constraints = [ace.GateConstraint(equality=True, name="eq"), ace.GateConstraint(name="ineq")]
+    _, made = make_problem(constraints, {"eq": 3, "ineq": 1}, ace.DualSettings(), torch.device("cpu"))
+    made["eq"].multiplier.weight.data = torch.tensor([3.0, -5.0, 0.5])
+    warned, events = set(), []
+    with pytest.warns(UserWarning, match="'eq' reached the ceiling 2 at step 7"):
+        clamp_multipliers(made, 2.0, warned, 7, events)
+    assert made["eq"].multiplier.weight.tolist() == [2.0, -2.0, 0.5]
+    assert [{k: v for k, v in e.items() if k != "message"} for e in events] == [
+        {"step": 7, "event": "multiplier_ceiling", "constraint": "eq"}
+    ]
+    assert "may be infeasible" in events[0]["message"] and warned == {"eq"}
+    made["eq"].multiplier.weight.data = torch.tensor([4.0, 0.0, 0.0])
+    clamp_multipliers(made, 2.0, warned, 8, events)  # clamped again, said once
+    assert made["eq"].multiplier.weight.tolist() == [2.0, 0.0, 0.0] and len(events) == 1

@@ -58,6 +58,8 @@ def test_triangular():
     expected = [0.1, 0.1, 0.3, 0.5, 0.3, 0.1, 0.1, 0.1]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
     assert got[3] == 0.5 and got[5] == 0.1
+    falling = Triangular(0.7, 0.1, steps=2)  # 0.7 + (0.1 - 0.7) != 0.1 in floats: the peak is exact
+    assert falling(1) == 0.1 and Triangular(0.1, 0.5, steps=0)(0) == 0.1
 
 
 def test_piecewise():
@@ -107,6 +109,12 @@ def test_frozen():
         (lambda: Triangular(0.0, None, steps=3), "peak"),
         (lambda: Join(()), "phases"),
         (lambda: Join(((0.1, 3),)), "phases"),
+        (lambda: Piecewise((1.5,), (1.0, 0.5)), "Piecewise: 'boundaries'"),
+        (lambda: Piecewise(3, (1.0, 0.5)), "Piecewise: 'boundaries' must be a sequence"),
+        (lambda: Piecewise((1,), (1.0, "x")), "Piecewise: 'values'"),
+        (lambda: Piecewise((1,), 0.5), "Piecewise: 'values' must be a sequence"),
+        (lambda: Piecewise((2, 2), (1.0, 0.5, 0.1)), "strictly increasing"),
+        (lambda: Piecewise((1, 2), (1.0,)), r"len\(boundaries\) \+ 1 = 3 entries, got 1"),
     ],
 )
 def test_invalid_arguments_name_the_parameter(build, name):
@@ -196,6 +204,10 @@ def test_is_nonincreasing():
     assert not is_nonincreasing(Triangular(0.0, 1.0, steps=10), 10)
     assert not is_nonincreasing(Join(((Constant(0.1), 5), (Constant(0.2), 5))), 10)
     assert is_nonincreasing(Linear(0.0, 1.0, steps=10, delay=20), 20)  # the rise is past the horizon
+    # a rise of a rounding error relative to its own value is none; a rise of 5e-5 relative is one, however
+    # small in absolute terms
+    assert is_nonincreasing(Piecewise((1, 2), (2.0, 1.0, 1.0 + 1e-15)), 3)
+    assert not is_nonincreasing(Piecewise((1, 2), (1.0, 1e-8, 1.00005e-8)), 3)
 
 
 def test_the_cosine_learning_rate_falls_from_one_to_its_floor():
@@ -230,6 +242,8 @@ def test_a_length_is_a_fraction_of_the_run_below_one_and_a_step_count_from_one_o
     assert steps_of(7, 100) == 7 and steps_of("0.5", 10) == 5
     with pytest.raises(ValueError, match=">= 0"):
         steps_of(-1, 100)
+    with pytest.raises(ValueError, match="^schedule: 'length' must be a finite number"):
+        steps_of("half", 100)
 
 
 def test_a_schedule_settles_at_the_first_step_that_holds_its_final_value():
