@@ -43,3 +43,8 @@ def test_a_tolerance_schedule_that_goes_negative_late_is_refused():
     with pytest.raises(ValueError, match="goes down to"):
         ace.GateConstraint(tolerance=lambda t: 1.0 - t / 5000)
     ace.GateConstraint(tolerance=lambda t: 1.0 / (1 + t))  # positive for ever: accepted
+
+
+def test_a_fractional_number_of_samples_is_refused():
+    with pytest.raises(ValueError, match="constraint 'deviation': samples must be an integer >= 1, got 2.5"):
+        ace.DeviationConstraint(samples=2.5)

@@ -330,3 +330,32 @@ def test_multipliers_beyond_the_ceiling_are_clamped_on_both_sides_with_one_event
     made["eq"].multiplier.weight.data = torch.tensor([4.0, 0.0, 0.0])
     clamp_multipliers(made, 2.0, warned, 8, events)  # clamped again, said once
     assert made["eq"].multiplier.weight.tolist() == [2.0, 0.0, 0.0] and len(events) == 1
+
+
+def test_the_ceiling_warning_is_said_once_across_a_rollback_and_a_resume_and_closed_gates_stay_closed():
+    import warnings
+
+    def core_of():
+        model, optimizers, constraints, settings, loader = setup()
+        return ace.PrimalDual(model, optimizers, constraints, max_multiplier=1e-9, **settings), model, loader
+
+    def step(core, model, loader):
+        x, y = next(iter(loader))
+        with core.cached():
+            out = model(x)
+            core.step(nn.functional.mse_loss(out, y), inputs=x, output=out)
+
+    core, model, loader = core_of()
+    before = core.state_dict()
+    with pytest.warns(UserWarning, match="reached the ceiling"):
+        step(core, model, loader)
+    core.closed.close("layers.0")
+    after = core.state_dict()
+    core.load_state_dict(before)  # a rollback to before the warning keeps it said
+    fresh, fresh_model, _ = core_of()
+    fresh.load_state_dict(after)  # a resume reads it from the checkpoint
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ceiling")
+        step(core, model, loader)
+        step(fresh, fresh_model, loader)
+    assert fresh.closed.names == {"layers.0"} and not fresh_model.layers[0].branch_enabled

@@ -75,6 +75,8 @@ def test_join_runs_each_phase_on_its_own_clock():
     s = Join(((Constant(0.5), 3), (Linear(0.5, 0.1, steps=4), 4), (Constant(0.1), 2)))
     expected = [0.5, 0.5, 0.5, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1]  # last phase keeps running
     np.testing.assert_allclose(values(s, 11), expected, rtol=0, atol=1e-15)
+    listed = Join([[Constant(1.0), "2"], [Constant(0.0), 2.0]])  # lists and numeric strings, as YAML gives
+    assert listed == Join(((Constant(1.0), 2), (Constant(0.0), 2))) and listed(1) == 1.0 and listed(2) == 0.0
 
 
 def test_auto_start():
@@ -109,6 +111,10 @@ def test_frozen():
         (lambda: Triangular(0.0, None, steps=3), "peak"),
         (lambda: Join(()), "phases"),
         (lambda: Join(((0.1, 3),)), "phases"),
+        (lambda: Join([(Constant(0.1), -1)]), "Join: 'length'"),
+        (lambda: Join(0.1), "Join: 'phases' must be a sequence"),
+        (lambda: Join(()), "^Join: 'phases' must not be empty$"),
+        (lambda: Constant("x"), "Constant: 'value'"),
         (lambda: Piecewise((1.5,), (1.0, 0.5)), "Piecewise: 'boundaries'"),
         (lambda: Piecewise(3, (1.0, 0.5)), "Piecewise: 'boundaries' must be a sequence"),
         (lambda: Piecewise((1,), (1.0, "x")), "Piecewise: 'values'"),
