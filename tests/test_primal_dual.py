@@ -359,3 +359,16 @@ def test_the_ceiling_warning_is_said_once_across_a_rollback_and_a_resume_and_clo
         step(core, model, loader)
         step(fresh, fresh_model, loader)
     assert fresh.closed.names == {"layers.0"} and not fresh_model.layers[0].branch_enabled
+
+
+def test_dual_settings_accept_every_optimiser_and_refuse_a_zero_rate_naming_the_field():
+    for optimizer in ("sgd", "nupi", "adam"):
+        ace.DualSettings(optimizer=optimizer)
+    for kw, message in (
+        ({"optimizer": "rmsprop"}, r"dual.optimizer must be one of \('sgd', 'nupi', 'adam'\), got 'rmsprop'"),
+        ({"lr": 0.0}, "dual.lr must be > 0, got 0.0"),
+        ({"penalty_coefficient": 0.0}, "dual.penalty_coefficient must be > 0, got 0.0"),
+        ({"kp": float("inf")}, "dual.kp must be a finite number, got inf"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ace.DualSettings(**kw)

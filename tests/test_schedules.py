@@ -98,17 +98,23 @@ def test_frozen():
 @pytest.mark.parametrize(
     "build, name",
     [
-        (lambda: Linear(1.0, 0.0, steps=-1), "steps"),
-        (lambda: Cosine(1.0, 0.0, steps=5, delay=-2), "delay"),
-        (lambda: Linear(1.0, 0.0, steps=2.5), "steps"),
-        (lambda: Linear("fast", 0.0, steps=2), "start"),
-        (lambda: Linear(1.0, "auto", steps=2), "end"),
-        (lambda: Constant(math.nan), "value"),
-        (lambda: Geometric(1.0, 0.0, steps=3), "end"),
-        (lambda: Geometric(-1.0, 0.1, steps=3), "start"),
+        (lambda: Linear(1.0, 0.0, steps=-1), "Linear: 'steps' must be a non-negative integer, got -1"),
+        (lambda: Cosine(1.0, 0.0, steps=5, delay=-2), "Cosine: 'delay'"),
+        (lambda: Linear(1.0, 0.0, steps=2.5), "Linear: 'steps'"),
+        (
+            lambda: Linear("fast", 0.0, steps=2),
+            "Linear: 'start' must be a finite number or \"auto\", got 'fast'",
+        ),
+        (lambda: Linear(1.0, "auto", steps=2), "Linear: 'end' must be a finite number, got 'auto'"),
+        (lambda: Constant(math.nan), "Constant: 'value'"),
+        (lambda: Geometric(1.0, 0.0, steps=3), "Geometric: 'end'"),
+        (lambda: Geometric(-1.0, 0.1, steps=3), "Geometric: 'start'"),
         (lambda: Piecewise((1, 2), (1.0, 0.5)), "values"),
         (lambda: Piecewise((3, 2), (1.0, 0.5, 0.1)), "boundaries"),
-        (lambda: Triangular(0.0, None, steps=3), "peak"),
+        (lambda: Triangular(0.0, None, steps=3), "Triangular: 'peak' must be a finite number, got None"),
+        (lambda: Triangular("x", 1.0, steps=3), "Triangular: 'low'"),
+        (lambda: Triangular(0.0, 1.0, steps=-3), "Triangular: 'steps'"),
+        (lambda: Triangular(0.0, 1.0, steps=3, delay=0.5), "Triangular: 'delay'"),
         (lambda: Join(()), "phases"),
         (lambda: Join(((0.1, 3),)), "phases"),
         (lambda: Join([(Constant(0.1), -1)]), "Join: 'length'"),
@@ -129,7 +135,8 @@ def test_invalid_arguments_name_the_parameter(build, name):
 
 
 def test_numeric_strings_are_numbers():
-    assert Linear("1e-3", "0", steps="10") == Linear(1e-3, 0.0, steps=10)
+    assert Linear("1e-3", "0", steps="10", delay="2") == Linear(1e-3, 0.0, steps=10, delay=2)
+    assert Triangular("0.1", "1", steps="4", delay="1") == Triangular(0.1, 1.0, steps=4, delay=1)
 
 
 def test_from_config():
