@@ -372,3 +372,10 @@ def test_dual_settings_accept_every_optimiser_and_refuse_a_zero_rate_naming_the_
     ):
         with pytest.raises(ValueError, match=message):
             ace.DualSettings(**kw)
+
+
+def test_a_model_without_parameters_lives_on_the_cpu_in_the_default_dtype():
+    from ace.constrained.primal_dual import module_device, module_dtype
+
+    assert module_device(nn.ReLU()) == torch.device("cpu") and module_dtype(nn.ReLU()) == torch.float32
+    assert module_dtype(nn.Linear(2, 2).double()) == torch.float64
