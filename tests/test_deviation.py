@@ -287,3 +287,12 @@ def test_k_samples_of_a_single_graph_average_its_k_single_sample_deviations():
     ]
     assert three > 1e-3
     torch.testing.assert_close(three, torch.stack(singles).mean())
+
+
+def test_a_graph_batch_with_a_non_tensor_attribute_is_repeated_by_pyg():
+    data = graphs((2, 3))
+    for d, name in zip(data, "ab"):
+        d.name = name
+    fast = _repeat_graph(Batch.from_data_list(data), 3, 2)
+    assert fast.num_graphs == 6 and fast.name == ["a", "b"] * 3
+    assert torch.equal(fast.pos, torch.cat([Batch.from_data_list(data).pos] * 3))
