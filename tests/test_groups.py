@@ -235,3 +235,12 @@ def test_permutations_of_sets_can_be_indexed_but_elements_on_a_graph_batch_canno
     for use in (lambda: flat[0], lambda: flat @ flat):
         with pytest.raises(TypeError, match="act on a graph batch"):
             use()
+
+
+def test_independent_sign_flips_flip_each_axis_on_its_own():
+    g = SignFlip(3, independent=True).sample(64, gen(), dtype=torch.float64)
+    diagonal = torch.diagonal(g.matrix, dim1=1, dim2=2)
+    assert g.matrix.dtype == torch.float64 and torch.equal(g.matrix, torch.diag_embed(diagonal))
+    assert set(diagonal.flatten().tolist()) == {-1.0, 1.0}
+    assert not torch.equal(diagonal, diagonal[:, :1].expand(-1, 3))  # not one sign per element
+    assert repr(SignFlip(3, independent=True)) == "SignFlip(3, independent=True)"
