@@ -244,3 +244,8 @@ def test_independent_sign_flips_flip_each_axis_on_its_own():
     assert set(diagonal.flatten().tolist()) == {-1.0, 1.0}
     assert not torch.equal(diagonal, diagonal[:, :1].expand(-1, 3))  # not one sign per element
     assert repr(SignFlip(3, independent=True)) == "SignFlip(3, independent=True)"
+
+
+def test_the_scalar_representation_is_one_by_one_by_default():
+    g = SO3().sample(4, gen(), dtype=torch.float64)
+    assert torch.equal(SO3().representation("scalar", g), torch.ones(4, 1, 1, dtype=torch.float64))

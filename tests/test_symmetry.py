@@ -279,3 +279,9 @@ def test_a_node_permutation_leaves_the_batch_layout_alone_even_when_ptr_has_one_
 def test_a_malformed_output_spec_is_named_as_the_output():
     with pytest.raises(TypeError, match="^output must be a kind string"):
         Symmetry(SO3(), "vector", 3)
+
+
+def test_a_single_graph_with_one_named_field_gets_one_element_for_all_its_nodes():
+    data = Data(pos=torch.randn(5, 3, dtype=F64))
+    g = Symmetry(SO3(), {"pos": "vector"}, "vector").sample(data, gen())
+    assert len(g) == 1 and g.matrix.dtype == F64 and torch.equal(g.batch, torch.zeros(5, dtype=torch.long))
