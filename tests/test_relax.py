@@ -175,6 +175,11 @@ def test_default_branch_sized_by_example():
     assert model(example).shape == (7, 5, 2)
 
 
+def test_a_default_branch_sized_from_in_and_out_features_takes_the_width_and_dtype_asked_for():
+    branch = relax(mlp().double(), where=nn.Linear, hidden=5)[0].branch
+    assert branch.net[0].out_features == 5 and branch.net[0].weight.dtype == torch.float64
+
+
 def test_dry_run_keeps_mode_and_batch_norm_statistics():
     model = nn.Sequential(nn.BatchNorm1d(2), RadialScale())
     before = model[0].running_mean.clone()
