@@ -379,3 +379,24 @@ def test_a_model_without_parameters_lives_on_the_cpu_in_the_default_dtype():
 
     assert module_device(nn.ReLU()) == torch.device("cpu") and module_dtype(nn.ReLU()) == torch.float32
     assert module_dtype(nn.Linear(2, 2).double()) == torch.float64
+
+
+def test_gates_left_to_the_users_optimiser_take_its_step_and_each_step_is_bounded_by_gate_max_step():
+    model, optimizers, constraints, settings, loader = setup()
+    del settings["lr_schedule"]
+    x, y = next(iter(loader))
+    core = ace.PrimalDual(model, optimizers, constraints, step_gates=False, gate_max_step=None, **settings)
+    before = {n: g.detach().clone() for n, g in core.gates.items()}
+    with core.cached():
+        out = model(x)
+        core.step(nn.functional.mse_loss(out, y), inputs=x, output=out)
+    for name, gate in core.gates.items():  # the SGD of setup() at lr 0.05, on the clipped gradient
+        assert gate.grad is not None and torch.equal(gate.detach(), before[name].add(gate.grad, alpha=-0.05))
+    model, optimizers, constraints, settings, loader = setup()
+    core = ace.PrimalDual(model, optimizers, constraints, gate_lr=100.0, gate_max_step=1e-3, **settings)
+    before = {n: g.detach().clone() for n, g in core.gates.items()}
+    with core.cached():
+        out = model(x)
+        core.step(nn.functional.mse_loss(out, y), inputs=x, output=out)
+    moves = torch.stack([(g.detach() - before[n]).abs() for n, g in core.gates.items()])
+    torch.testing.assert_close(moves, torch.full_like(moves, 1e-3))  # a large push stops at the bound
