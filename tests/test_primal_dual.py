@@ -400,3 +400,20 @@ def test_gates_left_to_the_users_optimiser_take_its_step_and_each_step_is_bounde
         core.step(nn.functional.mse_loss(out, y), inputs=x, output=out)
     moves = torch.stack([(g.detach() - before[n]).abs() for n, g in core.gates.items()])
     torch.testing.assert_close(moves, torch.full_like(moves, 1e-3))  # a large push stops at the bound
+
+
+def test_no_warning_when_the_optimiser_holds_only_the_weights_and_scheduled_gates_follow_their_schedule():
+    import warnings
+
+    model, _, _, settings, loader = setup()
+    x, y = next(iter(loader))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ace.PrimalDual(model, [torch.optim.Adam(ace.weights(model))], [ace.GateConstraint()], **settings)
+    del settings["symmetry"]
+    core = ace.PrimalDual(
+        model, [torch.optim.Adam(ace.weights(model))], [], gate_schedule=lambda t: 0.5**t, **settings
+    )
+    for _ in range(3):
+        core.step(nn.functional.mse_loss(model(x), y))
+    assert all(g.item() == 0.5**3 for g in core.gates.values())
