@@ -10,7 +10,7 @@ from typing import Any
 
 from ace.runs.metrics import format_table
 from ace.runs.plots import plot_compare
-from ace.runs.reader import FALLBACK, RunData, per_layer, best_val_test
+from ace.runs.reader import FALLBACK, RunData, best_val_test, per_layer
 
 __all__ = ["compare", "task_metrics"]
 

@@ -6,7 +6,7 @@
     RUN/metrics.jsonl          one JSON record per line (training, validation, test, events)
     RUN/summary.json           written when the run finishes (see :mod:`ace.train.summary`)
     RUN/checkpoints/last.pt    the last good state (previous.pt: the one before)
-    RUN/checkpoints/best_*.pt  each variant's weights at its best validation step (see :mod:`ace.train.selection`)
+    RUN/checkpoints/best_*.pt  each variant's weights at its best validation step (:mod:`ace.train.selection`)
     RUN/tensorboard/           optional mirror of the records
     RUN/.lock                  held while a process trains in RUN
 """
@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import yaml
 
 from ace.runs.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
@@ -74,7 +73,7 @@ def last_checkpoint(run: Path) -> Path:
 
 
 def best_checkpoint(run: Path, variant: str) -> Path:
-    """The weights at the best validation step of ``variant`` (``model`` or ``eq``, :mod:`ace.train.selection`)."""
+    """``variant``'s weights (``model`` or ``eq``) at its best validation step, :mod:`ace.train.selection`."""
     return checkpoints(run) / best_name(variant)
 
 
@@ -150,9 +149,7 @@ def locked(out: Path, held: bool) -> Iterator[None]:
 
 def last_good_checkpoint(out: Path) -> Path | None:
     """``last.pt``, or ``previous.pt`` when the last one is unreadable or foreign; None if neither exists."""
-    candidates = [
-        p for p in (last_checkpoint(out), checkpoints(out) / PREVIOUS) if p.exists()
-    ]
+    candidates = [p for p in (last_checkpoint(out), checkpoints(out) / PREVIOUS) if p.exists()]
     for path in candidates:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from ace.runs.metrics import read_metrics
 from ace.runs.layout import CONFIG, METRICS, SUMMARY
+from ace.runs.metrics import read_metrics
 
 __all__ = ["RunData", "best_val_test"]
 

@@ -153,8 +153,8 @@ def _network(model: ModelConfig, group, classes: int) -> nn.Module:
 
 def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
     """The digits under the grid group (see the module docstring)."""
-    from ace.symmetry import Symmetry
     from ace.nn.gconv import E4Block, GroupConv
+    from ace.symmetry import Symmetry
     from ace.symmetry.groups import C4, D4
 
     group = C4() if data.group == "c4" else D4()

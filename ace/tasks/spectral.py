@@ -219,8 +219,8 @@ def build(data: DataConfig, model: ModelConfig, seed: int) -> Task:
     """Link prediction on joined graph copies from sign-ambiguous eigenvectors (see the module docstring)."""
     from torch_geometric.data import Batch
 
-    from ace.symmetry import Symmetry
     from ace.nn.sign import SignEquivariantMessage
+    from ace.symmetry import Symmetry
     from ace.symmetry.groups import SignFlip
 
     sizes = {"train": data.train_size, "val": data.val_size, "test": data.test_size}
