@@ -282,3 +282,172 @@ def test_slack_caps_are_kept_in_the_state_and_a_restored_core_steps_bit_for_bit(
     for a, b in zip(model.parameters(), other_model.parameters()):
         assert torch.equal(a, b)
     assert core.slacks["deviation"].item() == other.slacks["deviation"].item() == 0.0
+
+
+def test_an_adam_dual_step_moves_every_multiplier_by_the_rate_whatever_its_violation():
+    """Adam's first step is ``lr * sign(v)`` (plain SGD's would be ``lr * v``): the dual optimiser asked for
+    is the one that steps."""
+    from ace.constrained.multipliers import dual_step, make_optimizer, make_problem
+
+    dual = ace.DualSettings(optimizer="adam", lr=0.1)
+    cmp, made = make_problem([ace.GateConstraint(equality=True)], {"gate": 3}, dual, torch.device("cpu"))
+    optimizer = make_optimizer(cmp, [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)], dual)
+    dual_step(optimizer, made, {"gate": torch.tensor([0.01, -5.0, 2.0])}, dual)
+    torch.testing.assert_close(made["gate"].multiplier.weight, torch.tensor([0.1, -0.1, 0.1]))
+
+
+def test_the_loss_scale_multiplies_every_constraint_term_of_the_lagrangian():
+    from ace.constrained.multipliers import make_problem, primal_lagrangian
+
+    constraints = [ace.GateConstraint(equality=True, name="eq"), ace.GateConstraint(name="ineq")]
+    for formulation in ("lagrangian", "augmented"):
+        dual = ace.DualSettings(formulation=formulation)
+        _, made = make_problem(constraints, {"eq": 2, "ineq": 2}, dual, torch.device("cpu"), torch.float64)
+        violations = {"eq": torch.tensor([0.5, -1.0]).double(), "ineq": torch.tensor([0.25, -2.0]).double()}
+        multipliers = {"eq": torch.tensor([1.0, 2.0]).double(), "ineq": torch.tensor([3.0, 0.5]).double()}
+        objective = torch.tensor(7.0, dtype=torch.float64)
+        terms = primal_lagrangian(objective, violations, multipliers, made) - objective
+        scaled = primal_lagrangian(objective, violations, multipliers, made, torch.tensor(4.0).double())
+        assert terms != 0 and scaled - objective == 4 * terms
+
+
+def test_an_auto_tolerance_starts_at_the_measured_value_once_and_a_resume_keeps_that_start():
+    model, optimizers, constraints, settings, _ = setup()
+    constraints[1].tolerance = ace.schedules.Linear("auto", 0.0, steps=10)
+    core = ace.PrimalDual(model, optimizers, constraints, **settings)
+    measured = []
+    core.resolve_tolerances(lambda c: measured.append(c.name) or 0.5)
+    core.resolve_tolerances(lambda c: measured.append(c.name) or 0.9)  # kept: no second measurement
+    assert measured == ["deviation"] and core.tolerances() == {"gate": 0.0, "deviation": 0.5}
+    core.rates.factor = 0.25
+    state = core.state_dict()
+    model, optimizers, constraints, settings, _ = setup()
+    constraints[1].tolerance = ace.schedules.Linear("auto", 0.0, steps=10)
+    fresh = ace.PrimalDual(model, optimizers, constraints, **settings)
+    fresh.load_state_dict(state)
+    assert fresh.tolerances() == {"gate": 0.0, "deviation": 0.5} and fresh.rates.factor == 0.25
+    del state["lr_factor"]  # a checkpoint from before rollbacks: the full rate
+    fresh.load_state_dict(state)
+    assert fresh.rates.factor == 1.0
+
+
+def test_a_measured_start_that_makes_the_tolerance_negative_is_refused_with_its_value():
+    model, optimizers, constraints, settings, _ = setup()
+    constraints[1].tolerance = ace.schedules.Linear("auto", 0.0, steps=10)
+    core = ace.PrimalDual(model, optimizers, constraints, **settings)
+    with pytest.raises(ValueError, match=r"constraint 'deviation' \(measured start -0.5\): .* down to -0.5"):
+        core.resolve_tolerances(lambda c: -0.5)
+
+
+def test_a_checkpoint_with_other_slacks_is_refused_naming_both():
+    model, optimizers, constraints, settings, _ = setup()
+    state = ace.PrimalDual(model, optimizers, constraints, **settings).state_dict()
+    state["slacks"] = {"other": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"checkpoint slacks \['other'\] != \['deviation'\]"):
+        ace.PrimalDual(model, optimizers, constraints, **settings).load_state_dict(state)
+
+
+def test_multipliers_beyond_the_ceiling_are_clamped_on_both_sides_with_one_event_per_constraint():
+    from ace.constrained.multipliers import clamp_multipliers, make_problem
+
+    constraints = [ace.GateConstraint(equality=True, name="eq"), ace.GateConstraint(name="ineq")]
+    _, made = make_problem(constraints, {"eq": 3, "ineq": 1}, ace.DualSettings(), torch.device("cpu"))
+    made["eq"].multiplier.weight.data = torch.tensor([3.0, -5.0, 0.5])
+    warned, events = set(), []
+    with pytest.warns(UserWarning, match="'eq' reached the ceiling 2 at step 7"):
+        clamp_multipliers(made, 2.0, warned, 7, events)
+    assert made["eq"].multiplier.weight.tolist() == [2.0, -2.0, 0.5]
+    assert [{k: v for k, v in e.items() if k != "message"} for e in events] == [
+        {"step": 7, "event": "multiplier_ceiling", "constraint": "eq"}
+    ]
+    assert "may be infeasible" in events[0]["message"] and warned == {"eq"}
+    made["eq"].multiplier.weight.data = torch.tensor([4.0, 0.0, 0.0])
+    clamp_multipliers(made, 2.0, warned, 8, events)  # clamped again, said once
+    assert made["eq"].multiplier.weight.tolist() == [2.0, 0.0, 0.0] and len(events) == 1
+
+
+def test_the_ceiling_warning_is_said_once_across_a_rollback_and_a_resume_and_closed_gates_stay_closed():
+    import warnings
+
+    def core_of():
+        model, optimizers, constraints, settings, loader = setup()
+        return ace.PrimalDual(model, optimizers, constraints, max_multiplier=1e-9, **settings), model, loader
+
+    def step(core, model, loader):
+        x, y = next(iter(loader))
+        with core.cached():
+            out = model(x)
+            core.step(nn.functional.mse_loss(out, y), inputs=x, output=out)
+
+    core, model, loader = core_of()
+    before = core.state_dict()
+    with pytest.warns(UserWarning, match="reached the ceiling"):
+        step(core, model, loader)
+    core.closed.close("layers.0")
+    after = core.state_dict()
+    core.load_state_dict(before)  # a rollback to before the warning keeps it said
+    fresh, fresh_model, _ = core_of()
+    fresh.load_state_dict(after)  # a resume reads it from the checkpoint
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ceiling")
+        step(core, model, loader)
+        step(fresh, fresh_model, loader)
+    assert fresh.closed.names == {"layers.0"} and not fresh_model.layers[0].branch_enabled
+
+
+def test_dual_settings_accept_every_optimiser_and_refuse_a_zero_rate_naming_the_field():
+    for optimizer in ("sgd", "nupi", "adam"):
+        ace.DualSettings(optimizer=optimizer)
+    for kw, message in (
+        ({"optimizer": "rmsprop"}, r"dual.optimizer must be one of \('sgd', 'nupi', 'adam'\), got 'rmsprop'"),
+        ({"lr": 0.0}, "dual.lr must be > 0, got 0.0"),
+        ({"penalty_coefficient": 0.0}, "dual.penalty_coefficient must be > 0, got 0.0"),
+        ({"kp": float("inf")}, "dual.kp must be a finite number, got inf"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ace.DualSettings(**kw)
+
+
+def test_a_model_without_parameters_lives_on_the_cpu_in_the_default_dtype():
+    from ace.constrained.primal_dual import module_device, module_dtype
+
+    assert module_device(nn.ReLU()) == torch.device("cpu") and module_dtype(nn.ReLU()) == torch.float32
+    assert module_dtype(nn.Linear(2, 2).double()) == torch.float64
+
+
+def test_gates_left_to_the_users_optimiser_take_its_step_and_each_step_is_bounded_by_gate_max_step():
+    model, optimizers, constraints, settings, loader = setup()
+    del settings["lr_schedule"]
+    x, y = next(iter(loader))
+    core = ace.PrimalDual(model, optimizers, constraints, step_gates=False, gate_max_step=None, **settings)
+    before = {n: g.detach().clone() for n, g in core.gates.items()}
+    with core.cached():
+        out = model(x)
+        core.step(nn.functional.mse_loss(out, y), inputs=x, output=out)
+    for name, gate in core.gates.items():  # the SGD of setup() at lr 0.05, on the clipped gradient
+        assert gate.grad is not None and torch.equal(gate.detach(), before[name].add(gate.grad, alpha=-0.05))
+    model, optimizers, constraints, settings, loader = setup()
+    core = ace.PrimalDual(model, optimizers, constraints, gate_lr=100.0, gate_max_step=1e-3, **settings)
+    before = {n: g.detach().clone() for n, g in core.gates.items()}
+    with core.cached():
+        out = model(x)
+        core.step(nn.functional.mse_loss(out, y), inputs=x, output=out)
+    moves = torch.stack([(g.detach() - before[n]).abs() for n, g in core.gates.items()])
+    torch.testing.assert_close(moves, torch.full_like(moves, 1e-3))  # a large push stops at the bound
+
+
+def test_no_warning_when_the_optimiser_holds_only_the_weights_and_scheduled_gates_follow_their_schedule():
+    import warnings
+
+    model, _, _, settings, loader = setup()
+    x, y = next(iter(loader))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ace.PrimalDual(model, [torch.optim.Adam(ace.weights(model))], [ace.GateConstraint()], **settings)
+    del settings["symmetry"]
+    core = ace.PrimalDual(
+        model, [torch.optim.Adam(ace.weights(model))], [], gate_schedule=lambda t: 0.5**t, **settings
+    )
+    for _ in range(3):
+        core.step(nn.functional.mse_loss(model(x), y))
+    assert all(g.item() == 0.5**3 for g in core.gates.values())

@@ -58,6 +58,8 @@ def test_triangular():
     expected = [0.1, 0.1, 0.3, 0.5, 0.3, 0.1, 0.1, 0.1]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
     assert got[3] == 0.5 and got[5] == 0.1
+    falling = Triangular(0.7, 0.1, steps=2)  # 0.7 + (0.1 - 0.7) != 0.1 in floats: the peak is exact
+    assert falling(1) == 0.1 and Triangular(0.1, 0.5, steps=0)(0) == 0.1
 
 
 def test_piecewise():
@@ -73,6 +75,8 @@ def test_join_runs_each_phase_on_its_own_clock():
     s = Join(((Constant(0.5), 3), (Linear(0.5, 0.1, steps=4), 4), (Constant(0.1), 2)))
     expected = [0.5, 0.5, 0.5, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1]  # last phase keeps running
     np.testing.assert_allclose(values(s, 11), expected, rtol=0, atol=1e-15)
+    listed = Join([[Constant(1.0), "2"], [Constant(0.0), 2.0]])  # lists and numeric strings, as YAML gives
+    assert listed == Join(((Constant(1.0), 2), (Constant(0.0), 2))) and listed(1) == 1.0 and listed(2) == 0.0
 
 
 def test_auto_start():
@@ -94,19 +98,35 @@ def test_frozen():
 @pytest.mark.parametrize(
     "build, name",
     [
-        (lambda: Linear(1.0, 0.0, steps=-1), "steps"),
-        (lambda: Cosine(1.0, 0.0, steps=5, delay=-2), "delay"),
-        (lambda: Linear(1.0, 0.0, steps=2.5), "steps"),
-        (lambda: Linear("fast", 0.0, steps=2), "start"),
-        (lambda: Linear(1.0, "auto", steps=2), "end"),
-        (lambda: Constant(math.nan), "value"),
-        (lambda: Geometric(1.0, 0.0, steps=3), "end"),
-        (lambda: Geometric(-1.0, 0.1, steps=3), "start"),
+        (lambda: Linear(1.0, 0.0, steps=-1), "Linear: 'steps' must be a non-negative integer, got -1"),
+        (lambda: Cosine(1.0, 0.0, steps=5, delay=-2), "Cosine: 'delay'"),
+        (lambda: Linear(1.0, 0.0, steps=2.5), "Linear: 'steps'"),
+        (
+            lambda: Linear("fast", 0.0, steps=2),
+            "Linear: 'start' must be a finite number or \"auto\", got 'fast'",
+        ),
+        (lambda: Linear(1.0, "auto", steps=2), "Linear: 'end' must be a finite number, got 'auto'"),
+        (lambda: Constant(math.nan), "Constant: 'value'"),
+        (lambda: Geometric(1.0, 0.0, steps=3), "Geometric: 'end'"),
+        (lambda: Geometric(-1.0, 0.1, steps=3), "Geometric: 'start'"),
         (lambda: Piecewise((1, 2), (1.0, 0.5)), "values"),
         (lambda: Piecewise((3, 2), (1.0, 0.5, 0.1)), "boundaries"),
-        (lambda: Triangular(0.0, None, steps=3), "peak"),
+        (lambda: Triangular(0.0, None, steps=3), "Triangular: 'peak' must be a finite number, got None"),
+        (lambda: Triangular("x", 1.0, steps=3), "Triangular: 'low'"),
+        (lambda: Triangular(0.0, 1.0, steps=-3), "Triangular: 'steps'"),
+        (lambda: Triangular(0.0, 1.0, steps=3, delay=0.5), "Triangular: 'delay'"),
         (lambda: Join(()), "phases"),
         (lambda: Join(((0.1, 3),)), "phases"),
+        (lambda: Join([(Constant(0.1), -1)]), "Join: 'length'"),
+        (lambda: Join(0.1), "Join: 'phases' must be a sequence"),
+        (lambda: Join(()), "^Join: 'phases' must not be empty$"),
+        (lambda: Constant("x"), "Constant: 'value'"),
+        (lambda: Piecewise((1.5,), (1.0, 0.5)), "Piecewise: 'boundaries'"),
+        (lambda: Piecewise(3, (1.0, 0.5)), "Piecewise: 'boundaries' must be a sequence"),
+        (lambda: Piecewise((1,), (1.0, "x")), "Piecewise: 'values'"),
+        (lambda: Piecewise((1,), 0.5), "Piecewise: 'values' must be a sequence"),
+        (lambda: Piecewise((2, 2), (1.0, 0.5, 0.1)), "strictly increasing"),
+        (lambda: Piecewise((1, 2), (1.0,)), r"len\(boundaries\) \+ 1 = 3 entries, got 1"),
     ],
 )
 def test_invalid_arguments_name_the_parameter(build, name):
@@ -115,7 +135,8 @@ def test_invalid_arguments_name_the_parameter(build, name):
 
 
 def test_numeric_strings_are_numbers():
-    assert Linear("1e-3", "0", steps="10") == Linear(1e-3, 0.0, steps=10)
+    assert Linear("1e-3", "0", steps="10", delay="2") == Linear(1e-3, 0.0, steps=10, delay=2)
+    assert Triangular("0.1", "1", steps="4", delay="1") == Triangular(0.1, 1.0, steps=4, delay=1)
 
 
 def test_from_config():
@@ -196,6 +217,10 @@ def test_is_nonincreasing():
     assert not is_nonincreasing(Triangular(0.0, 1.0, steps=10), 10)
     assert not is_nonincreasing(Join(((Constant(0.1), 5), (Constant(0.2), 5))), 10)
     assert is_nonincreasing(Linear(0.0, 1.0, steps=10, delay=20), 20)  # the rise is past the horizon
+    # a rise of a rounding error relative to its own value is none; a rise of 5e-5 relative is one, however
+    # small in absolute terms
+    assert is_nonincreasing(Piecewise((1, 2), (2.0, 1.0, 1.0 + 1e-15)), 3)
+    assert not is_nonincreasing(Piecewise((1, 2), (1.0, 1e-8, 1.00005e-8)), 3)
 
 
 def test_the_cosine_learning_rate_falls_from_one_to_its_floor():
@@ -206,3 +231,57 @@ def test_the_cosine_learning_rate_falls_from_one_to_its_floor():
     assert all(schedule(t + 1) <= schedule(t) for t in range(100))
     warm = lr_schedule("cosine", 100, warmup=10)
     assert warm(0) == pytest.approx(0.1) and warm(9) == pytest.approx(1.0) and warm(100) == pytest.approx(0.0)
+
+
+def test_the_step_learning_rate_decays_by_its_factor_every_period_after_the_warm_up():
+    from ace.constrained.schedules import lr_schedule
+
+    default = lr_schedule("step", 90)  # a third of the run: x0.1 at 30 and 60
+    assert [default(t) for t in (0, 29, 30, 59, 60, 89)] == [1.0, 1.0, 0.1, 0.1, 0.1**2, 0.1**2]
+    warm = lr_schedule("step", 50, warmup=10, decay_every=0.2, decay_factor=0.5)  # every 10 steps after 10
+    assert [warm(t) for t in (0, 9, 10, 19, 20, 30, 49)] == [0.1, 1.0, 1.0, 1.0, 0.5, 0.25, 0.125]
+    assert lr_schedule("constant", 100) is None
+    constant = lr_schedule("constant", 100, warmup=4)
+    assert [constant(t) for t in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert lr_schedule("cosine", 100, warmup=1)(0) == 1.0  # one warm-up step: the full rate at once
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        lr_schedule("linear", 100)
+
+
+def test_a_length_is_a_fraction_of_the_run_below_one_and_a_step_count_from_one_on():
+    from ace.constrained.schedules import steps_of
+
+    assert steps_of(0.25, 100) == 25 and steps_of(0.0, 100) == 0 and steps_of(1, 100) == 1
+    assert steps_of(7, 100) == 7 and steps_of("0.5", 10) == 5
+    with pytest.raises(ValueError, match=">= 0"):
+        steps_of(-1, 100)
+    with pytest.raises(ValueError, match="^schedule: 'length' must be a finite number"):
+        steps_of("half", 100)
+
+
+def test_a_schedule_settles_at_the_first_step_that_holds_its_final_value():
+    from ace.constrained.schedules import settles_at
+
+    assert settles_at(Linear(1.0, 0.0, steps=10, delay=5), 100) == 15
+    assert settles_at(Piecewise((3,), (1.0, 0.0)), 100) == 3
+    assert settles_at(Constant(0.1), 100) == 0
+    assert settles_at(Linear(1.0, 0.0, steps=200), 100) == 100  # still moving at the end
+
+
+def test_learning_rates_scale_every_group_but_the_skipped_ones_from_their_base():
+    import torch
+
+    from ace.constrained.schedules import LearningRates
+
+    a, b, c = (torch.zeros(1, requires_grad=True) for _ in range(3))
+    first = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 2.0}])
+    second = torch.optim.SGD([c], lr=4.0)
+    rates = LearningRates(Piecewise((2,), (0.5, 0.25)), [first, second], skip=[b])
+    rates.factor = 0.5
+    for step in (0, 2):  # from the base each time, not compounded
+        rates.apply(step)
+    assert [g["lr"] for o in (first, second) for g in o.param_groups] == [0.125, 2.0, 0.5]
+    assert rates.rate(8.0, 0) == 2.0 and rates.rate(8.0, 0, scheduled=False) == 4.0
+    assert LearningRates(None, [second]).rate(8.0, 5) == 8.0
+    LearningRates(None, [second]).apply(3)
+    assert second.param_groups[0]["lr"] == 0.5  # no schedule: the rates are left alone

@@ -175,6 +175,11 @@ def test_default_branch_sized_by_example():
     assert model(example).shape == (7, 5, 2)
 
 
+def test_a_default_branch_sized_from_in_and_out_features_takes_the_width_and_dtype_asked_for():
+    branch = relax(mlp().double(), where=nn.Linear, hidden=5)[0].branch
+    assert branch.net[0].out_features == 5 and branch.net[0].weight.dtype == torch.float64
+
+
 def test_dry_run_keeps_mode_and_batch_norm_statistics():
     model = nn.Sequential(nn.BatchNorm1d(2), RadialScale())
     before = model[0].running_mean.clone()
@@ -302,3 +307,28 @@ def test_a_tuple_layer_relaxed_whole_scales_every_branch_entry_by_its_gate():
     with torch.no_grad():
         layer.gate.zero_()
     assert all(torch.equal(o, z) for o, z in zip(layer(a, b), (a, b), strict=True))
+
+
+def test_malformed_branches_and_settings_are_named():
+    with pytest.raises(ValueError, match="relax: normalize must be one of"):
+        relax(mlp(), where=nn.Linear, normalize="weight")
+    x = (torch.randn(2, 4), torch.randn(2, 3))
+    whole = GatedLayer(Pair(), MLPBranch(4, 5))  # f_eq returns 3 entries, the branch one tensor
+    with pytest.raises(ValueError, match="the branch must return a tuple of 3 entries, like f_eq"):
+        whole(*x)
+    some = GatedLayer(Pair(), MLPBranch(4, (5, 3)), outputs=(0,))
+    with pytest.raises(ValueError, match=r"branch returned 2 entries for outputs=\(0,\)"):
+        some(*x)
+
+
+def test_a_layer_without_a_float_argument_cannot_get_a_default_branch():
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(5, 2)
+
+        def forward(self, i):
+            return self.table(i)
+
+    with pytest.raises(ValueError, match="layer '0' has no float tensor argument"):
+        relax(nn.Sequential(Embed()), where=Embed, example=torch.tensor([1, 2]))

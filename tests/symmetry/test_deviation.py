@@ -287,3 +287,18 @@ def test_k_samples_of_a_single_graph_average_its_k_single_sample_deviations():
     ]
     assert three > 1e-3
     torch.testing.assert_close(three, torch.stack(singles).mean())
+
+
+def test_a_graph_batch_with_a_non_tensor_attribute_is_repeated_by_pyg():
+    data = graphs((2, 3))
+    for d, name in zip(data, "ab"):
+        d.name = name
+    fast = _repeat_graph(Batch.from_data_list(data), 3, 2)
+    assert fast.num_graphs == 6 and fast.name == ["a", "b"] * 3
+    assert torch.equal(fast.pos, torch.cat([Batch.from_data_list(data).pos] * 3))
+
+
+def test_an_output_of_untransformed_fields_only_has_zero_deviation():
+    model = nn.Linear(3, 3).double()
+    x = torch.randn(4, 3, dtype=F64)
+    assert equivariance_deviation(model, x, Symmetry(SO3(), "vector", "none"), generator=gen()).item() == 0.0

@@ -211,3 +211,41 @@ def test_e3nn_vectors_use_the_cartesian_basis():
     g = O3().sample(4, gen(), dtype=torch.float64)
     torch.testing.assert_close(O3().representation("1x1o", g), g.matrix)
     torch.testing.assert_close(O3().representation("1x1e", g), O3().representation("pseudovector", g))
+
+
+def test_composing_with_a_pure_rotation_keeps_the_translation_on_either_side():
+    p = torch.randn(6, 3, dtype=torch.float64)
+    moved, turned = (
+        Euclidean(O3()).sample(6, gen(1), dtype=torch.float64),
+        O3().sample(6, gen(2), dtype=torch.float64),
+    )
+
+    def act(g, x):
+        x = (g.matrix @ x.unsqueeze(-1)).squeeze(-1)
+        return x if g.translation is None else x + g.translation
+
+    torch.testing.assert_close(act(moved @ turned, p), act(moved, act(turned, p)))
+    torch.testing.assert_close(act(turned @ moved, p), act(turned, act(moved, p)))
+
+
+def test_permutations_of_sets_can_be_indexed_but_elements_on_a_graph_batch_cannot():
+    q = Permutation().sample(4, gen(), size=5)
+    assert torch.equal(q[1:3].permutation, q.permutation[1:3]) and len(q[1:3]) == 2
+    flat = Permutation().sample(2, gen(), size=torch.tensor([2, 3]))
+    for use in (lambda: flat[0], lambda: flat @ flat):
+        with pytest.raises(TypeError, match="act on a graph batch"):
+            use()
+
+
+def test_independent_sign_flips_flip_each_axis_on_its_own():
+    g = SignFlip(3, independent=True).sample(64, gen(), dtype=torch.float64)
+    diagonal = torch.diagonal(g.matrix, dim1=1, dim2=2)
+    assert g.matrix.dtype == torch.float64 and torch.equal(g.matrix, torch.diag_embed(diagonal))
+    assert set(diagonal.flatten().tolist()) == {-1.0, 1.0}
+    assert not torch.equal(diagonal, diagonal[:, :1].expand(-1, 3))  # not one sign per element
+    assert repr(SignFlip(3, independent=True)) == "SignFlip(3, independent=True)"
+
+
+def test_the_scalar_representation_is_one_by_one_by_default():
+    g = SO3().sample(4, gen(), dtype=torch.float64)
+    assert torch.equal(SO3().representation("scalar", g), torch.ones(4, 1, 1, dtype=torch.float64))

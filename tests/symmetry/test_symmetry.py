@@ -267,3 +267,21 @@ def test_the_action_is_einsums_bit_for_bit(dtype, shape, d):
     (g_ours,) = torch.autograd.grad((ours * w).sum(), x)
     (g_theirs,) = torch.autograd.grad((theirs * w).sum(), x)
     assert torch.equal(g_ours, g_theirs)
+
+
+def test_a_node_permutation_leaves_the_batch_layout_alone_even_when_ptr_has_one_entry_per_node():
+    batch = Batch.from_data_list(graphs((1, 2)))  # 3 nodes, ptr of length 3
+    sym = Symmetry(Permutation(), {"pos": "vector"}, "vector")
+    out = sym.transform_inputs(batch, sym.sample(batch, gen()))
+    assert torch.equal(out.ptr, batch.ptr) and torch.equal(out.batch, batch.batch)
+
+
+def test_a_malformed_output_spec_is_named_as_the_output():
+    with pytest.raises(TypeError, match="^output must be a kind string"):
+        Symmetry(SO3(), "vector", 3)
+
+
+def test_a_single_graph_with_one_named_field_gets_one_element_for_all_its_nodes():
+    data = Data(pos=torch.randn(5, 3, dtype=F64))
+    g = Symmetry(SO3(), {"pos": "vector"}, "vector").sample(data, gen())
+    assert len(g) == 1 and g.matrix.dtype == F64 and torch.equal(g.batch, torch.zeros(5, dtype=torch.long))
