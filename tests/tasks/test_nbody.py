@@ -10,6 +10,7 @@ pytest.importorskip("torch_geometric")
 
 from torch_geometric.data import Batch, Data  # noqa: E402
 
+import ace  # noqa: E402
 from ace.tasks import nbody  # noqa: E402
 from ace.tasks.egnn import EGNN, EGNNBranch, EGNNLayer  # noqa: E402
 from ace.tasks.nbody_sim import energy, sample_initial_state, simulate  # noqa: E402
@@ -298,20 +299,19 @@ def test_egnn_layer_shapes_and_repr():
 
 
 def test_relaxed_egnn_breaks_symmetry_and_strip_restores_it():
-    relax_module = pytest.importorskip("ace.relax")
     torch.manual_seed(0)
     task_model = EGNN(layers=3, hidden=16)
-    model = relax_module.relax(
+    model = ace.relax(
         task_model,
         where=nbody._is_egnn_layer,
         branch=lambda name, m: EGNNBranch(m.hidden, 16),
         outputs=(0, 1),
     ).double()
     batch = _batch()
-    assert set(relax_module.gates(model)) == {"layers.0", "layers.1", "layers.2"}
+    assert set(ace.gates(model)) == {"layers.0", "layers.1", "layers.2"}
     assert _relative_error(model, batch) > 1e-3  # gamma = 1: not equivariant
-    assert _relative_error(relax_module.strip(model), batch) < 1e-8
+    assert _relative_error(ace.strip(model), batch) < 1e-8
     with torch.no_grad():
-        for gate in relax_module.gates(model).values():
+        for gate in ace.gates(model).values():
             gate.zero_()
     assert _relative_error(model, batch) < 1e-8  # gamma = 0 is the exact EGNN
