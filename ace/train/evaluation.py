@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ace.constrained.constraints import Constraint, DeviationConstraint, GateConstraint
-from ace.nn.relaxed import equivariant, gates
+from ace.nn.relaxed import equivariant, gates, reuse_outputs
 from ace.symmetry.action import Symmetry, call_model
 from ace.symmetry.deviation import equivariance_deviation, mean_squared_norm
 from ace.train.selection import higher_is_better
@@ -90,19 +90,21 @@ def evaluate(
             n = batch_size(inputs, target)
             per_layer = symmetry is not None and (layer_batches is None or index < layer_batches)
             draws = generator.get_state()  # every variant sees the same group elements: comparable deviations
-            # variants that compute one function (the same branches enabled: closed gates) are evaluated once
+            # variants that compute one function (the same branches enabled: closed gates) are evaluated once,
+            # and each reuses the layers it shares with those before it (f_eq's first layers, reuse_outputs)
             seen: dict[frozenset[str], dict[str, Any]] = {}
-            for prefix, suffix, enabled, context in _variants(model, gate_names, per_layer, variants):
-                keys = [] if suffix else ["loss", *metrics]
-                if symmetry is not None:
-                    keys += ["deviation"] if prefix == "eq/" else ["deviation", "relative_deviation"]
-                known = seen.setdefault(enabled, {})
-                with context:
-                    scores(known, keys, inputs, target, draws)
-                for key in keys:
-                    name = prefix + key + suffix
-                    totals[name] = totals.get(name, 0.0) + float(known[key]) * n
-                    counts[name] = counts.get(name, 0) + n
+            with reuse_outputs(model):
+                for prefix, suffix, enabled, context in _variants(model, gate_names, per_layer, variants):
+                    keys = [] if suffix else ["loss", *metrics]
+                    if symmetry is not None:
+                        keys += ["deviation"] if prefix == "eq/" else ["deviation", "relative_deviation"]
+                    known = seen.setdefault(enabled, {})
+                    with context:
+                        scores(known, keys, inputs, target, draws)
+                    for key in keys:
+                        name = prefix + key + suffix
+                        totals[name] = totals.get(name, 0.0) + float(known[key]) * n
+                        counts[name] = counts.get(name, 0) + n
     model.train(was_training)
     if not counts:
         raise ValueError("evaluate() got an empty loader")

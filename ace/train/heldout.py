@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ace.nn.relaxed import equivariant, gates
+from ace.nn.relaxed import equivariant, gates, reuse_outputs
 from ace.symmetry.action import Symmetry, call_model
 from ace.symmetry.diagnostics import orbit_average
 from ace.train.selection import higher_is_better
@@ -141,18 +141,20 @@ def heldout(
         for batch in loader:
             inputs, target = split_batch(to_device(batch, device))
             weights.append(float(batch_size(inputs, target)))
-            # one function (the same branches enabled) is scored once: a closed layer's "without" is the model
-            seen = {enabled: float(score(call_model(model, inputs), target))}
-            scores.setdefault("model", []).append(seen[enabled])
+            # the models compared share layers, each computed once (reuse_outputs), and one function (the same
+            # branches enabled) is scored once: a closed layer's "without" is the model
+            with reuse_outputs(model):
+                seen = {enabled: float(score(call_model(model, inputs), target))}
+                scores.setdefault("model", []).append(seen[enabled])
+                for key, kept in _without(names):
+                    function = enabled.intersection(kept)
+                    if function not in seen:
+                        with equivariant(model, keep=kept):
+                            seen[function] = float(score(call_model(model, inputs), target))
+                    scores.setdefault(key, []).append(seen[function])
             if symmetry is not None:
                 averaged = orbit_average(model, inputs, symmetry, samples, generator)
                 scores.setdefault("orbit", []).append(float(score(averaged, target)))
-            for key, kept in _without(names):
-                function = enabled.intersection(kept)
-                if function not in seen:
-                    with equivariant(model, keep=kept):
-                        seen[function] = float(score(call_model(model, inputs), target))
-                scores.setdefault(key, []).append(seen[function])
     model.train(was_training)
     if not weights:
         raise ValueError("heldout() got an empty loader")

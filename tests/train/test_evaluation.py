@@ -1,9 +1,12 @@
 """The read-out's cost is the user's to choose: how often, and on how many batches, layers are measured."""
 
+import contextlib
+
 import torch
 from torch import nn
 
 import ace
+import ace.train.evaluation as evaluation
 from ace.tasks.toy import RadialVectorLayer, RadialVectorNet, target
 from ace.train import evaluate
 
@@ -72,3 +75,13 @@ def test_variants_of_one_function_are_evaluated_once_and_read_as_if_each_were():
     closed = evaluate(model, val, nn.functional.mse_loss, **kw)
     assert closed["loss"] == closed["eq/loss"] and closed["deviation"] == closed["eq/deviation"]
     assert closed["deviation/layers.0"] == closed["eq/deviation"]
+
+
+def test_sharing_layers_between_variants_changes_no_bit(monkeypatch):
+    """The evaluation reuses the layers its variants share (ace.nn.relaxed.reuse_outputs): every score is
+    bit for bit what computing each variant in full gives."""
+    model, val = relaxed(), data(1)
+    kw = dict(symmetry=SO2, gate_names=["layers.0", "layers.1"], samples=2, seed=3)
+    shared = evaluate(model, val, nn.functional.mse_loss, **kw)
+    monkeypatch.setattr(evaluation, "reuse_outputs", lambda model: contextlib.nullcontext())
+    assert evaluate(model, val, nn.functional.mse_loss, **kw) == shared
