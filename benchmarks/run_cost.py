@@ -1,17 +1,20 @@
 """What a constrained run costs against strict: per step, and end to end with every evaluation counted.
 
-    python benchmarks/run_cost.py                    # N-body, about 15 minutes on 2 idle CPU cores
-    python benchmarks/run_cost.py --tasks nbody shapes --steps 300
+    python benchmarks/run_cost.py                    # N-body and point clouds: about 15 minutes
+    python benchmarks/run_cost.py --tasks nbody --steps 300
     python benchmarks/run_cost.py --quick            # smoke test: seconds, numbers not meaningful
 
-For each task (its relaxed model's config, ``method=<method>``), built by :func:`ace.experiment.prepare_run`
-with one torch thread:
+For each task (its relaxed model's config, ``method=<method>``; the point clouds at small sizes, ``SIZES``),
+built by :func:`ace.experiment.prepare_run` with one torch thread:
 
 * **per step**: the median CPU time of ``Trainer.train_step`` over ``--reps`` rounds of ``--block`` steps,
   the methods taking turns in one process (the machine's speed drifts between rounds; one round shares it),
   and its ratio to strict's in the same round (median over rounds);
-* **end to end**: a whole ``Trainer.fit`` of ``--steps`` steps with validation every ``--steps / 4`` steps,
-  the final test and the best checkpoints' tests, CPU time, ``--runs`` times in turn; the ratio to strict's.
+* **end to end**: a whole ``Trainer.fit`` of ``--steps`` steps (``STEPS`` by task) with validation at the
+  config's cadence (``train.eval_every`` epochs, the README's: every 150 steps on N-body), the final test, the
+  best checkpoints' tests and the held-out read-out, CPU time, ``--runs`` times in turn, the methods taking
+  turns; its ratio to strict's in the same round (median over rounds), and the CPU time of its evaluations
+  (the run's time less its training steps').
 
 Methods: ``strict``, ``ace`` (the defaults), ``ace`` with ``optim.close_gates_below=1e-3`` (a closed gate's
 branch is no longer computed) and ``ace`` with ``train.readout_every=0`` (the per-layer read-out only at the
@@ -44,11 +47,22 @@ METHODS = {
 }
 #: the config of each task's relaxed model
 CONFIGS = {"nbody": "nbody.yaml", "shapes": "shapes.yaml", "toy": "toy_relaxed.yaml"}
+#: the sizes of each task (the configs' own where none): the point clouds small enough to run in minutes
+SIZES = {"shapes": ["data.train_size=256", "data.val_size=64", "data.test_size=128", "data.num_points=32"]}
+#: steps of an end-to-end run: 4 validations at each config's cadence (N-body: 30 batches an epoch, validation
+#: every 5 epochs; point clouds at SIZES: 8 batches an epoch, every 5 epochs)
+STEPS = {"nbody": 600, "shapes": 160, "toy": 480}
 QUICK = ["data.train_size=32", "data.val_size=16", "data.test_size=16", "train.batch_size=8"]
 
 
 def build(task: str, method: str, extra: list[str], steps: int):
-    overrides = [f"method={method}", "log.progress=false", f"train.max_steps={steps}", *extra]
+    overrides = [
+        f"method={method}",
+        "log.progress=false",
+        f"train.max_steps={steps}",
+        *SIZES.get(task, []),
+        *extra,
+    ]
     cfg = load_config(ROOT / "configs" / CONFIGS[task], overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,32 +94,57 @@ def per_step(task: str, args, extra: list[str]) -> dict[str, tuple[float, float]
     }
 
 
-def end_to_end(task: str, args, extra: list[str]) -> dict[str, float]:
-    """{method: median CPU seconds of a whole fit, evaluations included}."""
+def _timed(step, seconds: list[float]):
+    """``step`` adding its CPU time to ``seconds[0]``."""
+
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            seconds[0] += time.process_time() - start
+
+    return timed
+
+
+def end_to_end(task: str, args, extra: list[str]) -> dict[str, tuple[float, float, float]]:
+    """{method: (median CPU seconds of a whole fit, median ratio to strict's, median evaluation seconds)}."""
+    steps = args.steps or STEPS[task]
     times: dict[str, list[float]] = {name: [] for name in METHODS}
+    evaluations: dict[str, list[float]] = {name: [] for name in METHODS}
     for _ in range(args.runs):
         for name, (method, more) in METHODS.items():
-            cfg, trainer, loaders = build(task, method, [*more, *extra], args.steps)
-            epochs = -(-args.steps // len(loaders["train"]))
-            every = max(1, epochs // 4)
+            cfg, trainer, loaders = build(task, method, [*more, *extra], steps)
+            training = [0.0]  # CPU seconds in training steps
+            trainer.train_step = _timed(trainer.train_step, training)  # type: ignore[method-assign]
             start = time.process_time()
             trainer.fit(
                 loaders["train"],
                 loaders["val"],
-                epochs=epochs,
-                max_steps=args.steps,
-                eval_every=every,
+                epochs=-(-steps // len(loaders["train"])),
+                max_steps=steps,
+                eval_every=cfg.train.eval_every,
                 test_loader=loaders["test"],
                 print_summary=False,
             )
             times[name].append(time.process_time() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            evaluations[name].append(times[name][-1] - training[0])
+    return {
+        name: (
+            statistics.median(ts),
+            statistics.median(t / s for t, s in zip(ts, times["strict"], strict=True)),
+            statistics.median(evaluations[name]),
+        )
+        for name, ts in times.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=["nbody"], choices=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=300, help="steps of each end-to-end run")
+    parser.add_argument("--tasks", nargs="+", default=["nbody", "shapes"], choices=list(CONFIGS))
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps of each end-to-end run (default: STEPS)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="end-to-end runs of each method (median)")
     parser.add_argument("--reps", type=int, default=10, help="timed rounds of the per-step timing")
     parser.add_argument("--warmup", type=int, default=2)
@@ -123,22 +162,24 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         whole = end_to_end(task, args, extra)
         for name in METHODS:
             seconds, ratio = step[name]
+            run, run_ratio, evaluation = whole[name]
             rows.append(
                 [
                     task,
                     name,
                     f"{1000 * seconds:.1f}",
                     f"{ratio:.2f}",
-                    f"{whole[name]:.1f}",
-                    f"{whole[name] / whole['strict']:.2f}",
+                    f"{run:.1f}",
+                    f"{evaluation:.1f}",
+                    f"{run_ratio:.2f}",
                 ]
             )
     print(
-        f"\n{args.steps}-step runs, validation 4 times, test and best checkpoints included; "
-        "CPU time, one thread\n"
+        "\nend to end: validation at each config's cadence, the final test, the best checkpoints' tests and "
+        "the held-out read-out included; CPU time, one thread\n"
     )
-    print("| task | method | ms a step | step / strict | run (s) | run / strict |")
-    print("|---|---|---|---|---|---|")
+    print("| task | method | ms a step | step / strict | run (s) | of which evaluation (s) | run / strict |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     return rows

@@ -202,8 +202,8 @@ class OptimConfig:
     close_gates_below: float | None = opt(
         None,
         "method 'ace': a gate below this is closed for good (set to 0, its branch no longer computed, an "
-        "event 'gate_closed' in metrics.jsonl): the model is f_eq up to that layer and steps get cheaper as "
-        "gates close (null = never)",
+        "event 'gate_closed' in metrics.jsonl): the model is f_eq up to that layer, steps get cheaper as "
+        "gates close and, once all are, a step and an evaluation cost about strict's (null = never)",
         above=0,
     )
     schedule: str = opt(
@@ -243,14 +243,16 @@ class TrainConfig:
         4,
         "group elements per batch for the deviation reported at evaluation: a validation pass costs "
         "(1 + eval_samples) forward passes a batch for the model, as many for f_eq, and as many per gated "
-        "layer for the read-out",
+        "layer for the read-out, less the layers these share (each computed once: f_eq's first layer is the "
+        "model's, a layer's read-out starts after f_eq's layers before it; closed gates' variants are one)",
         above=0,
     )
     readout_every: int = opt(
         1,
         "validation passes between two measurements of the per-layer deviations (the read-out of a relaxed "
-        "model, the largest part of its validation cost); 0 = only at the end (final validation, test and "
-        "the best checkpoints always have them)",
+        "model: for each gated layer, (1 + eval_samples) passes a batch through the layers from it on; "
+        "docs/performance.md measures it); 0 = only at the end (final validation, test and the best "
+        "checkpoints always have them)",
         at_least=0,
     )
     readout_batches: int | None = opt(

@@ -76,12 +76,13 @@ class GatedLayer(nn.Module):
         )
         self.outputs = None if outputs is None else tuple(outputs)
         self.branch_enabled = True
+        self.kept: list[_Call] | None = None  # the calls kept by reuse_outputs(), None outside it
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.equivariant(*args, **kwargs)
+        out = self._call(self.equivariant, args, kwargs)
         if not self.branch_enabled:
             return out
-        extra = self.branch(*args, **kwargs)
+        extra = self._call(self.branch, args, kwargs)
         if self.outputs is None and isinstance(out, (tuple, list)):  # every entry relaxed
             if not isinstance(extra, (tuple, list)) or len(extra) != len(out):
                 raise ValueError(f"the branch must return a tuple of {len(out)} entries, like f_eq")
@@ -100,11 +101,91 @@ class GatedLayer(nn.Module):
             out[i] = out[i] + self.gate * e
         return tuple(out)
 
+    def _call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """``module(*args, **kwargs)``, or inside :func:`reuse_outputs` the output of an earlier such call."""
+        if self.kept is None or self.training or torch.is_grad_enabled():
+            return module(*args, **kwargs)
+        for call in self.kept:
+            if call.module is module and call.matches(args, kwargs):
+                return call.output
+        out = module(*args, **kwargs)
+        self.kept.append(_Call(module, args, kwargs, out))
+        return out
+
     def extra_repr(self) -> str:
         text = f"gate={self.gate.item():.4g}"
         if self.outputs is not None:
             text += f", outputs={self.outputs}"
         return text if self.branch_enabled else text + ", branch_enabled=False"
+
+
+class _Call:
+    """A call of a gated layer's f_eq or branch kept by :func:`reuse_outputs`: the module, its arguments and
+    output, with the version of every tensor among them (one changed in place since makes it unusable)."""
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        self.module, self.args, self.kwargs, self.output = module, args, kwargs, output
+        self.versions = [t._version for t in _tensors((args, kwargs, output))]
+
+    def matches(self, args: tuple, kwargs: dict[str, Any]) -> bool:
+        kept = _tensors((self.args, self.kwargs, self.output))
+        if [t._version for t in kept] != self.versions:
+            return False
+        return _same(self.args, args) and _same(self.kwargs, kwargs)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in _tensors(item)]
+    if isinstance(x, dict):
+        return [t for item in x.values() for t in _tensors(item)]
+    return []
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Bitwise equality of two arguments: tensors bit for bit (a NaN or a zero's sign included), containers
+    entry by entry, anything else by identity or ``==``."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        if not (torch.is_tensor(a) and torch.is_tensor(b)):
+            return False
+        if a is b:
+            return True
+        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+            return False
+        if a.is_floating_point() and a.element_size() in _BITS:
+            a, b = a.view(_BITS[a.element_size()]), b.view(_BITS[b.element_size()])
+        return bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, str, bool, type(None))) and a == b)
+
+
+@contextmanager
+def reuse_outputs(model: nn.Module) -> Iterator[None]:
+    """Context for evaluating several variants of ``model`` (:func:`equivariant`) on one batch: without
+    gradients, a gated layer's f_eq or branch called with bitwise the same arguments as before in the context
+    returns that call's output instead of computing it again. The model relaxed at one layer shares every
+    layer before it with f_eq, and that layer's f_eq with f_eq's pass, so each is computed once.
+
+    Only in eval mode (a training forward pass moves a bounded branch's power iteration) and without
+    gradients; the weights must not change inside the context (the kept outputs would be stale); a kept tensor
+    changed in place since is not reused. What is kept is held until the context ends: open it once per batch.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GatedLayer)]
+    for m in layers:
+        m.kept = []
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.kept = None
 
 
 class MLPBranch(nn.Module):

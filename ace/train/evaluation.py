@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ace.constrained.constraints import Constraint, DeviationConstraint, GateConstraint
-from ace.nn.relaxed import equivariant, gates
+from ace.nn.relaxed import equivariant, gates, reuse_outputs
 from ace.symmetry.action import Symmetry, call_model
 from ace.symmetry.deviation import equivariance_deviation, mean_squared_norm
 from ace.train.selection import higher_is_better
@@ -49,37 +50,61 @@ def evaluate(
     and ``"eq"`` (f_eq); a variant's scores do not depend on whether the other is evaluated.
     ``layer_batches`` measures the per-layer deviations on the first batches only (``0``: not at all;
     ``None``: every batch): each gated layer costs ``1 + samples`` forward passes a batch, as much as the
-    model's own loss and deviation.
+    model's own loss and deviation. Variants that compute one function (a closed gate's layer, whose branch
+    is off, relaxed alone is f_eq) are evaluated once, and each reads the same numbers it would alone.
     """
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
+    metrics = metrics or {}
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for index, batch in enumerate(loader):
-        inputs, target = split_batch(to_device(batch, device))
-        n = batch_size(inputs, target)
-        per_layer = symmetry is not None and (layer_batches is None or index < layer_batches)
-        draws = generator.get_state()  # every variant sees the same group elements: comparable deviations
-        for prefix, suffix, context in _variants(model, gate_names, per_layer, variants):
-            generator.set_state(draws)
-            with context:
-                output = call_model(model, inputs)
-                scores = {}
-                if not suffix:
-                    scores["loss"] = loss(output, target)
-                    scores.update({k: m(output, target) for k, m in (metrics or {}).items()})
-                if symmetry is not None:
-                    deviation = equivariance_deviation(
-                        model, inputs, symmetry, samples, False, generator, output
-                    )
-                    scores["deviation"] = deviation
-                    if prefix != "eq/":
-                        scores["relative_deviation"] = deviation / mean_squared_norm(symmetry, output)
-            for key, value in scores.items():
-                name = prefix + key + suffix
-                totals[name] = totals.get(name, 0.0) + float(value) * n
-                counts[name] = counts.get(name, 0) + n
+
+    def scores(known: dict[str, Any], keys: list[str], inputs: Any, target: Any, draws: torch.Tensor) -> None:
+        """Compute the scores ``keys`` of the model as it is now into ``known``, which holds those already
+        computed for the same function on this batch (and its output)."""
+        if "output" not in known:
+            known["output"] = call_model(model, inputs)
+        output = known["output"]
+        for key in keys:
+            if key in known:
+                continue
+            if key == "loss":
+                known[key] = loss(output, target)
+            elif key == "deviation":
+                assert symmetry is not None, "the deviation is measured under a symmetry"
+                generator.set_state(draws)  # the same group elements for every variant
+                known[key] = equivariance_deviation(
+                    model, inputs, symmetry, samples, False, generator, output
+                )
+            elif key == "relative_deviation":
+                assert symmetry is not None, "the deviation is measured under a symmetry"
+                known[key] = known["deviation"] / mean_squared_norm(symmetry, output)
+            else:
+                known[key] = metrics[key](output, target)
+
+    # the weights do not change here: each bounded branch is normalised once for the whole evaluation
+    with parametrize.cached():
+        for index, batch in enumerate(loader):
+            inputs, target = split_batch(to_device(batch, device))
+            n = batch_size(inputs, target)
+            per_layer = symmetry is not None and (layer_batches is None or index < layer_batches)
+            draws = generator.get_state()  # every variant sees the same group elements: comparable deviations
+            # variants that compute one function (the same branches enabled: closed gates) are evaluated once,
+            # and each reuses the layers it shares with those before it (f_eq's first layers, reuse_outputs)
+            seen: dict[frozenset[str], dict[str, Any]] = {}
+            with reuse_outputs(model):
+                for prefix, suffix, enabled, context in _variants(model, gate_names, per_layer, variants):
+                    keys = [] if suffix else ["loss", *metrics]
+                    if symmetry is not None:
+                        keys += ["deviation"] if prefix == "eq/" else ["deviation", "relative_deviation"]
+                    known = seen.setdefault(enabled, {})
+                    with context:
+                        scores(known, keys, inputs, target, draws)
+                    for key in keys:
+                        name = prefix + key + suffix
+                        totals[name] = totals.get(name, 0.0) + float(known[key]) * n
+                        counts[name] = counts.get(name, 0) + n
     model.train(was_training)
     if not counts:
         raise ValueError("evaluate() got an empty loader")
@@ -87,14 +112,16 @@ def evaluate(
 
 
 def _variants(model: nn.Module, gate_names: Sequence[str], per_layer: bool, variants: Collection[str]):
-    """(key prefix, key suffix, context): the model, f_eq, and the model relaxed at one layer only."""
+    """(key prefix, key suffix, the branches enabled, context): the model, f_eq, and the model relaxed at one
+    layer only."""
+    enabled = frozenset(n for n in gate_names if getattr(model.get_submodule(n), "branch_enabled", True))
     if "model" in variants:
-        yield "", "", contextlib.nullcontext()
+        yield "", "", enabled, contextlib.nullcontext()
     if gate_names and "eq" in variants:
-        yield "eq/", "", equivariant(model)
+        yield "eq/", "", frozenset(), equivariant(model)
     if gate_names and per_layer and "model" in variants:
         for name in gate_names:
-            yield "", f"/{name}", equivariant(model, keep=[name])
+            yield "", f"/{name}", enabled & {name}, equivariant(model, keep=[name])
 
 
 def track_best(best: dict[str, dict[str, float]], record: dict[str, Any], step: int) -> None:

@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from ace.nn.relaxed import equivariant, gates
+from ace.nn.relaxed import equivariant, gates, reuse_outputs
 from ace.symmetry.action import Symmetry, call_model
 from ace.symmetry.diagnostics import orbit_average
 from ace.train.selection import higher_is_better
@@ -98,6 +99,17 @@ def _interval(
     return mean, low, high
 
 
+def _without(names: list[str]) -> list[tuple[str, list[str]]]:
+    """(key, the gated layers kept) of each model compared: f_eq, and with more than one gate, the model
+    without each layer's branch (with one gate, that layer is f_eq's comparison)."""
+    if not names:
+        return []
+    return [
+        ("eq", []),
+        *((name, [n for n in names if n != name]) for name in (names if len(names) > 1 else [])),
+    ]
+
+
 @torch.no_grad()
 def heldout(
     model: nn.Module,
@@ -124,19 +136,25 @@ def heldout(
     model.eval()
     scores: dict[str, list[float]] = {}
     weights: list[float] = []
-    for batch in loader:
-        inputs, target = split_batch(to_device(batch, device))
-        weights.append(float(batch_size(inputs, target)))
-        scores.setdefault("model", []).append(float(score(call_model(model, inputs), target)))
-        if symmetry is not None:
-            averaged = orbit_average(model, inputs, symmetry, samples, generator)
-            scores.setdefault("orbit", []).append(float(score(averaged, target)))
-        if names:
-            with equivariant(model):
-                scores.setdefault("eq", []).append(float(score(call_model(model, inputs), target)))
-            for name in names if len(names) > 1 else []:  # one gate: the layer is f_eq's comparison
-                with equivariant(model, keep=[n for n in names if n != name]):
-                    scores.setdefault(name, []).append(float(score(call_model(model, inputs), target)))
+    enabled = frozenset(n for n in names if model.get_submodule(n).branch_enabled)  # closed gates: off
+    with parametrize.cached():  # the weights do not change here: each bounded branch is normalised once
+        for batch in loader:
+            inputs, target = split_batch(to_device(batch, device))
+            weights.append(float(batch_size(inputs, target)))
+            # the models compared share layers, each computed once (reuse_outputs), and one function (the same
+            # branches enabled) is scored once: a closed layer's "without" is the model
+            with reuse_outputs(model):
+                seen = {enabled: float(score(call_model(model, inputs), target))}
+                scores.setdefault("model", []).append(seen[enabled])
+                for key, kept in _without(names):
+                    function = enabled.intersection(kept)
+                    if function not in seen:
+                        with equivariant(model, keep=kept):
+                            seen[function] = float(score(call_model(model, inputs), target))
+                    scores.setdefault(key, []).append(seen[function])
+            if symmetry is not None:
+                averaged = orbit_average(model, inputs, symmetry, samples, generator)
+                scores.setdefault("orbit", []).append(float(score(averaged, target)))
     model.train(was_training)
     if not weights:
         raise ValueError("heldout() got an empty loader")

@@ -157,5 +157,6 @@ def test_run_cost_quick(capsys):
         "ace, read-out at the end",
         "unconstrained",
     ]
-    assert rows[0][3] == "1.00" and rows[0][5] == "1.00"  # strict against itself
+    assert rows[0][3] == "1.00" and rows[0][6] == "1.00"  # strict against itself
+    assert all(0 <= float(r[5]) <= float(r[4]) for r in rows)  # the evaluations are part of the run
     assert "| task | method | ms a step" in capsys.readouterr().out

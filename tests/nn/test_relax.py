@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from torch import nn
 
 from ace.nn import GatedLayer, MLPBranch, equivariant, gates, relax, strip
+from ace.nn.relaxed import reuse_outputs
 
 
 def mlp() -> nn.Sequential:
@@ -332,3 +334,68 @@ def test_a_layer_without_a_float_argument_cannot_get_a_default_branch():
 
     with pytest.raises(ValueError, match="layer '0' has no float tensor argument"):
         relax(nn.Sequential(Embed()), where=Embed, example=torch.tensor([1, 2]))
+
+
+def counting(model: nn.Module) -> dict[str, int]:
+    """Calls of every gated layer's f_eq and branch, by name (``"0.equivariant"``)."""
+    calls: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, GatedLayer):
+            for part in ("equivariant", "branch"):
+                key = f"{name}.{part}"
+                getattr(m, part).register_forward_hook(
+                    lambda *_, key=key: calls.__setitem__(key, calls.get(key, 0) + 1)
+                )
+    return calls
+
+
+def test_reuse_outputs_computes_each_shared_layer_once_and_bit_for_bit():
+    torch.manual_seed(0)
+    model = relax(
+        nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), nn.Linear
+    )
+    model.eval()
+    x = torch.randn(16, 3)
+    variants = [None, [], ["0"], ["2"], ["4"]]  # the model, f_eq, relaxed at one layer
+
+    def outputs() -> list[torch.Tensor]:
+        out = []
+        for keep in variants:
+            with (
+                torch.no_grad(),
+                equivariant(model, keep=keep) if keep is not None else contextlib.nullcontext(),
+            ):
+                out.append(model(x))
+        return out
+
+    alone = outputs()
+    calls = counting(model)
+    with reuse_outputs(model):
+        shared = outputs()
+    assert all(torch.equal(a, b) for a, b in zip(alone, shared, strict=True))
+    # layer 0 once; layer 2 on the relaxed and on f_eq's activations; layer 4's f_eq on four inputs
+    assert calls == {
+        "0.equivariant": 1,
+        "0.branch": 1,
+        "2.equivariant": 2,
+        "2.branch": 2,
+        "4.equivariant": 4,
+        "4.branch": 2,
+    }
+    assert all(m.kept is None for m in model.modules() if isinstance(m, GatedLayer))
+
+
+def test_reuse_outputs_skips_calls_with_gradients_or_changed_in_place():
+    torch.manual_seed(0)
+    model = relax(nn.Sequential(nn.Linear(3, 4)), nn.Linear).eval()
+    x = torch.randn(5, 3)
+    calls = counting(model)
+    with reuse_outputs(model), equivariant(model):  # the model's output is f_eq's, the kept tensor
+        model(x).sum().backward()  # with gradients: nothing kept
+        with torch.no_grad():
+            first = model(x)
+            assert model(x.clone()) is first and calls["0.equivariant"] == 2  # bitwise-equal arguments
+            x[0, 0] = 1.0  # an argument changed in place: a new call
+            second = model(x)
+            second.add_(1.0)  # the kept output changed in place: computed again
+            assert torch.allclose(model(x), second - 1.0) and calls["0.equivariant"] == 4

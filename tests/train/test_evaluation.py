@@ -1,9 +1,12 @@
 """The read-out's cost is the user's to choose: how often, and on how many batches, layers are measured."""
 
+import contextlib
+
 import torch
 from torch import nn
 
 import ace
+import ace.train.evaluation as evaluation
 from ace.tasks.toy import RadialVectorLayer, RadialVectorNet, target
 from ace.train import evaluate
 
@@ -51,3 +54,34 @@ def test_readout_every_zero_measures_the_layers_at_the_end_only():
     assert ["val/deviation/layers.0" in r for r in vals] == [False, False, True]
     assert "test/deviation/layers.0" in trainer.state.test_scores
     assert all("relative_deviation" in row for row in summary["layers"].values())
+
+
+def test_variants_of_one_function_are_evaluated_once_and_read_as_if_each_were():
+    """With a layer's branch closed, f_eq and 'relaxed at that layer' are one function, computed once: each
+    score is bit for bit what the variant evaluated alone gives (over several batches, whose group elements
+    must still move on after a variant read from another's)."""
+    model, val = relaxed(), data(1)
+    kw = dict(symmetry=SO2, gate_names=["layers.0", "layers.1"], samples=2, seed=3)
+    model.get_submodule("layers.1").branch_enabled = False  # closed, as ace's ClosedGates leaves it
+    both = evaluate(model, val, nn.functional.mse_loss, **kw)
+    alone = evaluate(model, val, nn.functional.mse_loss, variants=("model",), layer_batches=0, **kw)
+    eq = evaluate(model, val, nn.functional.mse_loss, variants=("eq",), **kw)
+    assert {k: both[k] for k in alone} == alone and {k: both[k] for k in eq} == eq
+    assert both["deviation/layers.1"] == both["eq/deviation"] != both["deviation/layers.0"]
+    with ace.equivariant(model, keep=["layers.0"]):  # the model relaxed at layers.0 alone
+        only = evaluate(model, val, nn.functional.mse_loss, variants=("model",), layer_batches=0, **kw)
+    assert both["deviation/layers.0"] == only["deviation"]
+    model.get_submodule("layers.0").branch_enabled = False  # every gate closed: all variants are f_eq
+    closed = evaluate(model, val, nn.functional.mse_loss, **kw)
+    assert closed["loss"] == closed["eq/loss"] and closed["deviation"] == closed["eq/deviation"]
+    assert closed["deviation/layers.0"] == closed["eq/deviation"]
+
+
+def test_sharing_layers_between_variants_changes_no_bit(monkeypatch):
+    """The evaluation reuses the layers its variants share (ace.nn.relaxed.reuse_outputs): every score is
+    bit for bit what computing each variant in full gives."""
+    model, val = relaxed(), data(1)
+    kw = dict(symmetry=SO2, gate_names=["layers.0", "layers.1"], samples=2, seed=3)
+    shared = evaluate(model, val, nn.functional.mse_loss, **kw)
+    monkeypatch.setattr(evaluation, "reuse_outputs", lambda model: contextlib.nullcontext())
+    assert evaluate(model, val, nn.functional.mse_loss, **kw) == shared

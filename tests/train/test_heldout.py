@@ -1,5 +1,6 @@
 """The held-out read-out: relaxations judged on validation data, per layer and for the whole model."""
 
+import contextlib
 import json
 import math
 
@@ -8,6 +9,7 @@ import torch
 from run_kit import ROOT
 
 import ace
+import ace.train.heldout as heldout_module
 from ace.config import load_config
 from ace.experiment import prepare_run, run
 from ace.report import report
@@ -47,6 +49,18 @@ def test_closed_gates_give_no_benefit():
     assert out["eq"]["benefit"] == 0 and out["eq"]["low"] == out["eq"]["high"] == 0
     assert set(out["layers"]) == set(ace.gates(model)) and out["batches"] == 128 // 16
     assert all(r["benefit"] == 0 for r in out["layers"].values())
+
+
+def test_shared_layers_and_closed_branches_are_computed_once_bit_for_bit(monkeypatch):
+    cfg = load_config(CONFIGS / "toy_relaxed.yaml", ["data.val_size=64", "model.layers=3"])
+    trainer, loaders = prepare_run(cfg, None)
+    model, names = trainer.model, list(ace.gates(trainer.model))
+    model.get_submodule(names[1]).branch_enabled = False  # a closed gate: without it is the model itself
+    kw = dict(symmetry=trainer.symmetry, samples=2)
+    shared = heldout(model, small_batches(loaders["val"]), trainer.loss_fn, **kw)
+    monkeypatch.setattr(heldout_module, "reuse_outputs", lambda model: contextlib.nullcontext())
+    assert heldout(model, small_batches(loaders["val"]), trainer.loss_fn, **kw) == shared
+    assert shared["layers"][names[1]]["without"] == shared["relaxed"]
 
 
 def test_the_broken_toy_task_breaks_at_its_defaults_and_the_report_says_so(tmp_path):
