@@ -444,6 +444,7 @@ class PrimalDual:
             self.scale.load_state_dict(state["loss_scale"])
         for name in state.get("closed_gates", ()):
             self.closed.close(name)
+        self.primal.slack_caps = [None] * len(self.slacks)  # the state's caps, not those set since
         for name, cap in state.get("slack_caps", {}).items():  # absent before ace 0.2's ace_heldout
             self.cap_slacks(name, cap)
         self.primal.set_scheduled_gates(self.step_count)

@@ -268,6 +268,10 @@ def test_slack_caps_are_kept_in_the_state_and_a_restored_core_steps_bit_for_bit(
 
     model, optimizers, core, batches = core_and_batches()
     steps(model, core, batches)
+    before = copy.deepcopy(core.state_dict())
+    core.cap_slacks("deviation", torch.zeros(1))
+    core.load_state_dict(before)  # a rollback to a state from before the cap: no cap
+    assert core.slack_caps() == {}
     core.cap_slacks("deviation", torch.zeros(1))
     assert core.slacks["deviation"].item() == 0.0
     state = copy.deepcopy([core.state_dict(), model.state_dict(), [o.state_dict() for o in optimizers]])
