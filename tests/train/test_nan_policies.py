@@ -227,3 +227,19 @@ def test_max_multiplier_through_a_config(tmp_path):
     assert any(
         r.get("event") == "multiplier_ceiling" for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
     )
+
+
+def test_the_nan_policy_rolls_back_only_to_a_saved_checkpoint_within_its_budget_and_stops_at_the_end():
+    from ace.train.faults import NanPolicy
+
+    rollback = NanPolicy("rollback", max_rollbacks=2)
+    assert [rollback.decide(saved=True, rollbacks=n, final=False) for n in (0, 1, 2)] == ["rollback"] * 2 + [
+        "stop"
+    ]
+    assert rollback.decide(saved=False, rollbacks=0, final=False) == "stop"
+    assert NanPolicy("skip").decide(saved=False, rollbacks=9, final=False) == "skip"
+    assert {
+        NanPolicy(p).decide(saved=True, rollbacks=0, final=True) for p in ("stop", "skip", "rollback")
+    } == {"stop"}
+    with pytest.raises(ValueError, match="on_nan must be one of"):
+        NanPolicy("explode")
