@@ -88,3 +88,23 @@ def test_float64_trainer_fit_under_a_deviation_constraint():
     )
     summary = trainer.fit([(x, x)], epochs=2)
     assert summary["final"]["loss"] == pytest.approx(summary["final"]["loss"])  # a number, not NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_capped_slacks_of_ace_heldout_hold_at_zero_in_the_models_dtype_with_a_summed_loss(dtype):
+    model = relaxed_net(dtype)
+    torch.manual_seed(1)
+    x = torch.randn(32, 2, dtype=dtype)
+    core = ace.PrimalDual(  # one optimiser over all parameters, gates included
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        [ace.GateConstraint(resilient=True)],
+        symmetry=SO2,
+    )
+    core.cap_slacks("gate", torch.tensor([0.0, float("inf")]))  # float32 caps for any model
+    for _ in range(6):
+        with core.cached():
+            result = core.step(nn.functional.mse_loss(model(x), target(x), reduction="sum"))
+        assert result.problem is None
+    slack = core.slacks["gate"]
+    assert slack.dtype == dtype and slack[0].item() == 0.0 and slack[1].item() > 0.0

@@ -62,7 +62,7 @@ POSITIVE = [
 ]  # fmt: skip
 NONNEGATIVE = [
     "optim.weight_decay", "constraint.penalty", "train.epochs", "optim.warmup", "optim.min_lr_factor",
-    "optim.momentum", "dual.kp", "dual.ki", "seed", "data.noise",
+    "optim.momentum", "dual.kp", "dual.ki", "seed", "data.noise", "constraint.heldout_after",
 ]  # fmt: skip
 SIGNS = [(k, "-1") for k in POSITIVE + NONNEGATIVE] + [(k, "0") for k in POSITIVE]
 
@@ -113,6 +113,7 @@ def test_zero_width_of_every_task_is_refused(task, key):
             "constraint.tolerance: a tolerance must be >= 0",
         ),
         (["optim.warmup=.nan"], "optim.warmup: must be a finite number"),
+        (["constraint.heldout_after=1.5"], "constraint.heldout_after: a fraction of the run, <= 1, got 1.5"),
         (["train={epochs: 1, epochs: 2}"], "duplicate key 'epochs'"),
     ],
 )
@@ -477,3 +478,9 @@ def test_missing_config_file_and_cli_exit_codes(tmp_path, capsys):
     assert cli("train", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run")) == 2
     assert cli("train", TOY, "--out", str(tmp_path / "run"), "optim.lrr=0.1") == 2
     assert "optim.lrr" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_ace_heldout_on_a_deviation_constraint_is_refused_before_anything_is_written(tmp_path, capsys):
+    assert main(["train", str(TOY), "--out", str(tmp_path / "run"), "method=ace_heldout"]) == 2
+    assert "method 'ace_heldout' judges each gated layer's branch" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
