@@ -46,8 +46,7 @@ class HeldOutSlacks:
             return
         if not any(k.startswith("val/") for k in record) or record["step"] < self.after_step:
             return
-        metric = trainer.selection.metric
-        score = trainer.loss_fn if metric == "loss" else trainer.metrics[metric]
+        metric, score = trainer.validation.selection_score()
         # the loader draws its seed from torch's generator: the training's random stream stays as it was
         with torch.random.fork_rng(devices=[]):
             read = heldout(
