@@ -358,15 +358,17 @@ def _best(run: RunData) -> list[str]:
 
 
 def of_run(run_dir: Any, summary: dict | None, recompute: bool = False) -> dict[str, Any]:
-    """A run's held-out read-out: ``summary["heldout"]``, or (runs made before it existed, or ``recompute``)
-    computed now from the run's best relaxed checkpoint (``{}`` without one)."""
-    if summary and "heldout" in summary and "compared_with" in summary["heldout"] and not recompute:
-        return summary["heldout"]
+    """A run's held-out read-out: ``summary["heldout"]``, or (runs made before it existed or before it scored
+    the loss per sample, or ``recompute``) computed now from the run's best relaxed checkpoint (without one,
+    the summary's older read-out, or ``{}``)."""
+    stored = (summary or {}).get("heldout", {})
+    if "samples" in stored and not recompute:
+        return stored
     from ace.runs.layout import best_checkpoint
 
     best = best_checkpoint(Path(run_dir), "model")
     if not best.exists():
-        return {}
+        return stored if "compared_with" in stored else {}
     from ace.experiment import trained_run
 
     _, trainer, loaders = trained_run(run_dir, "read out")
@@ -381,6 +383,8 @@ def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) 
     if not read_out:
         return []
     metric = read_out["metric"]
+    units = read_out.get("units", read_out.get("batches"))
+    unit = f"{units} samples" if units == read_out.get("samples") else f"{units} batches"
     rows = [(f"whole model (vs its {read_out['compared_with']})", read_out)]
     rows += [("f_eq (every branch)", read_out["eq"])] if "eq" in read_out else []
     rows += list(read_out["layers"].items())
@@ -388,7 +392,7 @@ def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) 
         "## Held-out read-out (validation data, best relaxed checkpoint)",
         "",
         f"benefit = how much better the relaxed model's validation {metric} is than without the relaxation "
-        f"(> 0: the relaxation helps); 95 % bootstrap interval over {read_out['batches']} batches. The first "
+        f"(> 0: the relaxation helps); 95 % bootstrap interval over {unit}. The first "
         "row judges the data; the branch rows judge this model (its weights co-adapted with its branches).",
         "",
         f"| relaxation removed | {metric} relaxed | {metric} without | benefit | 95 % interval | verdict |",

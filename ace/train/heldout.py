@@ -16,10 +16,16 @@ relaxed model with the model that lacks a relaxation, batch by batch on the same
   the others kept): what each relaxation contributes to this model, co-adaptation included, so these rows
   describe the model rather than the data.
 
-The **benefit** of a relaxation is ``metric(without) - metric(relaxed)`` for losses and errors, and
-``metric(relaxed) - metric(without)`` for accuracy-like metrics, so > 0 means the relaxation helps. Its 95 %
-interval is a bootstrap over batches (the paired per-batch benefits resampled, ``boots`` times). Verdicts,
-with the margin ``m = MATERIAL * |metric(relaxed)|`` (1 % of the metric):
+The Trainer's read-out scores the **training loss** on held-out data, whatever metric selects the best
+steps: the Jensen argument above holds for a loss convex in the output (squared error, cross-entropy of
+logits), not for accuracy or AUC, and a per-sample loss sees a branch's effect where an accuracy that flips
+on a few samples sees none (on upright point clouds, relaxed and orbit-averaged classifiers agreed on every
+one of 128 validation clouds while their cross-entropies differed). The **benefit** of a relaxation is
+``loss(without) - loss(relaxed)`` (for a score where higher is better, its negative), so > 0 means the
+relaxation helps. Its 95 % interval is a bootstrap over validation samples (rows of plain batches, graphs of
+torch_geometric ones; the paired per-sample benefits resampled ``boots`` times; batches of 16 where the
+output cannot be split by sample, as the pair scores of the eigenvector task). Verdicts, with the margin
+``m = MATERIAL * |loss(relaxed)|`` (1 % of the loss):
 
 * ``"breaks"``: the whole interval lies above ``m``: the relaxation helps on held-out data;
 * ``"symmetric"``: the whole interval lies below ``m``: at most an immaterial benefit is compatible with the
@@ -77,8 +83,9 @@ class HeldOut:
 
 
 def small_batches(loader: Iterable, size: int = 16) -> Iterable:
-    """The loader's data in batches of ``size`` (the interval is over batches: a validation set in one or two
-    batches would have none), or the loader itself when it has no ``dataset``."""
+    """The loader's data in batches of ``size``, or the loader itself when it has no ``dataset``: where a
+    batch's output cannot be split by sample, the batch is the interval's unit, and a validation set in one or
+    two batches would have no interval."""
     dataset = getattr(loader, "dataset", None)
     if dataset is None:
         return loader
@@ -88,7 +95,7 @@ def small_batches(loader: Iterable, size: int = 16) -> Iterable:
 def _interval(
     benefits: torch.Tensor, weights: torch.Tensor, boots: int, seed: int
 ) -> tuple[float, float, float]:
-    """Weighted mean of per-batch benefits and its bootstrap 95 % interval (NaN with one batch)."""
+    """Weighted mean of per-unit benefits and its bootstrap 95 % interval (NaN with one unit)."""
     mean = float((benefits * weights).sum() / weights.sum())
     if len(benefits) < 2:
         return mean, math.nan, math.nan
@@ -97,6 +104,23 @@ def _interval(
     means = (benefits[picks] * weights[picks]).sum(1) / weights[picks].sum(1)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
     return mean, low, high
+
+
+def _per_sample(
+    score: Callable[[Any, torch.Tensor], torch.Tensor], output: Any, target: torch.Tensor, inputs: Any
+) -> list[float]:
+    """The score of each sample of a batch: each row of a plain batch, each graph of a torch_geometric one
+    (its rows of node-level tensors). A batch whose output is not a tensor split that way is one unit."""
+    n = batch_size(inputs, target)
+    ptr = getattr(inputs, "ptr", None)
+    bounds = ptr.tolist() if ptr is not None else list(range(n + 1))
+
+    def rows(t: torch.Tensor, i: int) -> torch.Tensor:
+        return t[i : i + 1] if t.shape[0] == n else t[bounds[i] : bounds[i + 1]]
+
+    if n < 2 or not isinstance(output, torch.Tensor) or {output.shape[0], target.shape[0]} - {n, bounds[-1]}:
+        return [float(score(output, target))]
+    return [float(score(rows(output, i), rows(target, i))) for i in range(n)]
 
 
 def _without(names: list[str]) -> list[tuple[str, list[str]]]:
@@ -124,9 +148,11 @@ def heldout(
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """The held-out read-out of ``model`` on ``loader`` (see the module docstring), ``score(output, target)``
-    being the batch mean of ``metric``. Returns ``{"metric", "batches", "compared_with", "relaxed", "benefit",
-    "low", "high", "without", "verdict", "eq": {...}, "layers": {layer: {...}}}`` (the whole model's entry,
-    against its orbit average, at the top level); ``{}`` for a model with neither gates nor a symmetry."""
+    being the mean of ``metric`` over the samples given (each sample is scored alone). Returns ``{"metric",
+    "samples", "units" (what the interval resamples: samples, or batches where an output cannot be split by
+    sample), "compared_with", "relaxed", "benefit", "low", "high", "without", "verdict", "eq": {...},
+    "layers": {layer: {...}}}`` (the whole model's entry, against its orbit average, at the top level); ``{}``
+    for a model with neither gates nor a symmetry."""
     names = list(gates(model))
     if not names and symmetry is None:
         return {}
@@ -140,21 +166,28 @@ def heldout(
     with parametrize.cached():  # the weights do not change here: each bounded branch is normalised once
         for batch in loader:
             inputs, target = split_batch(to_device(batch, device))
-            weights.append(float(batch_size(inputs, target)))
+
+            def scored(output: Any) -> list[float]:
+                return _per_sample(score, output, target, inputs)  # noqa: B023 (called in this iteration)
+
             # the models compared share layers, each computed once (reuse_outputs), and one function (the same
             # branches enabled) is scored once: a closed layer's "without" is the model
             with reuse_outputs(model):
-                seen = {enabled: float(score(call_model(model, inputs), target))}
-                scores.setdefault("model", []).append(seen[enabled])
+                seen = {enabled: scored(call_model(model, inputs))}
                 for key, kept in _without(names):
                     function = enabled.intersection(kept)
                     if function not in seen:
                         with equivariant(model, keep=kept):
-                            seen[function] = float(score(call_model(model, inputs), target))
-                    scores.setdefault(key, []).append(seen[function])
+                            seen[function] = scored(call_model(model, inputs))
+                    scores.setdefault(key, []).extend(seen[function])
             if symmetry is not None:
-                averaged = orbit_average(model, inputs, symmetry, samples, generator)
-                scores.setdefault("orbit", []).append(float(score(averaged, target)))
+                scores.setdefault("orbit", []).extend(
+                    scored(orbit_average(model, inputs, symmetry, samples, generator))
+                )
+            units = seen[enabled]
+            scores.setdefault("model", []).extend(units)
+            share = batch_size(inputs, target) / len(units)  # a batch scored as one unit weighs its samples
+            weights.extend([share] * len(units))
     model.train(was_training)
     if not weights:
         raise ValueError("heldout() got an empty loader")
@@ -171,7 +204,8 @@ def heldout(
     layers = results if len(names) > 1 else ({names[0]: eq} if eq is not None else {})
     return {
         "metric": metric,
-        "batches": len(weights),
+        "samples": round(sum(weights)),
+        "units": len(weights),
         "compared_with": "orbit average" if symmetry is not None else "f_eq",
         **whole.as_dict(),
         **({"eq": eq.as_dict()} if eq is not None else {}),

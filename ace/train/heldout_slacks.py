@@ -4,11 +4,12 @@ Resilient ACE (``|gamma_i| <= u_i``, slack cost ``rho/2 u_i^2``) lets a layer ke
 *training* loss pays for it, and a branch that memorises training noise is paid for as well as one that fits
 a real asymmetry. Here the held-out data decide once, part-way through training: at the first validation at or
 after ``after_step``, each gated layer's branch is judged on the validation data (:func:`ace.train.heldout.
-heldout`: the model against the same model with that branch removed, a bootstrap interval over batches). A
-layer whose branch helps there (verdict ``"breaks"``: the interval lies above the 1 % margin) keeps its slack;
-every other layer's slack is capped at 0 from then on (:meth:`ace.PrimalDual.cap_slacks`), so its constraint
-is ``|gamma_i| <= 0`` and the multiplier drives its gate to 0, as in ACE. One ``heldout_decision`` event per
-layer goes to ``metrics.jsonl``; the caps are in the checkpoints, so a resumed run decides nothing twice.
+heldout`: the validation loss of the model against the same model with that branch removed, a bootstrap
+interval over validation samples). A layer whose branch helps there (verdict ``"breaks"``: the interval lies
+above the 1 % margin) keeps its slack; every other layer's slack is capped at 0 from then on
+(:meth:`ace.PrimalDual.cap_slacks`), so its constraint is ``|gamma_i| <= 0`` and the multiplier drives its
+gate to 0, as in ACE. One ``heldout_decision`` event per layer goes to ``metrics.jsonl``; the caps are in the
+checkpoints, so a resumed run decides nothing twice.
 """
 
 from __future__ import annotations
@@ -46,14 +47,12 @@ class HeldOutSlacks:
             return
         if not any(k.startswith("val/") for k in record) or record["step"] < self.after_step:
             return
-        metric, score = trainer.validation.selection_score()
         # the loader draws its seed from torch's generator: the training's random stream stays as it was
         with torch.random.fork_rng(devices=[]):
             read = heldout(
                 trainer.model,
                 self.loader,
-                score,
-                metric,
+                trainer.loss_fn,
                 samples=1,
                 seed=trainer.seed + 4,
                 device=trainer.device,

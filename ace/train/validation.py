@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -114,23 +114,16 @@ class Validation:
                 state.selected = t.selection.evaluate(self.evaluate, splits, t.device, final)
                 state.heldout = self.read_out(val_loader)
 
-    def selection_score(self) -> tuple[str, Callable[[Any, torch.Tensor], torch.Tensor]]:
-        """The metric that picks the best steps, and its batch score ``(output, target) -> mean``."""
-        metric = self.trainer.selection.metric
-        return metric, self.trainer.loss_fn if metric == "loss" else self.trainer.metrics[metric]
-
     def read_out(self, val_loader: Iterable) -> dict[str, Any]:
         """The held-out read-out (:mod:`ace.train.heldout`) of the best relaxed model on validation data."""
         t = self.trainer
-        metric, score = self.selection_score()
         best = t.selection.restored(t.device, only=["model"])
         with contextlib.closing(best):  # the final weights come back on closing
             next(best, None)  # the best step's weights, where they were kept (else the final ones)
             return heldout(
                 t.model,
                 small_batches(val_loader),
-                score,
-                metric,
+                t.loss_fn,
                 symmetry=t.symmetry,
                 samples=t.eval_samples,
                 seed=t.seed + 3,

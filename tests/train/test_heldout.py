@@ -13,7 +13,7 @@ import ace.train.heldout as heldout_module
 from ace.config import load_config
 from ace.experiment import prepare_run, run
 from ace.report import report
-from ace.train.heldout import HeldOut, heldout, small_batches
+from ace.train.heldout import HeldOut, heldout
 
 CONFIGS = ROOT / "configs"
 
@@ -39,7 +39,7 @@ def test_closed_gates_give_no_benefit():
     with torch.no_grad():
         for gate in ace.gates(model).values():
             gate.zero_()
-    out = heldout(model, small_batches(loaders["val"]), trainer.loss_fn, symmetry=trainer.symmetry)
+    out = heldout(model, loaders["val"], trainer.loss_fn, symmetry=trainer.symmetry)
     # the model is f_eq, exactly equivariant: its orbit average is itself up to rounding
     assert (
         out["compared_with"] == "orbit average"
@@ -47,7 +47,7 @@ def test_closed_gates_give_no_benefit():
         and out["verdict"] == "symmetric"
     )
     assert out["eq"]["benefit"] == 0 and out["eq"]["low"] == out["eq"]["high"] == 0
-    assert set(out["layers"]) == set(ace.gates(model)) and out["batches"] == 128 // 16
+    assert set(out["layers"]) == set(ace.gates(model)) and out["samples"] == 128
     assert all(r["benefit"] == 0 for r in out["layers"].values())
 
 
@@ -57,9 +57,9 @@ def test_shared_layers_and_closed_branches_are_computed_once_bit_for_bit(monkeyp
     model, names = trainer.model, list(ace.gates(trainer.model))
     model.get_submodule(names[1]).branch_enabled = False  # a closed gate: without it is the model itself
     kw = dict(symmetry=trainer.symmetry, samples=2)
-    shared = heldout(model, small_batches(loaders["val"]), trainer.loss_fn, **kw)
+    shared = heldout(model, loaders["val"], trainer.loss_fn, **kw)
     monkeypatch.setattr(heldout_module, "reuse_outputs", lambda model: contextlib.nullcontext())
-    assert heldout(model, small_batches(loaders["val"]), trainer.loss_fn, **kw) == shared
+    assert heldout(model, loaders["val"], trainer.loss_fn, **kw) == shared
     assert shared["layers"][names[1]]["without"] == shared["relaxed"]
 
 
@@ -69,7 +69,7 @@ def test_the_broken_toy_task_breaks_at_its_defaults_and_the_report_says_so(tmp_p
     )
     summary = run(cfg, tmp_path / "run")
     read_out = summary["heldout"]
-    assert read_out["verdict"] == "breaks" and read_out["metric"] == "loss" and read_out["batches"] >= 8
+    assert read_out["verdict"] == "breaks" and read_out["metric"] == "loss" and read_out["samples"] >= 128
     assert read_out["without"] > read_out["relaxed"]  # f_eq is worse on validation data
     assert read_out["layers"]["layers.0"]["verdict"] == "breaks"
     text = report(tmp_path / "run", plots=False)
@@ -94,11 +94,52 @@ def test_runs_made_before_it_get_it_from_their_best_checkpoint(runs, tmp_path):
     shutil.copytree(gated, old)
     summary = json.loads((old / "summary.json").read_text())
     kept = summary.pop("heldout")
-    (old / "summary.json").write_text(json.dumps(summary))
-    text = report(old, plots=False)
-    assert "## Held-out read-out" in text
     values = f"{kept['relaxed']:.4g} | {kept['without']:.4g} | {kept['benefit']:.3g}"
-    assert f"| whole model (vs its orbit average) | {values} |" in text
+    for before in ({}, {"heldout": {**kept, "batches": 8, "samples": None}}):  # none, or scored per batch
+        before.get("heldout", {}).pop("samples", None)
+        (old / "summary.json").write_text(json.dumps({**summary, **before}))
+        text = report(old, plots=False)
+        assert "## Held-out read-out" in text and f"interval over {kept['samples']} samples" in text
+        assert f"| whole model (vs its orbit average) | {values} |" in text
+
+
+def test_each_graph_of_a_batch_is_a_sample_and_a_classifier_is_judged_by_its_loss():
+    """Node-level outputs are split by graph (``ptr``); the read-out of a classification run scores the loss,
+    whatever metric selects its best steps."""
+    from torch_geometric.data import Batch, Data
+
+    torch.manual_seed(0)
+    graphs = [Data(x=torch.randn(n, 3), y=torch.randn(n, 3)) for n in (3, 5, 4, 6, 2, 7)]
+    loader = [Batch.from_data_list(graphs[:4]), Batch.from_data_list(graphs[4:])]
+
+    class NodeModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, data):
+            return self.lin(data.x)
+
+    class TupleModel(NodeModel):
+        def forward(self, data):
+            return (self.lin(data.x),)
+
+    model = ace.relax(NodeModel(), where=lambda name, m: name == "lin").eval()  # a fixed branch norm
+    mse = torch.nn.functional.mse_loss
+    out = heldout(model, loader, mse)
+    with torch.no_grad():
+        per_graph = [float(mse(model(g), g.y)) for g in graphs]
+    assert out["samples"] == out["units"] == 6
+    assert out["relaxed"] == pytest.approx(sum(per_graph) / 6, rel=1e-6)
+    tuples = ace.relax(TupleModel(), where=lambda name, m: name == "lin").eval()
+    pairs = heldout(tuples, loader, lambda output, target: mse(output[0], target))
+    assert pairs["samples"] == 6 and pairs["units"] == 2  # a tuple output is not split: each batch is a unit
+
+    cfg = load_config(CONFIGS / "images_dev.yaml", ["train.epochs=1", "log.progress=false"])
+    trainer, loaders = prepare_run(cfg, None)
+    assert trainer.selection.metric == "accuracy"
+    read_out = trainer.validation.read_out(loaders["val"])
+    assert read_out["metric"] == "loss" and read_out["samples"] == len(loaders["val"].dataset)
 
 
 @pytest.mark.slow
@@ -136,6 +177,8 @@ def test_a_float64_model_of_its_own_with_a_summed_loss_gets_a_read_out():
     )
     read_out = trainer.fit(loader, loader, epochs=3, print_summary=False)["heldout"]
     assert (
-        read_out["compared_with"] == "orbit average" and read_out["batches"] == 8 and read_out["layers"] == {}
+        read_out["compared_with"] == "orbit average"
+        and read_out["samples"] == 256
+        and read_out["layers"] == {}
     )
     assert math.isfinite(read_out["benefit"]) and read_out["low"] <= read_out["benefit"] <= read_out["high"]
