@@ -44,7 +44,10 @@ def evaluate(
     (divided by the mean squared norm of the output). For gated models (``gate_names``): ``eq/deviation``
     (0 up to rounding when f_eq is exactly equivariant) and, per gated layer, ``deviation/<layer>`` and
     ``relative_deviation/<layer>``: the deviation of the model with only that layer's branch enabled, the
-    measured read-out of how much symmetry that layer gives up.
+    measured read-out of how much symmetry that layer gives up, and, with more than one gated layer,
+    ``heldout/<layer>``: how much lower the loss is with that layer's branch than without it (the others kept)
+    on the same batches, the held-out value of each relaxation (:mod:`ace.train.heldout` gives it with an
+    interval, at the end of a run); with one, ``eq/loss - loss`` is that value.
 
     ``variants`` limits the work to what is asked for: ``"model"`` (the model, and its per-layer deviations)
     and ``"eq"`` (f_eq); a variant's scores do not depend on whether the other is evaluated.
@@ -59,6 +62,7 @@ def evaluate(
     metrics = metrics or {}
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
+    whole = _enabled(model, gate_names)  # the model's own function, scored first on every batch
 
     def scores(known: dict[str, Any], keys: list[str], inputs: Any, target: Any, draws: torch.Tensor) -> None:
         """Compute the scores ``keys`` of the model as it is now into ``known``, which holds those already
@@ -96,14 +100,18 @@ def evaluate(
             with reuse_outputs(model):
                 for prefix, suffix, enabled, context in _variants(model, gate_names, per_layer, variants):
                     keys = [] if suffix else ["loss", *metrics]
-                    if symmetry is not None:
+                    if prefix == "heldout/":
+                        keys = ["loss"]  # the loss without one branch: a benefit, below
+                    elif symmetry is not None:
                         keys += ["deviation"] if prefix == "eq/" else ["deviation", "relative_deviation"]
                     known = seen.setdefault(enabled, {})
                     with context:
                         scores(known, keys, inputs, target, draws)
                     for key in keys:
-                        name = prefix + key + suffix
-                        totals[name] = totals.get(name, 0.0) + float(known[key]) * n
+                        name, value = prefix + key + suffix, float(known[key])
+                        if prefix == "heldout/":  # a branch's benefit: the loss without it less the model's
+                            name, value = prefix + suffix[1:], value - float(seen[whole]["loss"])
+                        totals[name] = totals.get(name, 0.0) + value * n
                         counts[name] = counts.get(name, 0) + n
     model.train(was_training)
     if not counts:
@@ -114,7 +122,7 @@ def evaluate(
 def _variants(model: nn.Module, gate_names: Sequence[str], per_layer: bool, variants: Collection[str]):
     """(key prefix, key suffix, the branches enabled, context): the model, f_eq, and the model relaxed at one
     layer only."""
-    enabled = frozenset(n for n in gate_names if getattr(model.get_submodule(n), "branch_enabled", True))
+    enabled = _enabled(model, gate_names)
     if "model" in variants:
         yield "", "", enabled, contextlib.nullcontext()
     if gate_names and "eq" in variants:
@@ -122,13 +130,23 @@ def _variants(model: nn.Module, gate_names: Sequence[str], per_layer: bool, vari
     if gate_names and per_layer and "model" in variants:
         for name in gate_names:
             yield "", f"/{name}", enabled & {name}, equivariant(model, keep=[name])
+        if len(gate_names) > 1:  # with one gated layer, f_eq is the model without its branch
+            for name in gate_names:
+                kept = [n for n in gate_names if n != name]
+                yield "heldout/", f"/{name}", enabled.intersection(kept), equivariant(model, keep=kept)
+
+
+def _enabled(model: nn.Module, gate_names: Sequence[str]) -> frozenset[str]:
+    """The gated layers whose branch is computed (not closed for good)."""
+    return frozenset(n for n in gate_names if getattr(model.get_submodule(n), "branch_enabled", True))
 
 
 def track_best(best: dict[str, dict[str, float]], record: dict[str, Any], step: int) -> None:
-    """Update ``best[key] = {value, step}`` with each metric of ``record`` that improved."""
+    """Update ``best[key] = {value, step}`` with each metric of ``record`` that improved (not the held-out
+    benefits)."""
     for key, value in record.items():
-        if key in ("step", "epoch") or not isinstance(value, float) or math.isnan(value):
-            continue
+        if key in ("step", "epoch") or "heldout/" in key or not isinstance(value, float) or math.isnan(value):
+            continue  # a held-out benefit describes the model, it has no best
         higher = higher_is_better(key)
         old = best.get(key)
         if old is None or (value > old["value"] if higher else value < old["value"]):

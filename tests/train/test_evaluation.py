@@ -2,6 +2,7 @@
 
 import contextlib
 
+import pytest
 import torch
 from torch import nn
 
@@ -85,3 +86,24 @@ def test_sharing_layers_between_variants_changes_no_bit(monkeypatch):
     shared = evaluate(model, val, nn.functional.mse_loss, **kw)
     monkeypatch.setattr(evaluation, "reuse_outputs", lambda model: contextlib.nullcontext())
     assert evaluate(model, val, nn.functional.mse_loss, **kw) == shared
+
+
+def test_each_evaluation_gives_each_branch_its_held_out_benefit():
+    """``heldout/<layer>``: the loss with the other branches only, less the model's, on the read-out's
+    batches; 0 for a closed branch; not a metric with a best value."""
+    model, val = relaxed(), data(1)
+    with torch.no_grad():
+        for gate in ace.gates(model).values():
+            gate.fill_(0.5)
+    kw = dict(symmetry=SO2, gate_names=["layers.0", "layers.1"], samples=2, seed=3)
+    scores = evaluate(model, val, nn.functional.mse_loss, layer_batches=2, **kw)
+    model_loss = evaluate(model, val[:2], nn.functional.mse_loss, variants=("model",), layer_batches=0, **kw)
+    with ace.equivariant(model, keep=["layers.1"]):  # layers.0's branch removed
+        without = evaluate(model, val[:2], nn.functional.mse_loss, variants=("model",), layer_batches=0, **kw)
+    assert scores["heldout/layers.0"] == pytest.approx(without["loss"] - model_loss["loss"], rel=1e-6)
+    assert scores["heldout/layers.0"] != 0 and scores["heldout/layers.1"] != 0
+    model.get_submodule("layers.1").branch_enabled = False
+    assert evaluate(model, val, nn.functional.mse_loss, **kw)["heldout/layers.1"] == 0
+    best: dict = {}
+    evaluation.track_best(best, {"step": 1, **{f"val/{k}": v for k, v in scores.items()}}, 1)
+    assert "val/loss" in best and not any("heldout" in k for k in best)
