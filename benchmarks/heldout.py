@@ -5,10 +5,11 @@
 
 Each ``LABEL=FOLDER`` names the seeds of one run (``FOLDER/seed*``, ``benchmarks/compare.py``'s layout). For
 every seed: the whole model's held-out verdict against its orbit average (:mod:`ace.train.heldout`; from
-``summary.json``, or computed from the run's best relaxed checkpoint for runs made before it existed or with
-``--recompute``), its benefit and interval, and the
-training-priced verdict the report gives (``breaks`` when a gated layer's measured relative deviation on the
-final validation pass exceeds ``ace.report.SYMMETRIC`` (1e-5), as in ``ace report``), with the largest slack.
+``summary.json``, or computed from the run's best relaxed checkpoint for runs made before it existed, before
+it scored the loss per sample, or with ``--recompute``), its benefit and interval, and the training-priced
+verdict the report gives (``breaks`` when a gated layer's measured relative deviation on the final validation
+pass exceeds ``ace.report.SYMMETRIC`` (1e-5), as in ``ace report``), with the largest slack; then the verdicts
+of each run counted over its seeds.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "--recompute", action="store_true", help="compute every read-out from the checkpoints"
     )
     args = parser.parse_args(argv)
-    header = ["runs", "seed", "held-out verdict", "benefit [95 %]", "val metric relaxed / without", "priced"]
+    header = ["runs", "seed", "held-out verdict", "benefit [95 %]", "val loss relaxed / without", "priced"]
     header += ["max layer rel. dev.", "max slack"]
     rows = []
     for group in args.groups:
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         if not seeds:
             parser.error(f"no finished run under {folder}")
         rows += [[label, *seed_row(run, args.recompute)] for run in seeds]
-    table = format_table(header, rows)
+    counts: dict[str, dict[str, int]] = {}  # label -> verdict -> seeds
+    for row in rows:
+        counts.setdefault(row[0], {}).setdefault(row[2], 0)
+        counts[row[0]][row[2]] += 1
+    tally = [[label, ", ".join(f"{v} x{n}" for v, n in sorted(c.items()))] for label, c in counts.items()]
+    table = format_table(header, rows) + "\n\n" + format_table(["runs", "held-out verdicts"], tally)
     command = "python benchmarks/heldout.py " + " ".join(f'"{g}"' for g in args.groups)
     if args.out:
         Path(args.out).write_text(f"`{command}`\n\n{table}\n", encoding="utf-8")
