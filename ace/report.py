@@ -63,7 +63,7 @@ import torch
 from ace.runs.metrics import format_table
 from ace.runs.plots import plot_run
 from ace.runs.reader import RunData, best_val_test, per_layer
-from ace.train.heldout import HeldOut
+from ace.train.heldout import COMPARED_WITH, HeldOut
 
 __all__ = ["report", "verdict", "constraint_state", "is_active"]
 
@@ -358,11 +358,11 @@ def _best(run: RunData) -> list[str]:
 
 
 def of_run(run_dir: Any, summary: dict | None, recompute: bool = False) -> dict[str, Any]:
-    """A run's held-out read-out: ``summary["heldout"]``, or (runs made before it existed or before it scored
-    the loss per sample, or ``recompute``) computed now from the run's best relaxed checkpoint (without one,
-    the summary's older read-out, or ``{}``)."""
+    """A run's held-out read-out: ``summary["heldout"]``, or (runs made before it existed, before it scored
+    the loss per sample or compared with transformed data, or ``recompute``) computed now from the run's best
+    relaxed checkpoint (without one, the summary's older read-out, or ``{}``)."""
     stored = (summary or {}).get("heldout", {})
-    if "samples" in stored and not recompute:
+    if "samples" in stored and stored["compared_with"] in (COMPARED_WITH, "f_eq") and not recompute:
         return stored
     from ace.runs.layout import best_checkpoint
 
@@ -385,7 +385,7 @@ def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) 
     metric = read_out["metric"]
     units = read_out.get("units", read_out.get("batches"))
     unit = f"{units} samples" if units == read_out.get("samples") else f"{units} batches"
-    rows = [(f"whole model (vs its {read_out['compared_with']})", read_out)]
+    rows = [(f"whole model (vs {read_out['compared_with']})", read_out)]
     rows += [("f_eq (every branch)", read_out["eq"])] if "eq" in read_out else []
     rows += list(read_out["layers"].items())
     lines = [

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ace.train.evaluation import evaluate, initial_value, track_best
-from ace.train.heldout import heldout, small_batches
+from ace.train.heldout import DRAWS, heldout, small_batches
 from ace.utils import distributed
 from ace.utils.batches import split_batch, to_device
 
@@ -125,7 +125,7 @@ class Validation:
                 small_batches(val_loader),
                 t.loss_fn,
                 symmetry=t.symmetry,
-                samples=t.eval_samples,
+                samples=max(t.eval_samples, DRAWS),
                 seed=t.seed + 3,
                 device=t.device,
             )
