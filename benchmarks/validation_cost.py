@@ -7,9 +7,10 @@ CPU time of ``Trainer.validation.evaluate`` on the config's validation set, one 
 taking turns in each of ``--rounds`` rounds (median over rounds; the machine's speed drifts between them):
 
 * **model and f_eq**: loss, metrics and deviation of the relaxed model and f_eq (``readout=False``);
-* **+ per-layer deviations**: and each gated layer's measured deviation (the read-out), without the held-out
-  benefits (``val/heldout/<layer>``, left out by filtering the evaluation's variants);
-* **+ held-out benefits**: what every validation at the read-out's cadence computes (the default).
+* **+ per-layer deviations**: and each gated layer's measured deviation and the model on transformed data
+  (``val/heldout/transformed``, one pass a batch), without the branches' held-out benefits
+  (``val/heldout/<layer>``, left out by filtering the evaluation's variants);
+* **+ held-out benefits (default)**: what every validation at the read-out's cadence computes.
 """
 
 from __future__ import annotations

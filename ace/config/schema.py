@@ -251,9 +251,10 @@ class TrainConfig:
         1,
         "validation passes between two measurements of the per-layer deviations and held-out benefits "
         "(the read-out of a relaxed model: for each gated layer, (1 + eval_samples) passes a batch through "
-        "the layers from it on, and one without its branch through the layers after it: on N-body's 4-layer "
-        "EGNN the benefits add 5 - 14 % to a validation pass: benchmarks/validation_cost.py); 0 = only at "
-        "the end (final validation, test and the best checkpoints always have them)",
+        "the layers from it on, one without its branch through the layers after it, and one pass of the "
+        "model on transformed inputs; benchmarks/validation_cost.py measures it: about a doubling of a "
+        "validation pass on N-body); 0 = only at the end (final validation, test and the best checkpoints "
+        "always have them)",
         at_least=0,
     )
     readout_batches: int | None = opt(

@@ -15,6 +15,7 @@ from ace.constrained.constraints import Constraint, DeviationConstraint, GateCon
 from ace.nn.relaxed import equivariant, gates, reuse_outputs
 from ace.symmetry.action import Symmetry, call_model
 from ace.symmetry.deviation import equivariance_deviation, mean_squared_norm
+from ace.symmetry.diagnostics import orbit_average
 from ace.train.selection import higher_is_better
 from ace.utils.batches import batch_size, split_batch, to_device
 
@@ -47,7 +48,10 @@ def evaluate(
     measured read-out of how much symmetry that layer gives up, and, with more than one gated layer,
     ``heldout/<layer>``: how much lower the loss is with that layer's branch than without it (the others kept)
     on the same batches, the held-out value of each relaxation (:mod:`ace.train.heldout` gives it with an
-    interval, at the end of a run); with one, ``eq/loss - loss`` is that value.
+    interval, at the end of a run); with one, ``eq/loss - loss`` is that value. With a symmetry, on the same
+    batches, ``heldout/transformed``: how much higher the model's loss is on a transformed copy of each batch
+    (one group element a batch, from its own generator) than on the batch as it is, the whole model's
+    held-out read-out.
 
     ``variants`` limits the work to what is asked for: ``"model"`` (the model, and its per-layer deviations)
     and ``"eq"`` (f_eq); a variant's scores do not depend on whether the other is evaluated.
@@ -59,6 +63,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
+    turns = torch.Generator(device=device).manual_seed(
+        seed + 1
+    )  # its own: the deviations' draws stay as they were
     metrics = metrics or {}
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -113,6 +120,14 @@ def evaluate(
                             name, value = prefix + suffix[1:], value - float(seen[whole]["loss"])
                         totals[name] = totals.get(name, 0.0) + value * n
                         counts[name] = counts.get(name, 0) + n
+            if (
+                per_layer and "model" in variants
+            ):  # the model on a transformed copy of the batch, less as it is
+                assert symmetry is not None, "the read-out is measured under a symmetry"
+                turned = orbit_average(model, inputs, symmetry, 1, turns)
+                value = float(loss(turned, target)) - float(seen[whole]["loss"])
+                totals["heldout/transformed"] = totals.get("heldout/transformed", 0.0) + value * n
+                counts["heldout/transformed"] = counts.get("heldout/transformed", 0) + n
     model.train(was_training)
     if not counts:
         raise ValueError("evaluate() got an empty loader")

@@ -107,3 +107,27 @@ def test_each_evaluation_gives_each_branch_its_held_out_benefit():
     best: dict = {}
     evaluation.track_best(best, {"step": 1, **{f"val/{k}": v for k, v in scores.items()}}, 1)
     assert "val/loss" in best and not any("heldout" in k for k in best)
+
+
+def test_each_evaluation_reads_the_whole_model_on_transformed_data():
+    """``heldout/transformed``: the loss on a transformed copy of each batch (one group element a batch from a
+    generator of its own) less the loss as it is; about 0 for f_eq; the other scores unchanged by it."""
+    from ace.symmetry.diagnostics import orbit_average
+
+    model, val = relaxed(), data(1)
+    with torch.no_grad():
+        for gate in ace.gates(model).values():
+            gate.fill_(0.5)
+    kw = dict(symmetry=SO2, gate_names=["layers.0", "layers.1"], samples=2, seed=3)
+    scores = evaluate(model, val[:1], nn.functional.mse_loss, **kw)
+    model.eval()
+    with torch.no_grad():
+        x, y = val[0]
+        turned = orbit_average(model, x, SO2, 1, torch.Generator().manual_seed(4))
+        expected = float(nn.functional.mse_loss(turned, y)) - float(nn.functional.mse_loss(model(x), y))
+    assert scores["heldout/transformed"] == pytest.approx(expected, rel=1e-6) and expected != 0
+    every = evaluate(model, val, nn.functional.mse_loss, **kw)
+    without = evaluate(model, val, nn.functional.mse_loss, layer_batches=0, **kw)
+    assert {k: every[k] for k in without} == without  # each batch's deviations drew the same group elements
+    with ace.equivariant(model):
+        assert abs(evaluate(model, val, nn.functional.mse_loss, **kw)["heldout/transformed"]) < 1e-6
