@@ -63,9 +63,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    turns = torch.Generator(device=device).manual_seed(
-        seed + 1
-    )  # its own: the deviations' draws stay as they were
+    # the read-out's transformed copies draw from their own generator: the deviations' draws stay as they were
+    turns = torch.Generator(device=device).manual_seed(seed + 1)
     metrics = metrics or {}
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -120,9 +119,7 @@ def evaluate(
                             name, value = prefix + suffix[1:], value - float(seen[whole]["loss"])
                         totals[name] = totals.get(name, 0.0) + value * n
                         counts[name] = counts.get(name, 0) + n
-            if (
-                per_layer and "model" in variants
-            ):  # the model on a transformed copy of the batch, less as it is
+            if per_layer and "model" in variants:  # the model on a transformed copy, less as it is
                 assert symmetry is not None, "the read-out is measured under a symmetry"
                 turned = orbit_average(model, inputs, symmetry, 1, turns)
                 value = float(loss(turned, target)) - float(seen[whole]["loss"])
