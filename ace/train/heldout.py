@@ -24,10 +24,10 @@ relaxed model with the model that lacks a relaxation, sample by sample on the sa
 The Trainer's read-out scores the **training loss** on held-out data, whatever metric selects the best
 steps: a per-sample loss sees a relaxation's effect on every sample, where accuracy changes only on the few
 whose prediction flips. The **benefit** of a relaxation is ``loss(without) - loss(relaxed)`` (for a score
-where higher is better, its negative), so > 0 means the relaxation helps. Its 95 % interval is a bootstrap over
-validation samples (rows of plain batches, graphs of torch_geometric ones; the paired per-sample benefits
-resampled ``boots`` times; batches of 16 where the output cannot be split by sample, as the pair scores of the
-eigenvector task). Verdicts, with the margin ``m = MATERIAL * |loss(relaxed)|`` (1 % of the loss):
+where higher is better, its negative), so > 0 means the relaxation helps. Its 95 % interval is a bootstrap
+over validation samples (rows of plain batches, graphs of torch_geometric ones; the paired per-sample benefits
+resampled ``boots`` times; batches of 16 where the output cannot be split by sample, as the pair scores of
+the eigenvector task). Verdicts, with the margin ``m = MATERIAL * |loss(relaxed)|`` (1 % of the loss):
 
 * ``"breaks"``: the whole interval lies above ``m``: the relaxation helps on held-out data;
 * ``"symmetric"``: the whole interval lies below ``m``: at most an immaterial benefit is compatible with the
