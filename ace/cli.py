@@ -94,6 +94,7 @@ def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ace.experiment import run
+    from ace.train.heldout import COMPARED_WITH
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / run_name(args.config, cfg.method)
@@ -110,9 +111,14 @@ def _train(args: argparse.Namespace) -> None:
             print(f"{split}: " + "  ".join(f"{k}={v:.4g}" for k, v in scores.items()))
     held = summary.get("heldout")
     if held:
+        gap = (
+            f"validation {held['metric']} on transformed data less on the data"
+            if held["compared_with"] == COMPARED_WITH
+            else f"validation {held['metric']} of f_eq less the relaxed model's"
+        )
         print(
-            f"held-out read-out: {held['verdict']} (the relaxation's benefit in validation {held['metric']}: "
-            f"{held['benefit']:.3g}, 95 % interval {held['low']:.3g} .. {held['high']:.3g}; ace report {out})"
+            f"held-out read-out: {held['verdict']} ({gap}: {held['benefit']:.3g}, 95 % interval "
+            f"{held['low']:.3g} .. {held['high']:.3g}; ace report {out})"
         )
     print(f"run directory: {out}")
 

@@ -392,8 +392,9 @@ def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) 
         "## Held-out read-out (validation data, best relaxed checkpoint)",
         "",
         f"benefit = how much better the relaxed model's validation {metric} is than without the relaxation "
-        f"(> 0: the relaxation helps); 95 % bootstrap interval over {unit}. The first "
-        "row judges the data; the branch rows judge this model (its weights co-adapted with its branches).",
+        f"(> 0: the relaxation helps); 95 % bootstrap interval over {unit}. The first row judges the data "
+        "(against transformed data: how much worse the model does on transformed copies of the samples); the "
+        "branch rows judge this model (its weights co-adapted with its branches).",
         "",
         f"| relaxation removed | {metric} relaxed | {metric} without | benefit | 95 % interval | verdict |",
         "|---|---|---|---|---|---|",
