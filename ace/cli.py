@@ -118,7 +118,9 @@ def _train(args: argparse.Namespace) -> None:
         )
         print(
             f"held-out read-out: {held['verdict']} ({gap}: {held['benefit']:.3g}, 95 % interval "
-            f"{held['low']:.3g} .. {held['high']:.3g}; ace report {out})"
+            f"{held['low']:.3g} .. {held['high']:.3g}"
+            + (f"; on the test split: {held['test']['verdict']}" if "test" in held else "")
+            + f"; ace report {out})"
         )
     print(f"run directory: {out}")
 

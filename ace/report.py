@@ -373,7 +373,7 @@ def of_run(run_dir: Any, summary: dict | None, recompute: bool = False) -> dict[
 
     _, trainer, loaders = trained_run(run_dir, "read out")
     trainer.model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["model"])
-    return trainer.validation.read_out(loaders["val"])
+    return trainer.validation.read_out(loaders["val"], loaders.get("test"))
 
 
 def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) -> list[str]:
@@ -386,10 +386,16 @@ def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) 
     units = read_out.get("units", read_out.get("batches"))
     unit = f"{units} samples" if units == read_out.get("samples") else f"{units} batches"
     rows = [(f"whole model (vs {read_out['compared_with']})", read_out)]
+    test = (
+        [(f"whole model, test split (vs {read_out['compared_with']})", read_out["test"])]
+        if "test" in read_out
+        else []
+    )
+    rows += test
     rows += [("f_eq (every branch)", read_out["eq"])] if "eq" in read_out else []
     rows += list(read_out["layers"].items())
     lines = [
-        "## Held-out read-out (validation data, best relaxed checkpoint)",
+        "## Held-out read-out (validation data, the whole model on test data too; best relaxed checkpoint)",
         "",
         f"benefit = how much better the relaxed model's validation {metric} is than without the relaxation "
         f"(> 0: the relaxation helps); 95 % bootstrap interval over {unit}. The first row judges the data "
@@ -414,5 +420,9 @@ def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) 
     sentence += f" ({', '.join(broken)} measured above {threshold:g})" if broken else ""
     if held in said and held != priced:
         sentence += ": they disagree, and the held-out read-out is the one that generalises"
+    if test:
+        confirmed = verdicts[test[0][0]]
+        sentence += f". On the test split the whole model reads {confirmed}"
+        sentence += "" if confirmed == held else f", so the validation verdict ({held}) is not confirmed"
     lines += ["", sentence + ".", ""]
     return lines

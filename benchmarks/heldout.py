@@ -4,12 +4,12 @@
         "toy, breaking 0.5=runs/v02/toy_break/toy_relaxed_ace_resilient" --out docs/heldout.md
 
 Each ``LABEL=FOLDER`` names the seeds of one run (``FOLDER/seed*``, ``benchmarks/compare.py``'s layout). For
-every seed: the whole model's held-out verdict against its orbit average (:mod:`ace.train.heldout`; from
-``summary.json``, or computed from the run's best relaxed checkpoint for runs made before it existed, before
-it scored the loss per sample, or with ``--recompute``), its benefit and interval, and the training-priced
-verdict the report gives (``breaks`` when a gated layer's measured relative deviation on the final validation
-pass exceeds ``ace.report.SYMMETRIC`` (1e-5), as in ``ace report``), with the largest slack; then the verdicts
-of each run counted over its seeds.
+every seed: the whole model's held-out verdict against transformed data (:mod:`ace.train.heldout`; from
+``summary.json``, or computed from the run's best relaxed checkpoint for runs made before it scored the loss per
+sample against transformed data, or with ``--recompute``), the same model's verdict on the test split ("on
+test"), its benefit and interval, and the training-priced verdict the report gives (``breaks`` when a gated
+layer's measured relative deviation on the final validation pass exceeds ``ace.report.SYMMETRIC`` (1e-5), as in
+``ace report``), with the largest slack; then the verdicts of each run counted over its seeds.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ def seed_row(run: Path, recompute: bool) -> list:
     measured = [m for m in measured if m is not None]
     priced = "breaks" if any(m > SYMMETRIC for m in measured) else "symmetric"
     slacks = [row["slack"] for row in layers.values() if row.get("slack") is not None]
+    test = read_out.get("test", {}).get("verdict", "-")  # the whole model on the test split
     return [
         run.name,
         verdict,
+        test,
         f"{read_out['benefit']:.3g} [{read_out['low']:.3g}, {read_out['high']:.3g}]",
         f"{read_out['relaxed']:.4g} / {read_out['without']:.4g}",
         priced,
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "--recompute", action="store_true", help="compute every read-out from the checkpoints"
     )
     args = parser.parse_args(argv)
-    header = ["runs", "seed", "held-out verdict", "benefit [95 %]", "val loss relaxed / without", "priced"]
+    header = ["runs", "seed", "held-out verdict", "on test", "benefit [95 %]", "val loss relaxed / without"]
+    header += ["priced"]
     header += ["max layer rel. dev.", "max slack"]
     rows = []
     for group in args.groups:

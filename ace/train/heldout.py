@@ -152,14 +152,20 @@ def heldout(
     boots: int = 2000,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    layers: bool = True,
 ) -> dict[str, Any]:
     """The held-out read-out of ``model`` on ``loader`` (see the module docstring), ``score(output, target)``
     being the mean of ``metric`` over the samples given (each sample is scored alone). Returns ``{"metric",
     "samples", "units" (what the interval resamples: samples, or batches where an output cannot be split by
     sample), "compared_with", "relaxed", "benefit", "low", "high", "without", "verdict", "eq": {...},
     "layers": {layer: {...}}}`` (the whole model's entry, against transformed data, at the top level); ``{}``
-    for a model with neither gates nor a symmetry."""
-    names = list(gates(model))
+    for a model with neither gates nor a symmetry. ``layers=False`` (with a symmetry) computes the whole
+    model's entry alone (no ``eq``, ``layers`` empty)."""
+    if not layers and symmetry is None:
+        raise ValueError(
+            "heldout(layers=False) compares the model with transformed data: it needs a symmetry"
+        )
+    names = list(gates(model)) if layers else []
     if not names and symmetry is None:
         return {}
     sign = -1.0 if higher_is_better(metric) else 1.0  # benefit = sign * (without - relaxed)
@@ -208,7 +214,7 @@ def heldout(
         results[key] = HeldOut(benefit, low, high, mean_relaxed, float((without * w).sum() / w.sum()))
     whole = results.pop("transformed", None) or results["eq"]
     eq = results.pop("eq", None)
-    layers = results if len(names) > 1 else ({names[0]: eq} if eq is not None else {})
+    per_layer = results if len(names) > 1 else ({names[0]: eq} if eq is not None else {})
     return {
         "metric": metric,
         "samples": round(sum(weights)),
@@ -216,5 +222,5 @@ def heldout(
         "compared_with": COMPARED_WITH if symmetry is not None else "f_eq",
         **whole.as_dict(),
         **({"eq": eq.as_dict()} if eq is not None else {}),
-        "layers": {name: r.as_dict() for name, r in layers.items()},
+        "layers": {name: r.as_dict() for name, r in per_layer.items()},
     }

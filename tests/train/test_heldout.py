@@ -72,17 +72,26 @@ def test_the_broken_toy_task_breaks_at_its_defaults_and_the_report_says_so(tmp_p
     assert read_out["verdict"] == "breaks" and read_out["metric"] == "loss" and read_out["samples"] >= 128
     assert read_out["without"] > read_out["relaxed"]  # f_eq is worse on validation data
     assert read_out["layers"]["layers.0"]["verdict"] == "breaks"
+    assert read_out["test"]["verdict"] == "breaks" and read_out["test"]["samples"] == 256  # confirmed on test
     text = report(tmp_path / "run", plots=False)
     assert (
         "Held out, the data break the symmetry; priced on the training loss, the data break the symmetry"
         in text
     )
+    assert "On the test split the whole model reads breaks." in text
 
 
 def test_a_plain_network_is_compared_with_itself_on_transformed_data(runs):
     _, plain = runs
     read_out = json.loads((plain / "summary.json").read_text())["heldout"]
     assert read_out["layers"] == {} and read_out["verdict"] in ("symmetric", "undecided", "breaks")
+    with pytest.raises(ValueError, match="needs a symmetry"):
+        heldout(
+            torch.nn.Linear(2, 2),
+            [(torch.randn(4, 2), torch.randn(4, 2))],
+            torch.nn.functional.mse_loss,
+            layers=False,
+        )
     assert read_out["without"] != read_out["relaxed"]  # a plain network is not equivariant
 
 
