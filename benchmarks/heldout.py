@@ -3,13 +3,13 @@
     python benchmarks/heldout.py "toy, symmetric=runs/v02/toy/toy_relaxed_ace_resilient" \\
         "toy, breaking 0.5=runs/v02/toy_break/toy_relaxed_ace_resilient" --out docs/heldout.md
 
-Each ``LABEL=FOLDER`` names the seeds of one run (``FOLDER/seed*``, ``benchmarks/compare.py``'s layout). For
-every seed: the whole model's held-out verdict against transformed data (:mod:`ace.train.heldout`; from
-``summary.json``, or computed from the run's best relaxed checkpoint for runs made before it scored the loss per
-sample against transformed data, or with ``--recompute``), the same model's verdict on the test split ("on
-test"), its benefit and interval, and the training-priced verdict the report gives (``breaks`` when a gated
-layer's measured relative deviation on the final validation pass exceeds ``ace.report.SYMMETRIC`` (1e-5), as in
-``ace report``), with the largest slack; then the verdicts of each run counted over its seeds.
+Each ``LABEL=FOLDER`` names the seeds of one run (``FOLDER/seed*``, ``benchmarks/compare.py``'s layout).
+For every seed: the whole model's held-out verdict against transformed data (:mod:`ace.train.heldout`; from
+``summary.json``, or computed from the run's best relaxed checkpoint for runs made before it scored the loss
+per sample against transformed data, or with ``--recompute``), the same model's verdict on the test split
+("on test"), its benefit and interval, and the training-priced verdict the report gives (``breaks`` when a
+gated layer's measured relative deviation on the final validation pass exceeds ``ace.report.SYMMETRIC``
+(1e-5), as in ``ace report``), with the largest slack; then the verdicts of each run counted over its seeds.
 """
 
 from __future__ import annotations
