@@ -68,6 +68,12 @@ def evaluate(
     metrics = metrics or {}
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
+
+    def add(name: str, value: float, n: int) -> None:
+        """Accumulate a batch's mean ``value`` of ``n`` samples into the evaluation's mean of ``name``."""
+        totals[name] = totals.get(name, 0.0) + value * n
+        counts[name] = counts.get(name, 0) + n
+
     whole = _enabled(model, gate_names)  # the model's own function, scored first on every batch
 
     def scores(known: dict[str, Any], keys: list[str], inputs: Any, target: Any, draws: torch.Tensor) -> None:
@@ -117,14 +123,12 @@ def evaluate(
                         name, value = prefix + key + suffix, float(known[key])
                         if prefix == "heldout/":  # a branch's benefit: the loss without it less the model's
                             name, value = prefix + suffix[1:], value - float(seen[whole]["loss"])
-                        totals[name] = totals.get(name, 0.0) + value * n
-                        counts[name] = counts.get(name, 0) + n
+                        add(name, value, n)
             if per_layer and "model" in variants:  # the model on a transformed copy, less as it is
                 assert symmetry is not None, "the read-out is measured under a symmetry"
                 turned = orbit_average(model, inputs, symmetry, 1, turns)
                 value = float(loss(turned, target)) - float(seen[whole]["loss"])
-                totals["heldout/transformed"] = totals.get("heldout/transformed", 0.0) + value * n
-                counts["heldout/transformed"] = counts.get("heldout/transformed", 0) + n
+                add("heldout/transformed", value, n)
     model.train(was_training)
     if not counts:
         raise ValueError("evaluate() got an empty loader")
