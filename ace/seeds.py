@@ -2,7 +2,9 @@
 
 :func:`run_all` trains (or reads back) run ``name`` of config ``path`` for seeds 0 .. N-1 into
 ``OUT/<name>/seed<s>``: resumable (a finished run is read, an interrupted one continues from its checkpoint),
-``jobs`` trainings at once in their own processes. :func:`aggregate` and :func:`format_markdown` make the
+``jobs`` trainings at once in their own processes; with ``data_seeds``, seed ``s`` also draws its own data
+(``data.seed`` = the config's + ``s``), so that the seeds are independent trials of the data too (the configs
+share their data across run seeds). :func:`aggregate` and :func:`format_markdown` make the
 table: per run, mean ± std over seeds (sample std) of each test metric AT THE BEST VALIDATION STEP
 (``summary.json["selected"]``) for the relaxed model and for f_eq, each variant selected on its own
 validation metric; the median best steps; the same metrics at the final step; the final relaxed model's
@@ -47,6 +49,18 @@ def _train_one(config: str, overrides: list[str], out: str, threads: int) -> dic
     return run(cfg, out, resume=holds)
 
 
+def _data_seed(path: Path, overrides: list[str]) -> int:
+    """The data seed of config ``path`` under ``overrides``; a task without one is refused."""
+    from ace.config.loading import load_config
+
+    cfg = load_config(str(path), overrides)
+    if not hasattr(cfg.data, "seed"):
+        raise ValueError(
+            f"{path}: task {cfg.task.name!r} has no data.seed: its data already follow the run seed"
+        )
+    return int(cfg.data.seed)
+
+
 def run_all(
     runs: list[Run],
     seeds: int,
@@ -55,12 +69,15 @@ def run_all(
     jobs: int = 1,
     threads: int = 1,
     train: bool = True,
+    data_seeds: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train (or read back) every config for seeds 0 .. seeds-1; returns config name -> summaries.
 
-    With ``train=False`` only finished runs are read (the table then counts the seeds it found)."""
+    With ``train=False`` only finished runs are read (the table then counts the seeds it found); with
+    ``data_seeds``, seed ``s`` trains on data drawn with ``data.seed`` = the config's + ``s``."""
     tasks: list[tuple[Run, list[str], Path]] = []
     summaries: dict[str, list[dict[str, Any]]] = {r.name: [] for r in runs}
+    data_seed = {r.name: _data_seed(r.path, overrides) for r in runs} if data_seeds else {}
     for seed in range(seeds):  # seed-major: a run cut short still has every config at the first seeds
         for r in runs:
             run_dir = out / r.name / f"seed{seed}"
@@ -69,7 +86,8 @@ def run_all(
                 summaries[r.name].append(json.loads(done.read_text()))
             else:
                 method = [f"method={r.method}"] if r.method else []
-                tasks.append((r, [*overrides, *method, f"seed={seed}", "log.progress=false"], run_dir))
+                data = [f"data.seed={data_seed[r.name] + seed}"] if data_seeds else []
+                tasks.append((r, [*overrides, *method, f"seed={seed}", *data, "log.progress=false"], run_dir))
     if tasks and not train:
         print(f"compare: {len(tasks)} unfinished run(s) left out of the table", file=sys.stderr, flush=True)
         tasks = []

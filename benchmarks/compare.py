@@ -9,7 +9,9 @@ the methods to run it with: ``nbody:ace,strict``. ``--methods M ...`` gives the 
 names none; a target without methods runs with its config's own ``method``. Run ``<config>_<method>``
 (:func:`ace.config.run_name`, e.g. ``nbody_strict``) is that config with ``method=<method>``. Arguments of the
 form ``key=value`` are overrides applied to every run; ``--epochs E`` is ``train.epochs=E``; seed ``s`` is
-``seed=s`` (s = 0 .. N-1).
+``seed=s`` (s = 0 .. N-1). The configs share one data set across seeds (``data.seed``); ``--data-seeds`` gives
+seed ``s`` its own, ``data.seed`` = the config's + ``s``, so that the seeds are independent draws of the data
+too (the toy task's data already follow the run seed: it has no ``data.seed`` and is refused).
 
 Each run goes through :func:`ace.experiment.run` into ``OUT/<config>_<method>/seed<s>``. The script is
 resumable: a run whose ``summary.json`` exists is read, not trained again, and an interrupted run continues
@@ -111,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1)")
     parser.add_argument(
+        "--data-seeds",
+        action="store_true",
+        help="seed s also draws its own data (data.seed = the config's + s): independent data per seed",
+    )
+    parser.add_argument(
         "--table-only", action="store_true", help="train nothing: tabulate the finished runs found in --out"
     )
     args = parser.parse_intermixed_args(argv)
@@ -127,7 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = resolve_targets(targets, args.methods, overrides)
     out = Path(args.out)
     summaries = run_all(
-        runs, args.seeds, overrides, out, jobs=args.jobs, threads=args.threads, train=not args.table_only
+        runs,
+        args.seeds,
+        overrides,
+        out,
+        jobs=args.jobs,
+        threads=args.threads,
+        train=not args.table_only,
+        data_seeds=args.data_seeds,
     )
     metrics, rows = aggregate(summaries)
     table = format_markdown(metrics, rows)

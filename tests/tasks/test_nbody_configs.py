@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import yaml
 from run_kit import ROOT
 
 pytest.importorskip("torch_geometric")
@@ -282,3 +283,25 @@ def test_compare_quick_run_writes_the_table_and_resumes(tmp_path, capsys):
     third = capsys.readouterr()
     assert "| `toy_relaxed_ace` | 2 |" in third.out and "1 unfinished run(s) left out" in third.err
     assert not (tmp_path / "toy_relaxed_ace" / "seed2").exists()
+
+
+def test_compare_data_seeds_give_each_seed_its_own_data(tmp_path, capsys):
+    compare = _compare()
+    argv = [
+        "images:unconstrained",
+        "data.seed=5",
+        "--quick",
+        "--seeds",
+        "2",
+        "--data-seeds",
+        "--out",
+        str(tmp_path),
+    ]
+    assert compare.main(argv) == 0
+    seeds = [
+        yaml.safe_load((tmp_path / "images_unconstrained" / f"seed{s}" / "config.yaml").read_text())
+        for s in (0, 1)
+    ]
+    assert [(c["seed"], c["data"]["seed"]) for c in seeds] == [(0, 5), (1, 6)]
+    with pytest.raises(ValueError, match="has no data.seed"):
+        compare.main(["toy_relaxed:ace", "--quick", "--data-seeds", "--out", str(tmp_path / "toy")])
