@@ -125,7 +125,10 @@ def report(run_dir: str | Path, plots: bool = True) -> str:
     lines += _balance(run)
     measured = {name: row.get("relative_deviation") for name, row in run.layers().items()}
     broken = sorted(name for name, dev in measured.items() if dev is not None and dev > SYMMETRIC)
-    lines += report_lines(of_run(run.path, run.summary), broken, SYMMETRIC)
+    selected = ((run.summary or {}).get("selected") or {}).get("model", {}).get("val", {})
+    lines += report_lines(
+        of_run(run.path, run.summary), broken, SYMMETRIC, selected.get("relative_deviation")
+    )
     lines += _gap(run)
     lines += _best(run)
     if plots:
@@ -376,10 +379,13 @@ def of_run(run_dir: Any, summary: dict | None, recompute: bool = False) -> dict[
     return trainer.validation.read_out(loaders["val"], loaders.get("test"))
 
 
-def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) -> list[str]:
+def report_lines(
+    read_out: dict[str, Any], broken: list[str], threshold: float, deviation: float | None = None
+) -> list[str]:
     """The report's section: the read-out's table and one sentence on what it and the training price
     conclude (``broken``: the gated layers whose measured relative deviation exceeds ``threshold``, the
-    training-side verdict of :mod:`ace.runs.report`)."""
+    training-side verdict of :mod:`ace.runs.report`; ``deviation``: the read-out model's relative deviation
+    on validation, quoted when the verdict is undecided)."""
     if not read_out:
         return []
     metric = read_out["metric"]
@@ -415,7 +421,13 @@ def report_lines(read_out: dict[str, Any], broken: list[str], threshold: float) 
     held = verdicts[rows[0][0]]
     priced = "breaks" if broken else "symmetric"
     said = {"breaks": "the data break the symmetry", "symmetric": "the data are symmetric"}
-    sentence = f"Held out, {said.get(held, 'the verdict is undecided (too few held-out samples)')}"
+    undecided = (
+        "the verdict is undecided: too few held-out samples, or a model too close to invariant to show"
+    )
+    undecided += " an asymmetry the data may have"
+    if deviation is not None:  # a resilient run given more room (smaller rho) tests the data harder
+        undecided += f" (its relative deviation on validation: {deviation:.2g})"
+    sentence = f"Held out, {said.get(held, undecided)}"
     sentence += f"; priced on the training loss, {said[priced]}"
     sentence += f" ({', '.join(broken)} measured above {threshold:g})" if broken else ""
     if held in said and held != priced:

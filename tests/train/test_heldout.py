@@ -12,7 +12,7 @@ import ace
 import ace.train.heldout as heldout_module
 from ace.config import load_config
 from ace.experiment import prepare_run, run
-from ace.report import report
+from ace.report import report, report_lines
 from ace.train.heldout import HeldOut, heldout
 
 CONFIGS = ROOT / "configs"
@@ -215,3 +215,13 @@ def test_any_model_scores_alike_on_invariant_data_and_its_transformed_copies():
     )
     assert invariant["verdict"] != "breaks" and invariant["low"] <= 0 <= invariant["high"]
     assert broken["verdict"] == "breaks" and broken["relaxed"] < 1e-20
+
+
+def test_an_undecided_verdict_quotes_how_far_from_invariant_the_model_is():
+    entry = {"benefit": -0.02, "low": -0.11, "high": 0.07, "relaxed": 1.66, "without": 1.64}
+    read_out = {"metric": "loss", "samples": 128, "units": 128, "compared_with": "transformed data"}
+    read_out |= {**entry, "layers": {}}
+    text = "\n".join(report_lines(read_out, ["layers.0"], 1e-5, deviation=0.0057))
+    assert "undecided: too few held-out samples, or a model too close to invariant" in text
+    assert "(its relative deviation on validation: 0.0057)" in text
+    assert "relative deviation on validation" not in "\n".join(report_lines(read_out, [], 1e-5))
