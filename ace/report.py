@@ -422,9 +422,9 @@ def report_lines(
     priced = "breaks" if broken else "symmetric"
     said = {"breaks": "the data break the symmetry", "symmetric": "the data are symmetric"}
     undecided = (
-        "the verdict is undecided: too few held-out samples, or a model too close to invariant to show"
+        "the verdict is undecided: too few held-out samples, or a model too close to invariant to show an "
+        "asymmetry the data may have"
     )
-    undecided += " an asymmetry the data may have"
     if deviation is not None:  # a resilient run given more room (smaller rho) tests the data harder
         undecided += f" (its relative deviation on validation: {deviation:.2g})"
     sentence = f"Held out, {said.get(held, undecided)}"
