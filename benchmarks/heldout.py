@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     header = ["runs", "seed", "held-out verdict", "on test", "benefit [95 %]", "val loss relaxed / without"]
-    header += ["priced"]
-    header += ["max layer rel. dev.", "max slack"]
+    header += ["priced", "max layer rel. dev.", "max slack"]
     rows = []
     for group in args.groups:
         label, sep, folder = group.partition("=")
@@ -69,10 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         if not seeds:
             parser.error(f"no finished run under {folder}")
         rows += [[label, *seed_row(run, args.recompute)] for run in seeds]
-    counts: dict[str, dict[str, int]] = {}  # label -> verdict -> seeds
+    counts: dict[str, Counter] = {}  # label -> verdict -> seeds
     for row in rows:
-        counts.setdefault(row[0], {}).setdefault(row[2], 0)
-        counts[row[0]][row[2]] += 1
+        counts.setdefault(row[0], Counter())[row[2]] += 1
     tally = [[label, ", ".join(f"{v} x{n}" for v, n in sorted(c.items()))] for label, c in counts.items()]
     table = format_table(header, rows) + "\n\n" + format_table(["runs", "held-out verdicts"], tally)
     command = "python benchmarks/heldout.py " + " ".join(f'"{g}"' for g in args.groups)
